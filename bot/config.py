@@ -1,0 +1,199 @@
+"""Settings: one frozen dataclass built from the environment and `.env`. The only reader of os.environ."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from model.sampling import SamplingParams
+
+T = TypeVar("T")
+
+DEFAULT_PERSONA = "A friendly chat between a helpful bot and the people of a Discord server."
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+class ConfigError(ValueError):
+    """One or more settings are invalid; the message names every bad variable and value."""
+
+
+def _parse_bool(raw: str) -> bool:
+    word = raw.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError("must be one of true/false, yes/no, on/off, 1/0")
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError(f"must be an integer {low}–{high}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be an integer {low}–{high}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError(f"must be a number {low}–{high}") from None
+        if not low <= value <= high:  # also rejects nan
+            raise ValueError(f"must be a number {low}–{high}")
+        return value
+
+    return parse
+
+
+def _id_set(raw: str) -> frozenset[int]:
+    parts = [p.strip() for p in raw.split(",") if p.strip()]
+    if not all(p.isdigit() for p in parts):
+        raise ValueError("must be a comma-separated list of numeric Discord ids")
+    return frozenset(int(p) for p in parts)
+
+
+def _text(max_chars: int) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip()
+        if not value:
+            raise ValueError("must not be empty")
+        if len(value) > max_chars:
+            raise ValueError(f"must be at most {max_chars} characters")
+        return value
+
+    return parse
+
+
+def _speaker_name(raw: str) -> str:
+    value = _text(32)(raw)
+    if ":" in value or "\n" in value:
+        raise ValueError("must not contain ':' or line breaks (it is a speaker tag in the prompt)")
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip()
+        if value not in allowed and not (allowed[0] == "auto" and value.startswith("cuda:")):
+            raise ValueError("must be one of " + ", ".join(allowed))
+        return value
+
+    return parse
+
+
+def _setting(env: str, default: str, parse: Callable[[str], Any], secret: bool = False) -> Any:
+    """A dataclass field that knows its environment variable, its default (as text) and its parser."""
+    # An empty default means "unset": None for the token, the empty value (e.g. no ids) otherwise.
+    value = None if secret and not default else parse(default)
+    return field(
+        default=value,
+        repr=not secret,
+        metadata={"env": env, "default": default, "parse": parse},
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the bot. Build with `load_settings()`; each field's env variable is in `.env.example`."""
+
+    discord_token: str | None = _setting("DISCORD_TOKEN", "", str.strip, secret=True)
+    data_dir: Path = _setting("BOT_DATA_DIR", "./data", lambda raw: Path(_text(4096)(raw)))
+    model: str = _setting("BOT_MODEL", "starter", _text(4096))
+    device: str = _setting("BOT_DEVICE", "auto", _choice("auto", "cpu", "cuda"))
+    dtype: str = _setting("BOT_DTYPE", "auto", _choice("auto", "float32", "float16", "bfloat16"))
+    allow_pickle: bool = _setting("BOT_ALLOW_PICKLE", "false", _parse_bool)
+    seed: int = _setting("BOT_SEED", "42", _int_in(0, 2**32 - 1))
+    bot_name: str = _setting("BOT_NAME", "Bot", _speaker_name)
+    persona: str = _setting("BOT_PERSONA", DEFAULT_PERSONA, _text(1000))
+    max_new_tokens: int = _setting("BOT_MAX_NEW_TOKENS", "60", _int_in(1, 1024))
+    temperature: float = _setting("BOT_TEMPERATURE", "0.8", _float_in(0.0, 5.0))
+    top_p: float = _setting("BOT_TOP_P", "0.9", _float_in(0.01, 1.0))
+    top_k: int = _setting("BOT_TOP_K", "50", _int_in(0, 50_000))
+    repetition_penalty: float = _setting("BOT_REPETITION_PENALTY", "1.15", _float_in(1.0, 3.0))
+    no_repeat_ngram_size: int = _setting("BOT_NO_REPEAT_NGRAM_SIZE", "3", _int_in(0, 20))
+    generation_timeout_seconds: float = _setting("BOT_GENERATION_TIMEOUT_SECONDS", "20", _float_in(0.1, 600))
+    queue_size: int = _setting("BOT_QUEUE_SIZE", "32", _int_in(1, 10_000))
+    history_messages: int = _setting("BOT_HISTORY_MESSAGES", "40", _int_in(1, 1000))
+    answer_dms: bool = _setting("BOT_ANSWER_DMS", "true", _parse_bool)
+    followup_window_seconds: float = _setting("BOT_FOLLOWUP_WINDOW_SECONDS", "120", _float_in(0, 86_400))
+    cooldown_seconds: float = _setting("BOT_COOLDOWN_SECONDS", "3", _float_in(0, 3600))
+    allowed_users: frozenset[int] = _setting("BOT_ALLOWED_USERS", "", _id_set)
+    blocked_users: frozenset[int] = _setting("BOT_BLOCKED_USERS", "", _id_set)
+    allowed_roles: frozenset[int] = _setting("BOT_ALLOWED_ROLES", "", _id_set)
+    blocked_roles: frozenset[int] = _setting("BOT_BLOCKED_ROLES", "", _id_set)
+    allowed_channels: frozenset[int] = _setting("BOT_ALLOWED_CHANNELS", "", _id_set)
+    blocked_channels: frozenset[int] = _setting("BOT_BLOCKED_CHANNELS", "", _id_set)
+    owner_ids: frozenset[int] = _setting("BOT_OWNER_IDS", "", _id_set)
+    log_level: str = _setting("BOT_LOG_LEVEL", "INFO", _choice("INFO", "DEBUG", "WARNING", "ERROR"))
+    shutdown_grace_seconds: float = _setting("BOT_SHUTDOWN_GRACE_SECONDS", "10", _float_in(0, 600))
+    db_busy_timeout_seconds: float = _setting("BOT_DB_BUSY_TIMEOUT_SECONDS", "5", _float_in(0.1, 600))
+    export_gap_minutes: float = _setting("BOT_EXPORT_GAP_MINUTES", "30", _float_in(1, 525_600))
+    promote_margin: float = _setting("BOT_PROMOTE_MARGIN", "0.02", _float_in(0, 10))
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "chatbot.db"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.data_dir / "exports"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    def sampling(self) -> SamplingParams:
+        """The default sampling settings (a guild's /config overrides are applied on top by the bot)."""
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Parse and validate; a ConfigError lists every bad variable with its value."""
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for f in fields(cls):
+            env, parse = f.metadata["env"], f.metadata["parse"]
+            raw = environ.get(env)
+            if raw is None or (raw.strip() == "" and f.metadata["default"] == ""):
+                continue  # keep the default
+            try:
+                values[f.name] = parse(raw)
+            except ValueError as exc:
+                shown = "<hidden>" if not f.repr else repr(raw)
+                problems.append(f"{env} {exc}, got {shown}")
+        if problems:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+        return cls(**values)
+
+
+def env_variables() -> dict[str, str]:
+    """Each setting's environment variable and its default, in declaration order (for docs and tests)."""
+    return {f.metadata["env"]: f.metadata["default"] for f in fields(Settings)}
+
+
+def load_settings(env_file: str | Path | None = ".env") -> Settings:
+    """Load `.env` (real environment variables win) and build validated Settings."""
+    if env_file is not None and Path(env_file).is_file():
+        from dotenv import dotenv_values
+
+        file_values = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+        return Settings.from_env({**file_values, **os.environ})
+    return Settings.from_env(os.environ)
