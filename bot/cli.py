@@ -1,0 +1,193 @@
+"""The `chatbot` command: thin argparse front end over importable functions. Each returns an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from bot.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+EXIT_CONFIG = 2
+EXIT_MODEL = 3
+EXIT_STORAGE = 4
+CONNECT_HINT = "No DISCORD_TOKEN set: opening the terminal chat. Put DISCORD_TOKEN in .env to connect Discord."
+
+
+def cmd_start(settings: Settings, args: argparse.Namespace) -> int:
+    """Run the Discord bot when a token is configured, otherwise the terminal chat."""
+    if settings.discord_token:
+        return cmd_run(settings, args)
+    print(CONNECT_HINT, file=sys.stderr)
+    args.channel = "console"
+    return cmd_console(settings, args)
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    """Run the Discord bot until SIGTERM/SIGINT."""
+    from bot.discord_app import run_bot
+
+    return asyncio.run(run_bot(settings))
+
+
+def cmd_console(settings: Settings, args: argparse.Namespace) -> int:
+    """Chat with the model in the terminal (one `bot:` line per input line when piped)."""
+    from bot.console import run_console
+    from bot.runtime import create_worker
+
+    async def main() -> int:
+        async with create_worker(settings) as worker:
+            return await run_console(settings, worker, channel=args.channel)
+
+    return asyncio.run(main())
+
+
+def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
+    """Database helpers: migrate, check, backup."""
+    from bot import storage
+
+    if args.db_command == "migrate":
+        print(f"schema version {storage.migrate(settings.db_path)}: {settings.db_path}")
+        return 0
+
+    async def main() -> int:
+        async with await storage.Storage.open(settings.db_path, settings.db_busy_timeout_seconds) as db:
+            if args.db_command == "backup":
+                await db.backup(args.path)
+                print(f"backed up {settings.db_path} to {args.path}")
+                return 0
+            result = await db.integrity_check()
+            print(f"integrity_check: {result}")
+            return 0 if result == "ok" else 1
+
+    return asyncio.run(main())
+
+
+def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    """Export consented conversations (or an open corpus) as train/val JSONL for fine-tuning."""
+    if args.corpus:
+        from model.corpus import export_corpus
+
+        manifest = export_corpus(args.corpus, args.out, bot_name=settings.bot_name)
+    else:
+        from bot.export import export_from_database
+
+        manifest = asyncio.run(export_from_database(settings, args.out, guild_id=args.guild, since=args.since))
+    print(manifest.summary() if hasattr(manifest, "summary") else manifest)
+    return 0
+
+
+def cmd_passthrough(module: str) -> Callable[[Settings, argparse.Namespace], int]:
+    """A subcommand whose arguments belong to a model/ entry point (train, eval)."""
+
+    def run(settings: Settings, args: argparse.Namespace) -> int:
+        import importlib
+
+        entry: Callable[[list[str]], int] = importlib.import_module(module).main
+        return entry(list(args.rest))
+
+    return run
+
+
+def cmd_models(settings: Settings, args: argparse.Namespace) -> int:
+    """List the model versions in the registry, marking current and previous."""
+    from bot.retrain import list_models
+
+    return list_models(settings)
+
+
+def cmd_promote(settings: Settings, args: argparse.Namespace) -> int:
+    """Make a version current (refused when its held-out perplexity is worse, unless --force)."""
+    from bot.retrain import promote_version
+
+    return promote_version(settings, args.version, force=args.force)
+
+
+def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
+    """Serve the previous version again."""
+    from bot.retrain import rollback
+
+    return rollback(settings)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command tree."""
+    parser = argparse.ArgumentParser(prog="chatbot", description="GPT-2 Discord chatbot")
+    parser.add_argument("--env-file", default=".env", help="settings file read before the environment")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("start", help="Discord bot if DISCORD_TOKEN is set, else the terminal chat").set_defaults(
+        func=cmd_start
+    )
+    sub.add_parser("run", help="run the Discord bot").set_defaults(func=cmd_run)
+    console = sub.add_parser("console", help="chat in the terminal (pipe lines in to script it)")
+    console.add_argument("--channel", default="console", help="conversation name; each keeps its own history")
+    console.set_defaults(func=cmd_console)
+    _add_db(sub)
+    _add_export(sub)
+    for name, module, text in (("train", "model.train", "fine-tune"), ("eval", "model.evaluate", "evaluate")):
+        cmd = sub.add_parser(name, help=f"{text} a model (see `chatbot {name} -- --help`)", add_help=False)
+        cmd.add_argument("rest", nargs=argparse.REMAINDER)
+        cmd.set_defaults(func=cmd_passthrough(module))
+    sub.add_parser("models", help="list model versions").set_defaults(func=cmd_models)
+    promote = sub.add_parser("promote", help="make a model version current")
+    promote.add_argument("version")
+    promote.add_argument("--force", action="store_true", help="promote even if perplexity is worse")
+    promote.set_defaults(func=cmd_promote)
+    sub.add_parser("rollback", help="serve the previous model version").set_defaults(func=cmd_rollback)
+    return parser
+
+
+def _add_db(sub: argparse._SubParsersAction) -> None:
+    db = sub.add_parser("db", help="database helpers")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("migrate", help="create or upgrade the database schema")
+    db_sub.add_parser("check", help="run PRAGMA integrity_check")
+    backup = db_sub.add_parser("backup", help="online backup to PATH (safe while the bot runs)")
+    backup.add_argument("path", type=Path)
+    db.set_defaults(func=cmd_db)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser("export", help="export training data (consented Discord logs or an open corpus)")
+    export.add_argument("--out", type=Path, required=True, help="output directory")
+    export.add_argument("--guild", type=int, help="only this guild id")
+    export.add_argument("--since", help="only messages on or after this date (YYYY-MM-DD)")
+    export.add_argument("--corpus", help="chitchat | chatterbot[:LANGUAGE] instead of the database")
+    export.set_defaults(func=cmd_export)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `chatbot` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.env_file)
+    except ConfigError as exc:
+        print(f"chatbot: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    from bot.runtime import setup_logging
+
+    setup_logging(settings.log_level)
+    return run_command(args.func, settings, args)
+
+
+def run_command(func: Callable[[Settings, argparse.Namespace], int], settings: Settings,
+                args: argparse.Namespace) -> int:
+    """Run a subcommand, turning the known failures into one clear line and an exit code."""
+    from bot.storage import StorageError
+    from model.loading import ModelLoadError
+
+    try:
+        return func(settings, args)
+    except ModelLoadError as exc:
+        print(f"chatbot: cannot load the model: {exc}", file=sys.stderr)
+        return EXIT_MODEL
+    except StorageError as exc:
+        print(f"chatbot: database problem: {exc}", file=sys.stderr)
+        return EXIT_STORAGE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,190 @@
+"""The conversation core: store a message, build the request from history, await the generator, store the reply.
+
+No Discord types here: the Discord cogs and the terminal chat both drive this with plain data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from bot.config import Settings
+from bot.storage import BotReplyRecord, GuildSettings, Storage, StoredMessage
+from model.api import Reply, ReplyGenerator, ReplyRequest
+from model.prompt import Turn
+from model.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+RECENT_BOT_REPLIES = 5  # how many of the bot's last replies the repeat guard compares against
+SEEN_IDS_LIMIT = 10_000  # replay detection for guilds that store nothing
+SAMPLING_KEYS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) - {"seed"}
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    """A message as plain data, whatever front end it came from."""
+
+    message_id: int
+    channel_id: int
+    guild_id: int | None
+    author_id: int
+    author_name: str
+    is_bot: bool
+    content: str
+    created_at: float
+    reply_to_id: int | None = None
+
+    def stored(self) -> StoredMessage:
+        """The storage row for this message."""
+        return StoredMessage(
+            message_id=self.message_id,
+            channel_id=self.channel_id,
+            guild_id=self.guild_id,
+            author_id=self.author_id,
+            author_name=self.author_name,
+            is_bot=self.is_bot,
+            content=self.content,
+            created_at=self.created_at,
+            reply_to_id=self.reply_to_id,
+        )
+
+
+@dataclass(frozen=True)
+class DraftReply:
+    """A generated reply that has not been sent yet."""
+
+    text: str
+    reply: Reply
+    params: SamplingParams
+    received_at: float
+
+
+def apply_overrides(base: SamplingParams, overrides: Mapping[str, float]) -> SamplingParams:
+    """Sampling settings with a guild's /config overrides on top (unknown keys are ignored)."""
+    known = {key: value for key, value in overrides.items() if key in SAMPLING_KEYS}
+    ints = {"max_new_tokens", "top_k", "no_repeat_ngram_size"}
+    return dataclasses.replace(base, **{k: int(v) if k in ints else float(v) for k, v in known.items()})
+
+
+def history_to_turns(history: Sequence[StoredMessage], bot_user_id: int) -> tuple[Turn, ...]:
+    """Stored messages → dialogue turns; only the bot's own messages are bot turns (other bots speak as users)."""
+    return tuple(
+        Turn(speaker=m.author_name, text=m.content, is_bot=m.author_id == bot_user_id)
+        for m in history
+        if m.content.strip()
+    )
+
+
+def with_newest(history: Sequence[StoredMessage], message: StoredMessage) -> list[StoredMessage]:
+    """History ending with the message being answered (it is missing when the guild stores nothing)."""
+    rest = [m for m in history if m.message_id != message.message_id]
+    return [*rest, message]
+
+
+class _SeenIds:
+    """A bounded set of message ids, oldest forgotten first."""
+
+    def __init__(self, limit: int) -> None:
+        self._ids: OrderedDict[int, None] = OrderedDict()
+        self._limit = limit
+
+    def add(self, message_id: int) -> bool:
+        """Remember the id; False when it was already there."""
+        if message_id in self._ids:
+            return False
+        self._ids[message_id] = None
+        if len(self._ids) > self._limit:
+            self._ids.popitem(last=False)
+        return True
+
+
+class ConversationService:
+    """Turns incoming messages into stored history and generated replies."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        generator: ReplyGenerator,
+        settings: Settings,
+        bot_user_id: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.storage = storage
+        self.generator = generator
+        self.settings = settings
+        self.bot_user_id = bot_user_id
+        self.clock = clock
+        self._seen = _SeenIds(SEEN_IDS_LIMIT)
+
+    async def logging_enabled(self, guild_id: int | None) -> bool:
+        """Whether messages of this guild are stored (DMs always are)."""
+        return guild_id is None or (await self.storage.guild_settings(guild_id)).logging_enabled
+
+    async def record(self, message: IncomingMessage) -> bool:
+        """Store the message (unless its guild turned logging off); False when it was seen before."""
+        is_new = self._seen.add(message.message_id)
+        if not await self.logging_enabled(message.guild_id):
+            return is_new
+        if not message.is_bot:
+            await self.storage.upsert_user(message.author_id, message.author_name)
+        return await self.storage.add_message(message.stored()) and is_new
+
+    async def compose_reply(self, message: IncomingMessage) -> DraftReply:
+        """Build the request from the channel's history and await the generator (WorkerBusy etc. propagate)."""
+        received_at = self.clock()
+        guild = await self.storage.guild_settings(message.guild_id) if message.guild_id else None
+        request = await self._request_for(message, guild)
+        reply = await self.generator.generate(request)
+        return DraftReply(reply.text, reply, request.params, received_at)
+
+    async def _request_for(self, message: IncomingMessage, guild: GuildSettings | None) -> ReplyRequest:
+        channel = await self.storage.channel_settings(message.channel_id)
+        stored = await self.storage.recent_history(
+            message.channel_id, self.settings.history_messages, since=channel.reset_at
+        )
+        history = history_to_turns(with_newest(stored, message.stored()), self.bot_user_id)
+        recent = tuple(t.text for t in history if t.is_bot)[-RECENT_BOT_REPLIES:]
+        params = apply_overrides(self.settings.sampling(), guild.sampling_overrides if guild else {})
+        return ReplyRequest(
+            persona=(guild.persona if guild and guild.persona else self.settings.persona),
+            history=history,
+            bot_name=self.settings.bot_name,
+            params=params,
+            time_limit_seconds=self.settings.generation_timeout_seconds,
+            recent_bot_replies=recent,
+            request_id=str(message.message_id),
+        )
+
+    async def record_reply(
+        self, message: IncomingMessage, draft: DraftReply, sent: Sequence[tuple[int, str]], sent_at: float
+    ) -> None:
+        """Store the sent chunks (message id, text) and the reply's accounting."""
+        if not sent or not await self.logging_enabled(message.guild_id):
+            return
+        for message_id, text in sent:
+            await self.storage.add_message(
+                StoredMessage(message_id, message.channel_id, message.guild_id, self.bot_user_id,
+                              self.settings.bot_name, True, text, sent_at, reply_to_id=message.message_id)
+            )
+        await self.storage.add_bot_reply(self._reply_record(message, draft, sent[0][0], sent_at))
+
+    def _reply_record(
+        self, message: IncomingMessage, draft: DraftReply, first_id: int, sent_at: float
+    ) -> BotReplyRecord:
+        return BotReplyRecord(
+            reply_message_id=first_id,
+            answers_message_id=message.message_id,
+            channel_id=message.channel_id,
+            model_name=draft.reply.model_name,
+            model_version=draft.reply.model_version,
+            params=dataclasses.asdict(draft.params),
+            latency_seconds=sent_at - draft.received_at,
+            prompt_tokens=draft.reply.prompt_tokens,
+            completion_tokens=draft.reply.completion_tokens,
+            created_at=sent_at,
+        )

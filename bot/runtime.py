@@ -1,0 +1,47 @@
+"""Shared start-up pieces for every front end: logging, which model to serve, and the worker."""
+
+from __future__ import annotations
+
+import logging
+
+from bot.config import Settings
+from model.worker import ModelWorker
+
+log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+# discord.gateway/http at DEBUG log raw events (message text) and request bodies: never below INFO.
+QUIET_LOGGERS = ("discord", "transformers", "httpx", "urllib3", "filelock", "huggingface_hub")
+
+
+def setup_logging(level: str) -> None:
+    """Configure logging once for the process; discord.* and the HF libraries stay at INFO or above."""
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
+
+
+def model_source(settings: Settings) -> str:
+    """The model to serve: the registry's promoted `current` version when there is one, else BOT_MODEL."""
+    from model.registry import current_source
+
+    promoted = current_source(settings.models_dir)
+    if promoted is not None:
+        log.info("serving the promoted model %s (BOT_MODEL=%s is the base)", promoted, settings.model)
+        return promoted
+    return settings.model
+
+
+def create_worker(settings: Settings) -> ModelWorker:
+    """A model worker configured from the settings (not started: use `async with`); seeds fixed first."""
+    from model.loading import set_seed
+
+    set_seed(settings.seed)
+    return ModelWorker(
+        model_source(settings),
+        queue_size=settings.queue_size,
+        device=settings.device,
+        dtype=settings.dtype,
+        allow_pickle=settings.allow_pickle,
+        models_dir=settings.models_dir,
+    )
