@@ -191,3 +191,7 @@ def run_command(func: Callable[[Settings, argparse.Namespace], int], settings: S
         return EXIT_STORAGE
     except KeyboardInterrupt:
         return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

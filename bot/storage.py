@@ -1,0 +1,669 @@
+"""All SQL of the bot: the SQLite database on aiosqlite, its domain methods and small result dataclasses.
+
+One write connection and one read-only connection per Storage. Every write is one `BEGIN IMMEDIATE`
+transaction under an asyncio.Lock, because coroutines sharing one connection would otherwise run inside each
+other's transactions; reads go through the second connection and never queue behind writes (WAL).
+Time is always passed in by the caller; nothing here reads a clock. The schema lives in bot/migrations.py.
+This file is longer than the house ~400 lines on purpose: the issue asks for all SQL in one module, and the
+~35 domain methods are one-statement wrappers that read best side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Generator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from bot.migrations import SCHEMA_VERSION, SchemaTooNew, read_version, upgrade
+
+log = logging.getLogger(__name__)
+
+EXPORT_BATCH_ROWS = 500  # rows per read while exporting, so no read transaction stays open for long
+_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+_GUILD_COLUMNS = frozenset({"logging_enabled", "training_export_enabled", "persona", "sampling_json"})
+_MESSAGE_COLUMNS = """m.message_id, m.channel_id, c.guild_id, m.author_id, u.display_name AS author_name,
+    m.is_bot, m.content, m.created_at, m.reply_to_id, m.edited_at, m.deleted"""
+_MESSAGE_FROM = """messages m JOIN channels c ON c.channel_id = m.channel_id
+    JOIN users u ON u.user_id = m.author_id"""
+# The messages of `:user`, and the bot replies that answered them (their text may quote the user).
+_USER_MESSAGES = "SELECT message_id FROM messages WHERE author_id = :user"
+_REPLIES_TO_USER = f"SELECT reply_message_id FROM bot_replies WHERE answers_message_id IN ({_USER_MESSAGES})"
+_GUILD_MESSAGES = """SELECT message_id FROM messages
+    WHERE channel_id IN (SELECT channel_id FROM channels WHERE guild_id = :guild)"""
+
+
+class StorageError(Exception):
+    """Base of the storage errors a user may be told about."""
+
+
+class DatabaseTooNew(StorageError):
+    """The database schema is newer than this code; it is refused, never downgraded."""
+
+
+class DatabaseBusy(StorageError):
+    """The write lock was not obtained within busy_timeout (another process holds it)."""
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """One Discord message as stored; content is '' once deleted."""
+
+    message_id: int
+    channel_id: int
+    guild_id: int | None  # None for DMs
+    author_id: int
+    author_name: str
+    is_bot: bool
+    content: str
+    created_at: float  # unix seconds
+    reply_to_id: int | None = None
+    edited_at: float | None = None
+    deleted: bool = False
+
+
+@dataclass(frozen=True)
+class GuildSettings:
+    """Per-guild privacy switches and /config overrides."""
+
+    guild_id: int
+    logging_enabled: bool = True
+    training_export_enabled: bool = False  # off by default (Discord Developer Policy)
+    persona: str | None = None  # None = use the global setting
+    sampling_overrides: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChannelSettings:
+    """Per-channel switches."""
+
+    channel_id: int
+    answer_all: bool = False
+    reset_at: float | None = None  # /reset: history before this time is not used for prompts
+
+
+@dataclass(frozen=True)
+class BotReplyRecord:
+    """How one bot reply was produced."""
+
+    reply_message_id: int
+    answers_message_id: int
+    channel_id: int
+    model_name: str
+    model_version: str
+    params: Mapping[str, float | int | None]
+    latency_seconds: float
+    prompt_tokens: int
+    completion_tokens: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Counts and reply latency percentiles (nearest rank) for /stats."""
+
+    guilds: int
+    channels: int
+    users: int
+    messages: int
+    bot_replies: int
+    latency_p50_seconds: float | None
+    latency_p95_seconds: float | None
+
+
+@dataclass(frozen=True)
+class ExportRow:
+    """One non-deleted message of a guild whose training export is on."""
+
+    message: StoredMessage
+    author_opted_in: bool
+    feedback_score: int  # sum of feedback on this message (+1 / -1 each); 0 when none
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One admin action, allowed or refused."""
+
+    entry_id: int
+    at: float
+    actor_id: int
+    guild_id: int | None
+    action: str
+    detail: str
+    allowed: bool
+
+
+def migrate(path: Path, busy_timeout_seconds: float = 5.0) -> int:
+    """Create or upgrade the database at `path` (WAL mode); return its schema version."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=busy_timeout_seconds, isolation_level=None)
+    try:
+        version = read_version(conn)
+        if version > SCHEMA_VERSION:
+            raise DatabaseTooNew(str(SchemaTooNew(version, SCHEMA_VERSION)))
+        conn.execute("PRAGMA journal_mode = WAL")  # persistent: stored in the database file
+        conn.execute("PRAGMA synchronous = FULL")
+        return _upgrade(conn, path) if version < SCHEMA_VERSION else version
+    finally:
+        conn.close()
+
+
+def _upgrade(conn: sqlite3.Connection, path: Path) -> int:
+    try:
+        return upgrade(conn)
+    except SchemaTooNew as exc:  # another process upgraded it between our two reads
+        raise DatabaseTooNew(str(exc)) from exc
+    except sqlite3.OperationalError as exc:
+        raise _busy_error(exc, path) from exc
+
+
+def _busy_error(exc: sqlite3.OperationalError, path: Path) -> Exception:
+    """DatabaseBusy for a lock timeout (logged); any other OperationalError unchanged."""
+    if getattr(exc, "sqlite_errorcode", None) not in _BUSY_CODES and "locked" not in str(exc):
+        return exc
+    log.warning("database write lock not obtained in time (%s): %s", path, exc)
+    return DatabaseBusy(f"another process holds the database write lock ({path}); try again later")
+
+
+async def _connect(path: Path, busy_timeout_seconds: float, read_only: bool) -> aiosqlite.Connection:
+    target = f"{path.resolve().as_uri()}?mode=ro" if read_only else str(path)
+    conn = await aiosqlite.connect(target, uri=read_only, timeout=busy_timeout_seconds, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    pragmas = [f"PRAGMA busy_timeout = {int(busy_timeout_seconds * 1000)}"]
+    if read_only:
+        pragmas.append("PRAGMA query_only = ON")
+    else:  # secure_delete: deleted and overwritten content is zeroed in the file, not just unlinked
+        pragmas += ["PRAGMA foreign_keys = ON", "PRAGMA synchronous = FULL", "PRAGMA secure_delete = ON"]
+    for pragma in pragmas:
+        await conn.execute(pragma)
+    return conn
+
+
+def _message(row: sqlite3.Row) -> StoredMessage:
+    return StoredMessage(
+        message_id=row["message_id"],
+        channel_id=row["channel_id"],
+        guild_id=row["guild_id"],
+        author_id=row["author_id"],
+        author_name=row["author_name"],
+        is_bot=bool(row["is_bot"]),
+        content=row["content"],
+        created_at=row["created_at"],
+        reply_to_id=row["reply_to_id"],
+        edited_at=row["edited_at"],
+        deleted=bool(row["deleted"]),
+    )
+
+
+class _OpeningStorage:
+    """What Storage.open returns: `await` it for a Storage, or use it in `async with` to close on exit."""
+
+    def __init__(self, path: Path, busy_timeout_seconds: float) -> None:
+        self._args = (path, busy_timeout_seconds)
+        self._storage: Storage | None = None
+
+    def __await__(self) -> Generator[Any, None, Storage]:
+        return Storage._open(*self._args).__await__()
+
+    async def __aenter__(self) -> Storage:
+        self._storage = await Storage._open(*self._args)
+        return self._storage
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._storage is not None
+        await self._storage.close()
+
+
+class Storage:
+    """The bot's database. Build with `await Storage.open(path)` or `async with Storage.open(path) as s`."""
+
+    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+        self._path = path
+        self._writer = writer
+        self._reader = reader
+        self._write_lock = asyncio.Lock()
+        self._closed = False
+
+    @classmethod
+    def open(cls, path: Path, busy_timeout_seconds: float = 5.0) -> _OpeningStorage:
+        """Create the parent folder, migrate, and open the write and read connections."""
+        return _OpeningStorage(Path(path), busy_timeout_seconds)
+
+    @classmethod
+    async def _open(cls, path: Path, busy_timeout_seconds: float) -> Storage:
+        version = await asyncio.to_thread(migrate, path, busy_timeout_seconds)
+        writer = await _connect(path, busy_timeout_seconds, read_only=False)
+        try:
+            reader = await _connect(path, busy_timeout_seconds, read_only=True)
+        except BaseException:
+            await writer.close()
+            raise
+        log.info("database %s open at schema version %d", path, version)
+        return cls(path, writer, reader)
+
+    async def close(self) -> None:
+        """Wait for the running write, then close both connections (the last close checkpoints the WAL)."""
+        async with self._write_lock:
+            if self._closed:
+                return
+            self._closed = True
+            await self._reader.close()
+            await self._writer.close()
+
+    async def __aenter__(self) -> Storage:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- plumbing -------------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One serialized write transaction; rolled back on any exception, cancellation included."""
+        async with self._write_lock:
+            self._check_open()
+            try:
+                await self._writer.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise _busy_error(exc, self._path) from exc
+            try:
+                yield self._writer
+            except BaseException:
+                if self._writer.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
+                    await self._writer.execute("ROLLBACK")
+                raise
+            await self._writer.execute("COMMIT")
+
+    def _check_open(self) -> None:
+        if self._closed:  # e.g. an event handled during shutdown
+            raise StorageError(f"the database {self._path} is closed")
+
+    async def _write(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> int:
+        """Run one statement in its own transaction; return the number of rows changed."""
+        async with self._transaction() as db:
+            return await _run(db, sql, params)
+
+    async def _rows(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[sqlite3.Row]:
+        self._check_open()
+        async with self._reader.execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
+
+    async def _one(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> sqlite3.Row | None:
+        rows = await self._rows(sql, params)
+        return rows[0] if rows else None
+
+    async def _checkpoint(self) -> None:
+        """Copy the WAL into the database and truncate it, so erased bytes leave the -wal file too."""
+        async with self._write_lock, self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cursor:
+            busy, _, _ = await cursor.fetchone() or (1, 0, 0)
+        if busy:
+            log.warning(
+                "WAL checkpoint blocked by another connection; erased data stays in the WAL until later"
+            )
+
+    # -- guilds, channels, users ----------------------------------------------------------------------
+
+    async def schema_version(self) -> int:
+        """The schema version of the open database."""
+        row = await self._one("PRAGMA user_version")
+        return int(row[0]) if row else 0
+
+    async def upsert_guild(self, guild_id: int, name: str) -> None:
+        """Store or rename a guild (settings keep their values)."""
+        await self._write(
+            "INSERT INTO guilds (guild_id, name) VALUES (?, ?) "
+            "ON CONFLICT (guild_id) DO UPDATE SET name = excluded.name",
+            (guild_id, name),
+        )
+
+    async def upsert_channel(self, channel_id: int, guild_id: int | None, name: str) -> None:
+        """Store or rename a channel (creating its guild row if needed)."""
+        async with self._transaction() as db:
+            await _ensure_channel(db, channel_id, guild_id)
+            await _run(db, "UPDATE channels SET name = ? WHERE channel_id = ?", (name, channel_id))
+
+    async def upsert_user(self, user_id: int, display_name: str) -> None:
+        """Store or rename a user."""
+        await self._write(_UPSERT_USER, (user_id, display_name))
+
+    async def display_names(self, user_ids: Iterable[int]) -> dict[int, str]:
+        """The stored display names of the given users (unknown or forgotten users are left out)."""
+        ids = sorted(set(user_ids))
+        names: dict[int, str] = {}
+        for start in range(0, len(ids), 500):  # stay far below SQLite's bound-parameter limit
+            chunk = ids[start : start + 500]
+            rows = await self._rows(
+                "SELECT user_id, display_name FROM users WHERE display_name != '' "
+                f"AND user_id IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            names.update((row["user_id"], row["display_name"]) for row in rows)
+        return names
+
+    # -- messages -------------------------------------------------------------------------------------
+
+    async def add_message(self, message: StoredMessage) -> bool:
+        """Store a message with its user and channel rows; False when its id was already stored (replay)."""
+        m = message
+        async with self._transaction() as db:
+            await _ensure_channel(db, m.channel_id, m.guild_id)
+            await _run(db, _UPSERT_USER, (m.author_id, m.author_name))
+            inserted = await _run(db, _INSERT_MESSAGE, (
+                m.message_id, m.channel_id, m.author_id, m.is_bot, "" if m.deleted else m.content,
+                m.created_at, m.edited_at, m.reply_to_id, m.deleted,
+            ))  # fmt: skip
+        return inserted == 1
+
+    async def mark_edited(self, message_id: int, content: str, edited_at: float) -> bool:
+        """Replace a stored, non-deleted message's content; False when there is no such message."""
+        changed = await self._write(
+            "UPDATE messages SET content = ?, edited_at = ? WHERE message_id = ? AND deleted = 0",
+            (content, edited_at, message_id),
+        )
+        return changed == 1
+
+    async def mark_deleted(self, message_ids: Iterable[int]) -> int:
+        """Flag messages deleted and erase their content; return how many were newly deleted."""
+        rows = [(message_id,) for message_id in message_ids]
+        async with (
+            self._transaction() as db,
+            db.executemany(
+                "UPDATE messages SET deleted = 1, content = '' WHERE message_id = ? AND deleted = 0", rows
+            ) as cursor,
+        ):
+            return cursor.rowcount
+
+    async def recent_history(
+        self, channel_id: int, limit: int, since: float | None = None
+    ) -> list[StoredMessage]:
+        """The newest `limit` non-deleted messages of a channel created at or after `since`, oldest first."""
+        if limit <= 0:
+            return []  # SQLite reads a negative LIMIT as "no limit"
+        rows = await self._rows(
+            f"SELECT * FROM (SELECT {_MESSAGE_COLUMNS} FROM {_MESSAGE_FROM} "
+            "WHERE m.channel_id = :channel AND m.deleted = 0 AND (:since IS NULL OR m.created_at >= :since) "
+            "ORDER BY m.created_at DESC, m.message_id DESC LIMIT :limit) ORDER BY created_at, message_id",
+            {"channel": channel_id, "since": since, "limit": limit},
+        )
+        return [_message(row) for row in rows]
+
+    async def get_message(self, message_id: int) -> StoredMessage | None:
+        """One stored message (deleted ones too, with empty content), or None."""
+        row = await self._one(
+            f"SELECT {_MESSAGE_COLUMNS} FROM {_MESSAGE_FROM} WHERE m.message_id = ?", (message_id,)
+        )
+        return _message(row) if row else None
+
+    async def last_bot_message_at(self, channel_id: int) -> float | None:
+        """When the bot last posted in a channel (deleted posts included), or None."""
+        row = await self._one(
+            "SELECT MAX(created_at) FROM messages WHERE channel_id = ? AND is_bot = 1", (channel_id,)
+        )
+        return row[0] if row else None
+
+    async def purge_guild_messages(self, guild_id: int) -> int:
+        """Delete every stored message of a guild, its reply records and feedback; return messages deleted."""
+        params = {"guild": guild_id}
+        async with self._transaction() as db:
+            await _run(db, f"DELETE FROM feedback WHERE message_id IN ({_GUILD_MESSAGES})", params)
+            await _run(db, f"DELETE FROM bot_replies WHERE reply_message_id IN ({_GUILD_MESSAGES})", params)
+            deleted = await _run(db, f"DELETE FROM messages WHERE message_id IN ({_GUILD_MESSAGES})", params)
+        await self._checkpoint()
+        log.info("purged %d stored messages of guild %d", deleted, guild_id)
+        return deleted
+
+    # -- replies and feedback -------------------------------------------------------------------------
+
+    async def add_bot_reply(self, record: BotReplyRecord) -> None:
+        """Record how a bot reply was produced (idempotent on the reply's message id)."""
+        r = record
+        params_json = json.dumps(dict(r.params), sort_keys=True, allow_nan=False)
+        await self._write(
+            "INSERT INTO bot_replies (reply_message_id, answers_message_id, channel_id, model_name, "
+            "model_version, params_json, latency_seconds, prompt_tokens, completion_tokens, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (reply_message_id) DO NOTHING",
+            (r.reply_message_id, r.answers_message_id, r.channel_id, r.model_name, r.model_version,
+             params_json, r.latency_seconds, r.prompt_tokens, r.completion_tokens, r.created_at),
+        )  # fmt: skip
+
+    async def set_feedback(self, message_id: int, user_id: int, score: int, at: float) -> None:
+        """Store one user's +1 / -1 on a message, replacing their earlier score."""
+        if score not in (-1, 1):
+            raise ValueError(f"feedback score must be +1 or -1, got {score!r}")
+        await self._write(
+            "INSERT INTO feedback (message_id, user_id, score, created_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (message_id, user_id) "
+            "DO UPDATE SET score = excluded.score, created_at = excluded.created_at",
+            (message_id, user_id, score, at),
+        )
+
+    async def remove_feedback(self, message_id: int, user_id: int) -> None:
+        """Forget one user's feedback on a message."""
+        await self._write("DELETE FROM feedback WHERE message_id = ? AND user_id = ?", (message_id, user_id))
+
+    # -- privacy and settings -------------------------------------------------------------------------
+
+    async def delete_user_data(self, user_id: int, at: float) -> int:
+        """Delete a user's messages, the bot replies to them, feedback and audit rows; keep a tombstone."""
+        params = {"user": user_id, "at": at}
+        async with self._transaction() as db:
+            deleted = await _run(
+                db,
+                f"DELETE FROM feedback WHERE user_id = :user OR message_id IN ({_USER_MESSAGES}) "
+                f"OR message_id IN ({_REPLIES_TO_USER})",
+                params,
+            )
+            deleted += await _run(
+                db, f"DELETE FROM messages WHERE message_id IN ({_REPLIES_TO_USER})", params
+            )
+            deleted += await _run(
+                db, f"DELETE FROM bot_replies WHERE answers_message_id IN ({_USER_MESSAGES})", params
+            )
+            deleted += await _run(db, "DELETE FROM messages WHERE author_id = :user", params)
+            deleted += await _run(db, "DELETE FROM audit_log WHERE actor_id = :user", params)
+            await _run(db, _TOMBSTONE_USER, params)
+        await self._checkpoint()
+        log.info("deleted %d rows of user %d at their request", deleted, user_id)
+        return deleted
+
+    async def set_training_opt_in(self, user_id: int, opted_in: bool, at: float) -> None:
+        """Record a user's consent (or its withdrawal) to training use of their messages."""
+        await self._write(
+            "INSERT INTO users (user_id, training_opt_in, opted_in_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (user_id) DO UPDATE SET training_opt_in = excluded.training_opt_in, "
+            "opted_in_at = excluded.opted_in_at",
+            (user_id, opted_in, at if opted_in else None),
+        )
+
+    async def user_opted_in(self, user_id: int) -> bool:
+        """Whether a user currently consents to training use."""
+        row = await self._one("SELECT training_opt_in FROM users WHERE user_id = ?", (user_id,))
+        return bool(row and row[0])
+
+    async def guild_settings(self, guild_id: int) -> GuildSettings:
+        """A guild's settings (defaults when unknown)."""
+        row = await self._one("SELECT * FROM guilds WHERE guild_id = ?", (guild_id,))
+        if row is None:
+            return GuildSettings(guild_id)
+        return GuildSettings(
+            guild_id=guild_id,
+            logging_enabled=bool(row["logging_enabled"]),
+            training_export_enabled=bool(row["training_export_enabled"]),
+            persona=row["persona"],
+            sampling_overrides=json.loads(row["sampling_json"]),
+        )
+
+    async def set_guild_logging(self, guild_id: int, enabled: bool) -> None:
+        """Turn message logging on or off for a guild (purging is a separate call)."""
+        await self._set_guild(guild_id, "logging_enabled", enabled)
+
+    async def set_guild_training_export(self, guild_id: int, enabled: bool) -> None:
+        """Allow or forbid exporting a guild's messages for training."""
+        await self._set_guild(guild_id, "training_export_enabled", enabled)
+
+    async def set_guild_persona(self, guild_id: int, persona: str | None) -> None:
+        """Override the persona for a guild; None returns to the global setting."""
+        await self._set_guild(guild_id, "persona", persona)
+
+    async def set_guild_sampling(self, guild_id: int, overrides: Mapping[str, float]) -> None:
+        """Replace a guild's sampling overrides (finite numbers only)."""
+        await self._set_guild(
+            guild_id, "sampling_json", json.dumps(dict(overrides), sort_keys=True, allow_nan=False)
+        )
+
+    async def _set_guild(self, guild_id: int, column: str, value: object) -> None:
+        assert column in _GUILD_COLUMNS, column  # column names are ours, never user input
+        await self._write(
+            f"INSERT INTO guilds (guild_id, {column}) VALUES (?, ?) "
+            f"ON CONFLICT (guild_id) DO UPDATE SET {column} = excluded.{column}",
+            (guild_id, value),
+        )
+
+    async def channel_settings(self, channel_id: int) -> ChannelSettings:
+        """A channel's settings (defaults when unknown)."""
+        row = await self._one("SELECT answer_all, reset_at FROM channels WHERE channel_id = ?", (channel_id,))
+        if row is None:
+            return ChannelSettings(channel_id)
+        return ChannelSettings(channel_id, answer_all=bool(row["answer_all"]), reset_at=row["reset_at"])
+
+    async def set_channel_answer_all(self, channel_id: int, guild_id: int | None, enabled: bool) -> None:
+        """Make the bot answer every message in a channel, or only when addressed."""
+        async with self._transaction() as db:
+            await _ensure_channel(db, channel_id, guild_id)
+            await _run(db, "UPDATE channels SET answer_all = ? WHERE channel_id = ?", (enabled, channel_id))
+
+    async def reset_channel(self, channel_id: int, at: float) -> None:
+        """Stop using a channel's history before `at` for prompts (the rows stay)."""
+        async with self._transaction() as db:
+            await _ensure_channel(db, channel_id, None)
+            await _run(db, "UPDATE channels SET reset_at = ? WHERE channel_id = ?", (at, channel_id))
+
+    # -- audit, stats, export, backup -----------------------------------------------------------------
+
+    async def add_audit(
+        self, actor_id: int, guild_id: int | None, action: str, detail: str, allowed: bool, at: float
+    ) -> None:
+        """Append one admin action (allowed or refused) to the audit log."""
+        await self._write(
+            "INSERT INTO audit_log (at, actor_id, guild_id, action, detail, allowed) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (at, actor_id, guild_id, action, detail, allowed),
+        )
+
+    async def audit_log(self, limit: int = 50) -> list[AuditEntry]:
+        """The newest `limit` audit entries, newest first."""
+        rows = await self._rows("SELECT * FROM audit_log ORDER BY entry_id DESC LIMIT ?", (max(limit, 0),))
+        return [AuditEntry(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in rows]
+
+    async def stats(self) -> Stats:
+        """Row counts and reply latency p50 / p95."""
+        row = await self._one(
+            "SELECT (SELECT COUNT(*) FROM guilds), (SELECT COUNT(*) FROM channels), "
+            "(SELECT COUNT(*) FROM users), (SELECT COUNT(*) FROM messages WHERE deleted = 0), "
+            "(SELECT COUNT(*) FROM bot_replies)"
+        )
+        assert row is not None  # a SELECT without FROM always returns one row
+        p50, p95 = [await self._latency_percentile(q, row[4]) for q in (0.50, 0.95)]
+        return Stats(row[0], row[1], row[2], row[3], row[4], p50, p95)
+
+    async def _latency_percentile(self, fraction: float, count: int) -> float | None:
+        if count == 0:
+            return None
+        rank = max(1, math.ceil(fraction * count))  # nearest-rank percentile
+        row = await self._one(
+            "SELECT latency_seconds FROM bot_replies ORDER BY latency_seconds LIMIT 1 OFFSET ?", (rank - 1,)
+        )
+        return row[0] if row else None
+
+    async def export_rows(
+        self, guild_id: int | None = None, since: float | None = None
+    ) -> AsyncIterator[ExportRow]:
+        """Exportable messages ordered by channel then time, read in batches (see _EXPORT_QUERY for rules)."""
+        position: tuple[int, float, int] = (-(2**63), -math.inf, -(2**63))
+        while True:
+            params = {"guild": guild_id, "since": since, "batch": EXPORT_BATCH_ROWS}
+            params.update(zip(("after_channel", "after_time", "after_id"), position, strict=True))
+            rows = await self._rows(_EXPORT_QUERY, params)
+            for row in rows:
+                yield ExportRow(_message(row), bool(row["author_opted_in"]), int(row["feedback_score"]))
+            if len(rows) < EXPORT_BATCH_ROWS:
+                return
+            position = (rows[-1]["channel_id"], rows[-1]["created_at"], rows[-1]["message_id"])
+
+    async def backup(self, dest: Path) -> None:
+        """Copy the live database to `dest` with SQLite's online backup API (atomic replace)."""
+        await asyncio.to_thread(_backup, self._path, Path(dest))
+
+    async def integrity_check(self) -> str:
+        """SQLite's integrity check: "ok" when healthy, else the problems found."""
+        rows = await self._rows("PRAGMA integrity_check")
+        return "\n".join(str(row[0]) for row in rows)
+
+
+async def _run(db: aiosqlite.Connection, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> int:
+    async with db.execute(sql, params) as cursor:
+        return cursor.rowcount
+
+
+async def _ensure_channel(db: aiosqlite.Connection, channel_id: int, guild_id: int | None) -> None:
+    """Create the guild and channel rows if missing; a channel first seen without a guild gains one later."""
+    if guild_id is not None:
+        await _run(
+            db, "INSERT INTO guilds (guild_id) VALUES (?) ON CONFLICT (guild_id) DO NOTHING", (guild_id,)
+        )
+    await _run(
+        db,
+        "INSERT INTO channels (channel_id, guild_id) VALUES (?, ?) ON CONFLICT (channel_id) "
+        "DO UPDATE SET guild_id = COALESCE(channels.guild_id, excluded.guild_id)",
+        (channel_id, guild_id),
+    )
+
+
+def _backup(source: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".partial")
+    partial.unlink(missing_ok=True)
+    src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
+    target = sqlite3.connect(partial)
+    try:
+        src.backup(target)  # one step: a consistent snapshot even while the bot writes
+    finally:
+        target.close()
+        src.close()
+    with open(partial, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(partial, dest)
+
+
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (message_id, channel_id, author_id, is_bot, content, created_at, edited_at, "
+    "reply_to_id, deleted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING"
+)
+_UPSERT_USER = (
+    "INSERT INTO users (user_id, display_name) VALUES (?, ?) ON CONFLICT (user_id) "
+    "DO UPDATE SET display_name = excluded.display_name WHERE excluded.display_name != ''"
+)
+_TOMBSTONE_USER = (
+    "INSERT INTO users (user_id, forgotten_at) VALUES (:user, :at) ON CONFLICT (user_id) DO UPDATE SET "
+    "display_name = '', training_opt_in = 0, opted_in_at = NULL, forgotten_at = excluded.forgotten_at"
+)
+# Only guilds with training export on; no deleted messages; no user who asked to be forgotten, unless they
+# opted in again afterwards. Bot messages are included (the export decides what to do with them).
+_EXPORT_QUERY = f"""SELECT {_MESSAGE_COLUMNS}, u.training_opt_in AS author_opted_in,
+    COALESCE((SELECT SUM(f.score) FROM feedback f WHERE f.message_id = m.message_id), 0) AS feedback_score
+FROM {_MESSAGE_FROM} JOIN guilds g ON g.guild_id = c.guild_id
+WHERE g.training_export_enabled = 1 AND m.deleted = 0
+    AND (u.forgotten_at IS NULL OR (u.training_opt_in = 1 AND u.opted_in_at > u.forgotten_at))
+    AND (:guild IS NULL OR c.guild_id = :guild) AND (:since IS NULL OR m.created_at >= :since)
+    AND (m.channel_id, m.created_at, m.message_id) > (:after_channel, :after_time, :after_id)
+ORDER BY m.channel_id, m.created_at, m.message_id LIMIT :batch"""
