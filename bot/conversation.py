@@ -11,6 +11,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from bot.config import Settings
 from bot.storage import BotReplyRecord, GuildSettings, Storage, StoredMessage
@@ -66,9 +67,13 @@ class DraftReply:
 
 def apply_overrides(base: SamplingParams, overrides: Mapping[str, float]) -> SamplingParams:
     """Sampling settings with a guild's /config overrides on top (unknown keys are ignored)."""
-    known = {key: value for key, value in overrides.items() if key in SAMPLING_KEYS}
     ints = {"max_new_tokens", "top_k", "no_repeat_ngram_size"}
-    return dataclasses.replace(base, **{k: int(v) if k in ints else float(v) for k, v in known.items()})
+    typed: dict[str, Any] = {
+        key: int(value) if key in ints else float(value)
+        for key, value in overrides.items()
+        if key in SAMPLING_KEYS
+    }
+    return dataclasses.replace(base, **typed)
 
 
 def history_to_turns(history: Sequence[StoredMessage], bot_user_id: int) -> tuple[Turn, ...]:
@@ -168,8 +173,17 @@ class ConversationService:
             return
         for message_id, text in sent:
             await self.storage.add_message(
-                StoredMessage(message_id, message.channel_id, message.guild_id, self.bot_user_id,
-                              self.settings.bot_name, True, text, sent_at, reply_to_id=message.message_id)
+                StoredMessage(
+                    message_id,
+                    message.channel_id,
+                    message.guild_id,
+                    self.bot_user_id,
+                    self.settings.bot_name,
+                    True,
+                    text,
+                    sent_at,
+                    reply_to_id=message.message_id,
+                )
             )
         await self.storage.add_bot_reply(self._reply_record(message, draft, sent[0][0], sent_at))
 

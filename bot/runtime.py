@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from bot.config import Settings
-from model.worker import ModelWorker
+
+if TYPE_CHECKING:  # importing the worker loads torch: only create_worker needs it
+    from model.worker import ModelWorker
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ def model_source(settings: Settings) -> str:
 def create_worker(settings: Settings) -> ModelWorker:
     """A model worker configured from the settings (not started: use `async with`); seeds fixed first."""
     from model.loading import set_seed
+    from model.worker import ModelWorker
 
     set_seed(settings.seed)
     return ModelWorker(

@@ -1,0 +1,334 @@
+"""Admin commands: /reload, /stats, /channel, /config and /reset; plus the event-loop lag probe for /stats.
+
+Every admin command is guild-only, checked on the server side (bot.cogs.is_guild_admin), deferred at once
+(Discord's 3-second deadline), answered ephemerally and audited.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands, tasks
+
+from bot.cogs import admin_check, admin_group, admin_only, answer, audit, defer, is_guild_admin
+from bot.conversation import apply_overrides
+from bot.runtime import model_source
+from bot.storage import Stats
+from model.api import ModelInfo, ReloadFailed, ReloadInProgress
+
+if TYPE_CHECKING:
+    from bot.discord_app import ChatBot
+
+log = logging.getLogger(__name__)
+
+LAG_PROBE_INTERVAL_SECONDS = 0.5
+LAG_SAMPLES = 240  # two minutes of probes
+PERSONA_MAX_CHARS = 1000
+# The same ranges as bot/config.py's BOT_* variables.
+SAMPLING_LIMITS: Mapping[str, tuple[float, float]] = {
+    "temperature": (0.0, 5.0),
+    "top_p": (0.01, 1.0),
+    "top_k": (0, 50_000),
+    "repetition_penalty": (1.0, 3.0),
+    "max_new_tokens": (1, 1024),
+    "no_repeat_ngram_size": (0, 20),
+}
+
+
+def percentile(values: Sequence[float], fraction: float) -> float | None:
+    """Nearest-rank percentile of `values` (None when empty)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
+
+
+class LoopLagProbe:
+    """Event-loop lag: how much later than planned a periodic timer fires (a blocked loop fires late)."""
+
+    def __init__(
+        self, interval_seconds: float = LAG_PROBE_INTERVAL_SECONDS, samples: int = LAG_SAMPLES
+    ) -> None:
+        self.interval_seconds = interval_seconds
+        self.samples: deque[float] = deque(maxlen=samples)
+        self._last: float | None = None
+
+    def tick(self, now: float) -> None:
+        """Record one timer firing at `now` (a monotonic reading)."""
+        if self._last is not None:
+            self.samples.append(max(0.0, now - self._last - self.interval_seconds))
+        self._last = now
+
+
+def validate_sampling(overrides: Mapping[str, float]) -> str | None:
+    """One line naming the first out-of-range setting, or None when all are valid."""
+    for key, value in overrides.items():
+        low, high = SAMPLING_LIMITS[key]
+        if not (math.isfinite(value) and low <= value <= high):
+            return f"{key} must be between {low:g} and {high:g} (got {value:g}); nothing was changed."
+    return None
+
+
+def format_duration(seconds: float) -> str:
+    """`3d 04h 05m 06s`-style uptime."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return (f"{days}d " if days else "") + f"{hours:02d}h {minutes:02d}m {secs:02d}s"
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} s"
+
+
+def _gpu_line(info: ModelInfo) -> str | None:
+    if info.gpu_memory_allocated_bytes is None:
+        return None
+    total = info.gpu_memory_total_bytes or 0
+    return f"GPU memory: {info.gpu_memory_allocated_bytes / 2**30:.2f} GiB of {total / 2**30:.1f} GiB"
+
+
+def _lag_line(lags: Sequence[float]) -> str:
+    if not lags:
+        return "Loop lag: no samples yet"
+    p50, p99 = percentile(lags, 0.5) or 0.0, percentile(lags, 0.99) or 0.0
+    return f"Loop lag: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {max(lags) * 1000:.0f} ms"
+
+
+def format_stats(
+    uptime_seconds: float, stats: Stats, queue_depth: int, info: ModelInfo, lags: Sequence[float]
+) -> str:
+    """The /stats text (no secrets and no message text: counts, timings and the model description)."""
+    lines = [
+        f"Uptime: {format_duration(uptime_seconds)}",
+        f"Stored: {stats.messages:,} messages, {stats.bot_replies:,} bot replies "
+        f"({stats.guilds:,} servers, {stats.channels:,} channels, {stats.users:,} users)",
+        f"Reply latency: p50 {_seconds(stats.latency_p50_seconds)}, "
+        f"p95 {_seconds(stats.latency_p95_seconds)}",
+        f"Queue depth: {queue_depth}",
+        f"Model: {info.name} {info.version} ({info.total_params:,} parameters, {info.device}, "
+        f"{info.dtype}, context {info.n_positions})",
+        _gpu_line(info),
+        _lag_line(lags),
+    ]
+    return "\n".join(line for line in lines if line)
+
+
+@dataclass(frozen=True)
+class SamplingChange:
+    """The options of /config set, as given (None = unchanged)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    max_new_tokens: int | None = None
+    no_repeat_ngram_size: int | None = None
+
+    def given(self) -> dict[str, float]:
+        """Only the settings the admin actually passed."""
+        return {key: value for key, value in vars(self).items() if value is not None}
+
+
+async def can_reset(interaction: discord.Interaction) -> bool:
+    """/reset: anyone in their own DM with the bot; a server admin in a server channel."""
+    return interaction.guild is None or await is_guild_admin(interaction)
+
+
+class AdminCog(commands.Cog):
+    """Server admin commands and the loop-lag probe."""
+
+    channel = admin_group(
+        "channel", "Make the bot answer every message in this channel, or only when addressed"
+    )
+    config = admin_group("config", "View or change this server's sampling settings and persona")
+
+    def __init__(self, bot: ChatBot) -> None:
+        self.bot = bot
+        self.lag = LoopLagProbe()
+
+    async def cog_load(self) -> None:
+        """Start the lag probe (from setup_hook, once)."""
+        self.lag_probe.start()
+
+    async def cog_unload(self) -> None:
+        """Stop the lag probe."""
+        self.lag_probe.cancel()
+
+    @tasks.loop(seconds=LAG_PROBE_INTERVAL_SECONDS)
+    async def lag_probe(self) -> None:
+        """Sample the event-loop lag."""
+        self.lag.tick(time.perf_counter())
+
+    @app_commands.command(name="reload")
+    @app_commands.describe(
+        model="model to load: a hub id, a local folder, or a registry version (default: current)"
+    )
+    @admin_only()
+    async def reload(self, interaction: discord.Interaction, model: str | None = None) -> None:
+        """Hot-swap the model; the old one keeps serving if anything fails."""
+        await defer(interaction)
+        source = model or model_source(self.bot.settings)
+        try:
+            info = await self.bot.generator.reload(source)
+        except ReloadInProgress:
+            await answer(interaction, "A reload is already running; nothing was changed.")
+            await audit(interaction, f"{source}: already running", allowed=True)
+            return
+        except ReloadFailed as exc:
+            await answer(
+                interaction, f"Reload failed at step '{exc.step}': {exc.reason}. The old model keeps serving."
+            )
+            await audit(interaction, f"{source}: failed at {exc.step}", allowed=True)
+            return
+        await answer(interaction, f"Now serving {info.name} {info.version} on {info.device}.")
+        await audit(interaction, f"{source}: now {info.name} {info.version}", allowed=True)
+
+    @app_commands.command(name="stats")
+    @admin_only()
+    async def stats(self, interaction: discord.Interaction) -> None:
+        """Uptime, stored messages, reply latency, queue, model and loop lag."""
+        await defer(interaction)
+        stats = await self.bot.storage.stats()
+        text = format_stats(
+            self.bot.clock() - self.bot.started_at,
+            stats,
+            self.bot.generator.queue_depth(),
+            self.bot.generator.info(),
+            list(self.lag.samples),
+        )
+        await answer(interaction, text)
+        await audit(interaction, "viewed", allowed=True)
+
+    @channel.command(name="enable")
+    @admin_check()
+    async def channel_enable(self, interaction: discord.Interaction) -> None:
+        """Answer every message in this channel."""
+        await self._set_answer_all(interaction, True)
+
+    @channel.command(name="disable")
+    @admin_check()
+    async def channel_disable(self, interaction: discord.Interaction) -> None:
+        """Answer only mentions, replies and follow-ups in this channel."""
+        await self._set_answer_all(interaction, False)
+
+    async def _set_answer_all(self, interaction: discord.Interaction, enabled: bool) -> None:
+        await defer(interaction)
+        assert interaction.channel_id is not None
+        await self.bot.storage.set_channel_answer_all(interaction.channel_id, interaction.guild_id, enabled)
+        state = "every message" if enabled else "only when addressed"
+        await answer(interaction, f"In this channel I now answer {state}.")
+        await audit(interaction, f"channel {interaction.channel_id}: {state}", allowed=True)
+
+    @config.command(name="show")
+    @admin_check()
+    async def config_show(self, interaction: discord.Interaction) -> None:
+        """Show this server's sampling settings and persona."""
+        await defer(interaction)
+        await answer(interaction, await self._describe_config(interaction))
+        await audit(interaction, "viewed", allowed=True)
+
+    @config.command(name="set")
+    @app_commands.describe(
+        temperature="0–5: higher is more surprising; 0 always picks the likeliest word",
+        top_p="0.01–1: sample only from the most likely words covering this probability",
+        top_k="0–50000: sample only from this many likeliest words (0 = no limit)",
+        repetition_penalty="1–3: discourage repeating words (1 = off)",
+        max_new_tokens="1–1024: longest reply, in tokens",
+        no_repeat_ngram_size="0–20: never repeat a phrase of this many tokens (0 = off)",
+    )
+    @admin_check()
+    async def config_set(
+        self,
+        interaction: discord.Interaction,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        max_new_tokens: int | None = None,
+        no_repeat_ngram_size: int | None = None,
+    ) -> None:
+        """Change sampling settings for this server (only the options you give)."""
+        await defer(interaction)
+        change = SamplingChange(
+            temperature, top_p, top_k, repetition_penalty, max_new_tokens, no_repeat_ngram_size
+        )
+        await self._apply_sampling(interaction, change.given())
+
+    async def _apply_sampling(self, interaction: discord.Interaction, given: dict[str, float]) -> None:
+        error = validate_sampling(given) if given else "Give at least one setting to change."
+        if error:
+            await answer(interaction, error)
+            await audit(interaction, f"rejected: {error}", allowed=True)
+            return
+        assert interaction.guild_id is not None
+        current = await self.bot.storage.guild_settings(interaction.guild_id)
+        merged = {**current.sampling_overrides, **given}
+        await self.bot.storage.set_guild_sampling(interaction.guild_id, merged)
+        await answer(interaction, "Saved.\n" + await self._describe_config(interaction))
+        await audit(interaction, ", ".join(f"{k}={v:g}" for k, v in sorted(given.items())), allowed=True)
+
+    @config.command(name="persona")
+    @app_commands.describe(text="the line that introduces every conversation; leave empty for the default")
+    @admin_check()
+    async def config_persona(self, interaction: discord.Interaction, text: str | None = None) -> None:
+        """Set this server's persona (or go back to the default)."""
+        await defer(interaction)
+        persona = (text or "").strip() or None
+        if persona and len(persona) > PERSONA_MAX_CHARS:
+            await answer(
+                interaction,
+                f"The persona must be at most {PERSONA_MAX_CHARS} characters; nothing was changed.",
+            )
+            await audit(interaction, "rejected: too long", allowed=True)
+            return
+        assert interaction.guild_id is not None
+        await self.bot.storage.set_guild_persona(interaction.guild_id, persona)
+        await answer(interaction, "Persona saved." if persona else "Persona back to the default.")
+        await audit(
+            interaction,
+            f"persona {'set' if persona else 'cleared'} ({len(persona or '')} chars)",
+            allowed=True,
+        )
+
+    @config.command(name="reset")
+    @admin_check()
+    async def config_reset(self, interaction: discord.Interaction) -> None:
+        """Forget this server's sampling overrides and persona."""
+        await defer(interaction)
+        assert interaction.guild_id is not None
+        await self.bot.storage.set_guild_sampling(interaction.guild_id, {})
+        await self.bot.storage.set_guild_persona(interaction.guild_id, None)
+        await answer(interaction, "Sampling settings and persona are back to the bot's defaults.")
+        await audit(interaction, "reset to defaults", allowed=True)
+
+    async def _describe_config(self, interaction: discord.Interaction) -> str:
+        assert interaction.guild_id is not None
+        guild = await self.bot.storage.guild_settings(interaction.guild_id)
+        params = apply_overrides(self.bot.settings.sampling(), guild.sampling_overrides)
+        values = ", ".join(f"{key}={getattr(params, key):g}" for key in SAMPLING_LIMITS)
+        persona = guild.persona or f"(default) {self.bot.settings.persona}"
+        return f"Sampling: {values}\nPersona: {persona}"
+
+    @app_commands.command(name="reset")
+    @app_commands.check(can_reset)
+    async def reset(self, interaction: discord.Interaction) -> None:
+        """Start this conversation over: earlier messages no longer shape my replies."""
+        await defer(interaction)
+        assert interaction.channel_id is not None
+        await self.bot.storage.reset_channel(interaction.channel_id, self.bot.clock())
+        await answer(interaction, "Done: I'll answer as if this conversation starts now.")
+        await audit(interaction, f"channel {interaction.channel_id}", allowed=True)
+
+
+async def setup(bot: ChatBot) -> None:
+    """Extension entry point."""
+    await bot.add_cog(AdminCog(bot))

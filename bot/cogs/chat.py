@@ -1,0 +1,283 @@
+"""Chat: answer messages (guard → decide → history → await the model → send → store) and keep storage in
+step with edits and deletions.
+
+The decision is bot.policy's pure function, the text is bot.text's; this module only turns Discord objects
+into plain data and plain decisions into Discord calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+import discord
+from discord.ext import commands
+
+from bot.conversation import DraftReply, IncomingMessage
+from bot.policy import Action, ChannelState, Cooldowns, MessageFacts, ReplyPolicy, decide, should_record
+from bot.storage import StorageError
+from bot.text import BUSY_REPLY, COOLDOWN_REPLY, ERROR_REPLY, SHUTDOWN_REPLY, chunk_nonce, reply_chunks
+from model.api import GenerationFailed, WorkerBusy, WorkerClosed
+
+if TYPE_CHECKING:
+    from bot.discord_app import ChatBot
+
+log = logging.getLogger(__name__)
+
+ANSWERED_TYPES = frozenset({discord.MessageType.default, discord.MessageType.reply})
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+NO_MENTIONS = discord.AllowedMentions.none()
+Sendable = discord.abc.Messageable
+
+
+def prompt_text(message: discord.Message) -> str:
+    """The text as the conversation sees it: mentions as @names, without a leading @mention of the bot."""
+    text = message.clean_content
+    me = message.guild.me if message.guild else getattr(message.channel, "me", None)
+    if me is not None and text.startswith(f"@{me.display_name}"):
+        rest = text[len(me.display_name) + 1 :].strip()
+        return rest or text.strip()  # a bare mention stays as it is
+    return text
+
+
+def incoming_of(message: discord.Message) -> IncomingMessage:
+    """A Discord message as the conversation core's plain data."""
+    return IncomingMessage(
+        message_id=message.id,
+        channel_id=message.channel.id,
+        guild_id=message.guild.id if message.guild else None,
+        author_id=message.author.id,
+        author_name=message.author.display_name,
+        is_bot=message.author.bot,
+        content=prompt_text(message),
+        created_at=message.created_at.timestamp(),
+        reply_to_id=message.reference.message_id if message.reference else None,
+    )
+
+
+def mentions_bot(message: discord.Message, bot_user_id: int) -> bool:
+    """Whether the bot's user, or its own managed role, is mentioned."""
+    if any(user.id == bot_user_id for user in message.mentions):
+        return True
+    self_role = message.guild.self_role if message.guild else None
+    return self_role is not None and self_role in message.role_mentions
+
+
+def facts_of(message: discord.Message, bot_user_id: int, replied_author_id: int | None) -> MessageFacts:
+    """What the reply policy needs to know about a message."""
+    channel = message.channel
+    other_mentioned = any(user.id != bot_user_id for user in message.mentions)
+    replies_to_other = replied_author_id is not None and replied_author_id != bot_user_id
+    return MessageFacts(
+        author_id=message.author.id,
+        author_is_bot=message.author.bot,
+        channel_id=channel.id,
+        guild_id=message.guild.id if message.guild else None,
+        created_at=message.created_at.timestamp(),
+        author_role_ids=frozenset(role.id for role in getattr(message.author, "roles", ())),
+        parent_channel_id=channel.parent_id if isinstance(channel, discord.Thread) else None,
+        mentions_bot=mentions_bot(message, bot_user_id),
+        replies_to_bot=replied_author_id == bot_user_id,
+        addressed_to_other=other_mentioned or replies_to_other,
+    )
+
+
+def send_permissions(channel: Sendable) -> tuple[bool, bool]:
+    """(can send, can reply with a reference) for the bot in this channel; DMs allow both."""
+    if not isinstance(channel, discord.abc.GuildChannel | discord.Thread):
+        return True, True
+    permissions = channel.permissions_for(channel.guild.me)
+    can_send = permissions.send_messages_in_threads if isinstance(channel, discord.Thread) else True
+    can_send = can_send and permissions.send_messages and permissions.view_channel
+    return can_send, permissions.read_message_history
+
+
+async def _post(
+    channel: Sendable, text: str, reference: discord.MessageReference | None, nonce: int
+) -> discord.Message:
+    """One send of generated text: no mentions, no link embeds, the retry-safe nonce."""
+    if reference is None:
+        return await channel.send(text, nonce=nonce, allowed_mentions=NO_MENTIONS, suppress_embeds=True)
+    return await channel.send(
+        text, reference=reference, nonce=nonce, allowed_mentions=NO_MENTIONS, suppress_embeds=True
+    )
+
+
+class ChatCog(commands.Cog):
+    """Answers messages the policy selects; mirrors edits and deletions into storage."""
+
+    def __init__(self, bot: ChatBot, bot_user_id: int) -> None:
+        self.bot = bot
+        self.policy = ReplyPolicy.from_settings(bot.settings, bot_user_id)
+        self.cooldowns = Cooldowns(bot.settings.cooldown_seconds)
+        self.last_spoke: dict[int, float] = {}  # channel id → when this process last posted there
+        self.skipped_sends = 0  # replies not attempted for lack of Send Messages
+
+    # -- messages -------------------------------------------------------------------------------------
+
+    @commands.Cog.listener()
+    async def on_message(self, message: discord.Message) -> None:
+        """Store the message and answer it when the policy says so."""
+        if not self.bot.is_accepting or message.type not in ANSWERED_TYPES or not message.content.strip():
+            return
+        facts = facts_of(message, self.policy.bot_user_id, await self.replied_author_id(message))
+        if not should_record(facts, self.policy):
+            return
+        incoming = incoming_of(message)
+        if not await self.record(incoming):
+            return  # a replayed event was answered the first time
+        decision = decide(facts, await self.channel_state(facts.channel_id), self.policy)
+        decision = self.cooldowns.check(facts.author_id, decision, facts.created_at)
+        log.debug("message %d: %s (%s)", message.id, decision.action.value, decision.reason)
+        if decision.action is Action.IGNORE:
+            return
+        with self.bot.tracking_reply():
+            if decision.action is Action.COOLDOWN_NOTICE:
+                await self.send_chunks(message, [COOLDOWN_REPLY])
+            else:
+                await self.answer(message, incoming)
+
+    async def record(self, incoming: IncomingMessage) -> bool:
+        """Store the message; False for a replay. A database that stays locked is logged, not fatal."""
+        try:
+            return await self.bot.conversation.record(incoming)
+        except StorageError as exc:
+            log.warning("message %d was not stored: %s", incoming.message_id, exc)
+            return True  # still answer: the reply then sees only what storage still has
+
+    async def replied_author_id(self, message: discord.Message) -> int | None:
+        """Who wrote the message this one replies to (from the event, else from storage)."""
+        reference = message.reference
+        if reference is None or reference.message_id is None:
+            return None
+        if isinstance(reference.resolved, discord.Message):
+            return reference.resolved.author.id
+        stored = await self.bot.storage.get_message(reference.message_id)
+        return stored.author_id if stored else None
+
+    async def channel_state(self, channel_id: int) -> ChannelState:
+        """The channel's /channel switch and when the bot last spoke there."""
+        settings = await self.bot.storage.channel_settings(channel_id)
+        last = self.last_spoke.get(channel_id) or await self.bot.storage.last_bot_message_at(channel_id)
+        return ChannelState(answer_all=settings.answer_all, last_bot_message_at=last)
+
+    async def answer(self, message: discord.Message, incoming: IncomingMessage) -> None:
+        """Generate (unless the bot may not post here), send the chunks, store the reply."""
+        if not self.may_send(message.channel):
+            return  # no point generating what cannot be sent
+        outcome = await self.compose(message, incoming)
+        if isinstance(outcome, str):
+            await self.send_chunks(message, [outcome])
+            return
+        sent = await self.send_chunks(message, reply_chunks(outcome.text))
+        await self.store_reply(incoming, outcome, sent)
+
+    async def compose(self, message: discord.Message, incoming: IncomingMessage) -> DraftReply | str:
+        """The generated draft (typing indicator meanwhile), or the one line saying why there is none."""
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                with contextlib.suppress(discord.HTTPException):  # no typing indicator is no reason to fail
+                    await stack.enter_async_context(message.channel.typing())
+                return await self.bot.conversation.compose_reply(incoming)
+        except WorkerBusy:
+            return BUSY_REPLY
+        except WorkerClosed:
+            return SHUTDOWN_REPLY
+        except GenerationFailed as exc:
+            log.warning("generation for message %d failed: %s", message.id, exc)
+            return ERROR_REPLY
+        except Exception:
+            log.exception("could not compose a reply to message %d", message.id)
+            return ERROR_REPLY
+
+    async def store_reply(
+        self, incoming: IncomingMessage, draft: DraftReply, sent: list[tuple[int, str]]
+    ) -> None:
+        """Remember that the bot spoke and store what it sent (a storage failure only costs the record)."""
+        if not sent:
+            return
+        sent_at = self.bot.clock()
+        self.last_spoke[incoming.channel_id] = sent_at
+        try:
+            await self.bot.conversation.record_reply(incoming, draft, sent, sent_at)
+        except StorageError:
+            log.exception("reply to message %d was sent but could not be stored", incoming.message_id)
+
+    # -- sending --------------------------------------------------------------------------------------
+
+    def may_send(self, channel: Sendable) -> bool:
+        """Whether the bot has Send Messages here; a skip is counted and logged."""
+        if send_permissions(channel)[0]:
+            return True
+        self.skipped_sends += 1
+        log.info("no Send Messages permission in channel %s: reply skipped", getattr(channel, "id", "?"))
+        return False
+
+    async def send_chunks(self, message: discord.Message, chunks: list[str]) -> list[tuple[int, str]]:
+        """Send chunks in order (the first replies to `message`); stop at the first failed chunk."""
+        if not self.may_send(message.channel):
+            return []
+        can_reference = send_permissions(message.channel)[1]
+        sent: list[tuple[int, str]] = []
+        for index, text in enumerate(chunks):
+            is_first = index == 0 and can_reference
+            reference = message.to_reference(fail_if_not_exists=False) if is_first else None
+            posted = await self.send_with_retry(
+                message.channel, text, reference, chunk_nonce(message.id, index)
+            )
+            if posted is None:
+                break
+            sent.append((posted.id, text))
+        return sent
+
+    async def send_with_retry(
+        self, channel: Sendable, text: str, reference: discord.MessageReference | None, nonce: int
+    ) -> discord.Message | None:
+        """Send one chunk; retry rate limits and server errors with the SAME nonce, so Discord dedupes."""
+        delays = self.bot.send_retry_delays_seconds
+        for attempt in range(len(delays) + 1):
+            try:
+                return await _post(channel, text, reference, nonce)
+            except discord.Forbidden as exc:
+                log.warning("sending to channel %s refused: %s", getattr(channel, "id", "?"), exc.text)
+                return None
+            except discord.HTTPException as exc:
+                if exc.status not in RETRYABLE_STATUSES or attempt == len(delays):
+                    log.error(
+                        "giving up sending a reply chunk (HTTP %d, attempt %d)", exc.status, attempt + 1
+                    )
+                    return None
+                log.warning("send failed with HTTP %d; retrying in %.1fs", exc.status, delays[attempt])
+                await asyncio.sleep(delays[attempt])
+        return None
+
+    # -- edits and deletions --------------------------------------------------------------------------
+
+    @commands.Cog.listener()
+    async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
+        """An edit replaces the stored text (embed-only updates carry no edit time and are skipped)."""
+        edited = payload.message
+        if edited.edited_at is None:
+            return
+        await self.bot.storage.mark_edited(
+            payload.message_id, edited.clean_content, edited.edited_at.timestamp()
+        )
+
+    @commands.Cog.listener()
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        """A deleted message is erased from storage (cached or not), so it never reaches a prompt again."""
+        await self.bot.storage.mark_deleted([payload.message_id])
+
+    @commands.Cog.listener()
+    async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
+        """A bulk deletion (moderation purge) erases every listed message."""
+        count = await self.bot.storage.mark_deleted(payload.message_ids)
+        log.info("bulk delete in channel %d erased %d stored messages", payload.channel_id, count)
+
+
+async def setup(bot: ChatBot) -> None:
+    """Extension entry point (runs in setup_hook, after login, so the bot's user id is known)."""
+    assert bot.user is not None
+    await bot.add_cog(ChatCog(bot, bot.user.id))
