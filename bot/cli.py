@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 EXIT_CONFIG = 2
 EXIT_MODEL = 3
 EXIT_STORAGE = 4
-CONNECT_HINT = "No DISCORD_TOKEN set: opening the terminal chat. Put DISCORD_TOKEN in .env to connect Discord."
+CONNECT_HINT = (
+    "No DISCORD_TOKEN set: opening the terminal chat. Put DISCORD_TOKEN in .env to connect Discord."
+)
 
 
 def cmd_start(settings: Settings, args: argparse.Namespace) -> int:
@@ -75,10 +77,17 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
 
         manifest = export_corpus(args.corpus, args.out, bot_name=settings.bot_name)
     else:
-        from bot.export import export_from_database
+        from bot.export import ExportArgumentError, export_from_database
 
-        manifest = asyncio.run(export_from_database(settings, args.out, guild_id=args.guild, since=args.since))
-    print(manifest.summary() if hasattr(manifest, "summary") else manifest)
+        try:
+            manifest = asyncio.run(
+                export_from_database(settings, args.out, guild_id=args.guild, since=args.since)
+            )
+        except ExportArgumentError as exc:
+            print(f"chatbot export: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    counts = ", ".join(f"{split}: {n}" for split, n in manifest.counts.items())
+    print(f"exported {manifest.source} to {args.out}: {counts}; duplicates removed: {manifest.duplicates_removed}")
     return 0
 
 
@@ -175,8 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(args.func, settings, args)
 
 
-def run_command(func: Callable[[Settings, argparse.Namespace], int], settings: Settings,
-                args: argparse.Namespace) -> int:
+def run_command(
+    func: Callable[[Settings, argparse.Namespace], int], settings: Settings, args: argparse.Namespace
+) -> int:
     """Run a subcommand, turning the known failures into one clear line and an exit code."""
     from bot.storage import StorageError
     from model.loading import ModelLoadError

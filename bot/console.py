@@ -63,8 +63,9 @@ class ConsoleChat:
         return True
 
     async def _answer(self, text: str) -> None:
-        message = IncomingMessage(self.ids.next(), self.channel_id, None, CONSOLE_USER_ID, self.user_name,
-                                  False, text, time.time())
+        message = IncomingMessage(
+            self.ids.next(), self.channel_id, None, CONSOLE_USER_ID, self.user_name, False, text, time.time()
+        )
         await self.service.record(message)
         try:
             draft = await self.service.compose_reply(message)

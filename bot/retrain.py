@@ -1,0 +1,455 @@
+"""Retraining: export → train → eval → promote, run as a child process (`python -m bot.retrain`).
+
+The bot never trains in its own process: `/retrain` starts this module with asyncio's subprocess API, so
+the event loop, the worker and the GPU owner thread are untouched. The child speaks one JSON object per
+stdout line (events: stage, export, train, registered, eval, done, error); everything else it or its
+libraries print goes to stderr (a log file the parent chooses). The parent side (RetrainRunner, the
+progress text) is in bot/cogs/retrain.py. The `chatbot models / promote / rollback` commands live here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from bot.config import Settings, load_settings
+from model.registry import VERSIONS_DIR, PromotionRefused, Registry, RegistryError, current_source
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[Mapping[str, Any]], None]
+EXPORT_PREFIX = "retrain-"  # the pipeline's own exports; only the newest is kept (see prune_old_exports)
+STAGING_DIR = "staging"
+LOCK_FILE = "retrain.lock"
+TRAIN_EVENT_INTERVAL_SECONDS = 1.0
+EVAL_BLOCK_TOKENS = 1024
+
+
+class PipelineError(Exception):
+    """A stage failed in a known way; the message is shown to the admin as is."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+@dataclass(frozen=True)
+class RetrainOptions:
+    """What one retraining run does (the flags of `python -m bot.retrain`)."""
+
+    base: str = ""  # "" = the model being served (the current version, else BOT_MODEL)
+    guild_id: int | None = None
+    bot_user_id: int | None = None
+    max_steps: int = -1
+    epochs: float = 1.0
+    batch_size: int = 8
+    block_size: int = 0
+    learning_rate: float = 5e-5
+    sample_prompts: int = 8  # fixed prompts both models answer in the comparison (fewer = faster on a CPU)
+    force: bool = False
+    promote: bool = True
+
+    def to_argv(self) -> list[str]:
+        """The flags of `python -m bot.retrain` that rebuild these options in the child."""
+        argv = [f"--max-steps={self.max_steps}", f"--epochs={self.epochs}", f"--batch-size={self.batch_size}",
+                f"--block-size={self.block_size}", f"--learning-rate={self.learning_rate}",
+                f"--sample-prompts={self.sample_prompts}"]  # fmt: skip
+        argv += [f"--base={self.base}"] if self.base else []
+        argv += [f"--guild-id={self.guild_id}"] if self.guild_id is not None else []
+        argv += [f"--bot-user-id={self.bot_user_id}"] if self.bot_user_id is not None else []
+        return argv + (["--force"] if self.force else []) + ([] if self.promote else ["--no-promote"])
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """How a run ended."""
+
+    version: str
+    promoted: bool
+    val_ppl: float | None
+    current_ppl: float | None
+    reason: str  # why it was not promoted; "" when it was
+    table: str  # Markdown: the new model and the served one side by side
+
+
+# --- the child: stages ---------------------------------------------------------------------------------
+
+
+def serving_source(settings: Settings) -> str:
+    """What the bot serves: the registry's current version, else BOT_MODEL (as bot.runtime decides).
+
+    A BOT_MODEL that names a registry version becomes its folder: model.train and model.evaluate load by
+    path or hub id and know no registry.
+    """
+    version_dir = settings.models_dir / VERSIONS_DIR / settings.model
+    if os.sep not in settings.model and (version_dir / "config.json").is_file():
+        return current_source(settings.models_dir) or str(version_dir)
+    return current_source(settings.models_dir) or settings.model
+
+
+def prune_old_exports(exports_dir: Path, keep: Path) -> None:
+    """Delete the pipeline's older exports: files already exported are beyond /forget-me's reach."""
+    for old in exports_dir.glob(EXPORT_PREFIX + "*"):
+        if old.is_dir() and old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def export_step(settings: Settings, options: RetrainOptions, run_id: str, emit: Emit) -> Path:
+    """Export consented conversations to exports/retrain-<run>; PipelineError when there is nothing."""
+    import asyncio
+
+    from bot.export import export_from_database
+
+    emit({"event": "stage", "stage": "export"})
+    out_dir = settings.exports_dir / f"{EXPORT_PREFIX}{run_id}"
+    manifest = asyncio.run(export_from_database(settings, out_dir, guild_id=options.guild_id,
+                                                bot_user_id=options.bot_user_id, progress=False))  # fmt: skip
+    prune_old_exports(settings.exports_dir, keep=out_dir)
+    emit({"event": "export", "train": manifest.counts["train"], "val": manifest.counts["val"]})
+    if manifest.counts["train"] == 0:
+        raise PipelineError("export", "no consented conversations to train on: turn training export on with "
+                            "/privacy and ask users to /optin")  # fmt: skip
+    return out_dir
+
+
+def progress_callback(emit: Emit, interval_seconds: float = TRAIN_EVENT_INTERVAL_SECONDS) -> Any:
+    """A Trainer callback that emits {"event": "train", step, max_steps, loss, eta_seconds} now and then."""
+    from transformers import TrainerCallback
+
+    class JsonProgress(TrainerCallback):
+        def __init__(self) -> None:
+            self.started = self.last_sent = time.monotonic()
+            self.loss: float | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.started = time.monotonic()
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            if logs and "loss" in logs:
+                self.loss = float(logs["loss"])
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            now = time.monotonic()
+            if now - self.last_sent < interval_seconds and state.global_step < state.max_steps:
+                return
+            self.last_sent = now
+            per_step = (now - self.started) / max(state.global_step, 1)
+            eta_seconds = round(per_step * (state.max_steps - state.global_step), 1)
+            emit({"event": "train", "step": state.global_step, "max_steps": state.max_steps,
+                  "loss": self.loss, "eta_seconds": eta_seconds})  # fmt: skip
+
+    return JsonProgress()
+
+
+def train_step(
+    settings: Settings, options: RetrainOptions, export_dir: Path, out_dir: Path, emit: Emit
+) -> Path:
+    """Fine-tune the base on the export into out_dir (model.train does the work)."""
+    from model import train as training
+    from model.loading import ModelLoadError
+
+    emit({"event": "stage", "stage": "train"})
+    args = training.TrainArguments(
+        data=str(export_dir), out=str(out_dir), base=options.base or serving_source(settings),
+        persona=settings.persona, bot_name=settings.bot_name, block_size=options.block_size,
+        epochs=options.epochs, max_steps=options.max_steps, batch_size=options.batch_size,
+        learning_rate=options.learning_rate, seed=settings.seed, device=_train_device(settings.device),
+        eval_before=False, eval_each_epoch=False, progress=False, logging_steps=1,
+    )  # fmt: skip
+    callback = progress_callback(emit)
+    try:
+        train: Callable[..., Path] = training.train
+        if "callbacks" in inspect.signature(train).parameters:
+            return train(args, callbacks=[callback])
+        log.warning("model.train.train takes no callbacks: no step progress for this run")
+        return training.train(args)
+    except training.TrainError as exc:
+        raise PipelineError("train", str(exc)) from exc
+    except ModelLoadError as exc:
+        raise PipelineError("train", f"cannot load the base model: {exc}") from exc
+
+
+def _train_device(device: str) -> Literal["auto", "cpu", "cuda"]:
+    """BOT_DEVICE for training: model.train picks no GPU index, so "cuda:N" becomes "cuda"."""
+    if device.startswith("cuda"):
+        return "cuda"
+    return "cpu" if device == "cpu" else "auto"
+
+
+def _context_tokens(source: str, models_dir: Path) -> int | None:
+    """The context window of a local model ("starter", a version, a folder) per config.json, else None."""
+    from model.loading import ModelLoadError, resolve_model_source
+
+    try:
+        folder = Path(resolve_model_source(source, models_dir))
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (ModelLoadError, OSError, ValueError):  # a hub id, or no starter installed: evaluate() says so
+        return None
+    return config.get("n_positions") or config.get("max_position_embeddings")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model to evaluate and the name it gets in the comparison table."""
+
+    source: str
+    label: str
+
+
+def compare(
+    settings: Settings, models: list[ModelRef], export_dir: Path, sample_prompts: int = 8
+) -> tuple[dict[str, float], str]:
+    """Evaluate models on the same val blocks: ({label: perplexity}, Markdown side by side)."""
+    from model.evaluate import DEFAULT_PROMPTS, evaluate, markdown_report
+    from model.loading import ModelLoadError
+
+    # One block size for all, or the numbers would not be comparable.
+    contexts = [_context_tokens(m.source, settings.models_dir) for m in models]
+    block = min([EVAL_BLOCK_TOKENS, *(c for c in contexts if c)])
+    reports = []
+    for model in models:
+        try:
+            report = evaluate(model.source, export_dir, persona=settings.persona, bot_name=settings.bot_name,
+                              block_size=block, device=_train_device(settings.device),
+                              prompts=DEFAULT_PROMPTS[:sample_prompts])  # fmt: skip
+        except (ValueError, OSError, ModelLoadError) as exc:  # no validation data, a model that won't load
+            log.warning("cannot evaluate %s: %s", model.label, exc)
+            continue
+        reports.append(dataclasses.replace(report, model=model.label))
+    return {r.model: r.perplexity for r in reports}, markdown_report(reports) if reports else ""
+
+
+def promote_step(settings: Settings, version: str, numbers: tuple[float | None, float | None],
+                 force: bool) -> tuple[bool, str]:  # fmt: skip
+    """Promote unless refused; (promoted, reason when not). An unmeasured model is never promoted unforced."""
+    val_ppl, current_ppl = numbers
+    if val_ppl is None and not force:
+        return False, "its held-out perplexity could not be measured (no validation conversations yet?)"
+    try:
+        Registry(settings.models_dir).promote(version, val_ppl=val_ppl, current_ppl=current_ppl,
+                                              margin=settings.promote_margin, force=force)  # fmt: skip
+    except PromotionRefused as exc:
+        return False, str(exc)
+    return True, ""
+
+
+def run_pipeline(
+    settings: Settings, options: RetrainOptions, emit: Emit, run_id: str | None = None
+) -> PipelineResult:
+    """The whole run under the retrain lock: export, train, register, evaluate, promote."""
+    run_id = run_id or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    served = serving_source(settings)
+    with _retrain_lock(settings.models_dir):
+        export_dir = export_step(settings, options, run_id, emit)
+        with _staging(settings.models_dir, run_id) as work_dir:
+            model_dir = train_step(settings, options, export_dir, work_dir, emit)
+            version = Registry(settings.models_dir).add(model_dir, move=True)
+        emit({"event": "registered", "version": version.name})
+        emit({"event": "stage", "stage": "eval"})
+        new = ModelRef(str(version.path), f"new: {version.name}")
+        old = ModelRef(served, f"serving: {Path(served).name if os.sep in served else served}")
+        ppl, table = compare(settings, [new, old], export_dir, options.sample_prompts)
+        val_ppl, current_ppl = ppl.get(new.label), ppl.get(old.label)
+        emit({"event": "eval", "val_ppl": val_ppl, "current_ppl": current_ppl, "table": table})
+        promoted, reason = False, "not asked to promote"
+        if options.promote:
+            emit({"event": "stage", "stage": "promote"})
+            promoted, reason = promote_step(settings, version.name, (val_ppl, current_ppl), options.force)
+    return PipelineResult(version.name, promoted, val_ppl, current_ppl, reason, table)
+
+
+@contextlib.contextmanager
+def _retrain_lock(models_dir: Path) -> Iterator[None]:
+    """One retraining at a time per data directory, across processes (the bot and a shell)."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with open(models_dir / LOCK_FILE, "a+") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # Windows: the bot's own one-at-a-time rule still holds
+            pass
+        except BlockingIOError:
+            raise PipelineError(
+                "start", "another retraining is already running on this data directory"
+            ) from None
+        yield
+
+
+@contextlib.contextmanager
+def _staging(models_dir: Path, run_id: str) -> Iterator[Path]:
+    """A scratch directory for training output, removed afterwards (also on failure or cancel)."""
+    staging = models_dir / STAGING_DIR
+    shutil.rmtree(staging, ignore_errors=True)  # leftovers of a killed run; we hold the retrain lock
+    work_dir = staging / run_id
+    work_dir.mkdir(parents=True)
+    try:
+        yield work_dir
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# --- the child: entry point ----------------------------------------------------------------------------
+
+
+class EventWriter:
+    """Writes one JSON object per line to the event stream and remembers the current stage."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self.stage = "start"
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        if event.get("event") == "stage":
+            self.stage = str(event["stage"])
+        self._stream.write(json.dumps(event, ensure_ascii=False) + "\n")
+        self._stream.flush()
+
+
+def claim_stdout() -> IO[str]:
+    """Keep the real stdout for events only; anything else printed (Trainer logs, tqdm) goes to stderr."""
+    sys.stdout.flush()
+    events = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return events
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # SystemExit unwinds the stack, so `finally` blocks remove the staging directory on /retrain cancel.
+    raise SystemExit(128 + signum)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags of `python -m bot.retrain` (the bot passes them; an admin may run it from a shell too)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bot.retrain", description="Retrain: export, train, evaluate, promote (JSON events)."
+    )
+    parser.add_argument("--base", default="", help="model to fine-tune (default: the one being served)")
+    parser.add_argument("--guild-id", type=int, help="export only this guild")
+    parser.add_argument("--bot-user-id", type=int, help="the bot's Discord user id (marks its own messages)")
+    parser.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (overrides --epochs)")
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the exported conversations")
+    parser.add_argument("--batch-size", type=int, default=8, help="blocks per step")
+    parser.add_argument("--block-size", type=int, default=0, help="tokens per block (0: the model's, ≤ 1024)")
+    parser.add_argument("--learning-rate", type=float, default=5e-5, help="peak learning rate")
+    parser.add_argument(
+        "--sample-prompts", type=int, default=8, help="fixed prompts answered in the comparison"
+    )
+    parser.add_argument("--force", action="store_true", help="promote even if perplexity got worse")
+    parser.add_argument("--no-promote", dest="promote", action="store_false", help="train and register only")
+    parser.add_argument("--env-file", default=".env", help="settings file (the environment wins)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the pipeline, reporting JSON events on stdout; exit code 0 when it finished (promoted or not)."""
+    from bot.config import ConfigError
+    from bot.runtime import setup_logging
+
+    args = build_parser().parse_args(argv)
+    emit = EventWriter(claim_stdout())
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        settings = load_settings(args.env_file)
+    except ConfigError as exc:
+        emit({"event": "error", "stage": "start", "message": str(exc)})
+        return 2
+    setup_logging(settings.log_level)
+    options = RetrainOptions(**{k: v for k, v in vars(args).items() if k != "env_file"})
+    try:
+        result = run_pipeline(settings, options, emit)
+    except PipelineError as exc:
+        emit({"event": "error", "stage": exc.stage, "message": str(exc)})
+        return 1
+    except Exception as exc:  # the boundary of the child: log the traceback, tell the parent in one line
+        log.exception("retraining failed in stage %s", emit.stage)
+        emit({"event": "error", "stage": emit.stage, "message": f"{type(exc).__name__}: {exc}"})
+        return 1
+    emit({"event": "done", **dataclasses.asdict(result)})
+    return 0
+
+
+# --- `chatbot models / promote / rollback` -------------------------------------------------------------
+
+
+def newest_export(exports_dir: Path) -> Path | None:
+    """The most recently finished export (any kind) under exports_dir, or None."""
+    manifests = sorted(exports_dir.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    return manifests[-1].parent if manifests else None
+
+
+def list_models(settings: Settings) -> int:
+    """Print every version, marking current (*) and previous (-), with its held-out perplexity."""
+    versions = Registry(settings.models_dir).versions()
+    if not versions:
+        print(f"no model versions in {settings.models_dir} yet: run /retrain or `python -m bot.retrain`")
+    for v in versions:
+        mark = "*" if v.is_current else "-" if v.is_previous else " "
+        ppl = v.card.get("metrics", {}).get("val_perplexity_after", "?")
+        added = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.added_at))
+        print(f"{mark} {v.name:<16} added {added}  val ppl {ppl}  base {v.card.get('base', '?')}")
+    return 0
+
+
+def promote_version(settings: Settings, version: str, *, force: bool = False, val_ppl: float | None = None,
+                    current_ppl: float | None = None) -> int:  # fmt: skip
+    """Make a version current; both perplexities come from the newest export unless given. Exit code."""
+    registry = Registry(settings.models_dir)
+    try:
+        target = registry.get(version)
+        if target.is_current:
+            raise RegistryError(f"{version} is already the current version")
+        if val_ppl is None or current_ppl is None:
+            val_ppl, current_ppl = _measure_for_promotion(settings, target.path, version)
+        if val_ppl is None and not force:
+            raise PromotionRefused(
+                f"could not measure {version}'s held-out perplexity; --force promotes anyway"
+            )
+        registry.promote(version, val_ppl=val_ppl, current_ppl=current_ppl, margin=settings.promote_margin,
+                         force=force)  # fmt: skip
+    except RegistryError as exc:
+        print(f"chatbot promote: {exc}", file=sys.stderr)
+        return 1
+    print(f"promoted {version}: a running bot switches to it within seconds")
+    return 0
+
+
+def _measure_for_promotion(settings: Settings, path: Path, version: str) -> tuple[float | None, float | None]:
+    export_dir = newest_export(settings.exports_dir)
+    if export_dir is None:
+        print("no export found to measure perplexity on: run `chatbot export` first", file=sys.stderr)
+        return None, None
+    served = serving_source(settings)
+    new, old = ModelRef(str(path), f"new: {version}"), ModelRef(served, "serving")
+    ppl, table = compare(settings, [new, old], export_dir)
+    print(f"held-out perplexity on {export_dir / 'val.jsonl'}:\n{table}")
+    return ppl.get(new.label), ppl.get(old.label)
+
+
+def rollback(settings: Settings) -> int:
+    """Serve the previous version again; exit code 1 when there is none."""
+    try:
+        record = Registry(settings.models_dir).rollback()
+    except RegistryError as exc:
+        print(f"chatbot rollback: {exc}", file=sys.stderr)
+        return 1
+    print(f"rolled back from {record.replaced} to {record.version}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
