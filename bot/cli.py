@@ -87,7 +87,8 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
             print(f"chatbot export: {exc}", file=sys.stderr)
             return EXIT_CONFIG
     counts = ", ".join(f"{split}: {n}" for split, n in manifest.counts.items())
-    print(f"exported {manifest.source} to {args.out}: {counts}; duplicates removed: {manifest.duplicates_removed}")
+    dropped = manifest.duplicates_removed
+    print(f"exported {manifest.source} to {args.out}: {counts}; duplicates removed: {dropped}")
     return 0
 
 
