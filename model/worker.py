@@ -1,0 +1,435 @@
+"""ModelWorker: one thread owns the model and its tokenizer; the event loop talks to it through a queue.
+
+The thread loop: admit as many queued jobs as the engine can take → engine.step() → hand finished
+replies back → repeat, blocking on the queue only when the engine is idle. A reload is a queued job that
+runs once the engine has drained, so it never lands in the middle of a generation. Futures are only ever
+touched on the event loop: the thread hands results over with `loop.call_soon_threadsafe`.
+
+`queue_size` counts waiting + running generate jobs: with queue_size 8, the 9th concurrent request is
+refused at once with WorkerBusy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from model.api import (
+    GenerationFailed,
+    ModelInfo,
+    ReloadFailed,
+    ReloadInProgress,
+    Reply,
+    ReplyRequest,
+    WorkerBusy,
+    WorkerClosed,
+)
+from model.engine import DecodeEngine, EngineJob, EngineResult
+from model.generation import FALLBACK_REPLY, clean_reply, resample_params
+from model.jobs import (
+    ActiveJob,
+    GenerateJob,
+    ReloadJob,
+    Serving,
+    StepFailed,
+    Stop,
+    default_engine_factory,
+    default_loader,
+    is_fatal_device_error,
+    model_info,
+    prepare_serving,
+    resolve_future,
+    speaker_names,
+)
+from model.prompt import PromptTooLong, build_prompt
+from model.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from model.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+FATAL_EXIT_CODE = 70  # EX_SOFTWARE: the supervisor restarts the process
+THREAD_STOP_TIMEOUT_SECONDS = 30.0  # after the grace period, how long close() waits for the thread
+
+
+class _ThreadStop(Exception):
+    """Raised inside the thread loop after a fatal device error: serve no more."""
+
+
+def _exit_process(exc: BaseException) -> None:
+    logging.shutdown()  # flush the critical log line: os._exit skips every exit handler
+    os._exit(FATAL_EXIT_CODE)
+
+
+def _release_memory() -> None:
+    gc.collect()  # dropped weights can hold GBs of GPU memory: release them now, not at some later GC
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the worker
+
+
+class ModelWorker:
+    """Implements model.api.ReplyGenerator with one thread that owns the model, tokenizer and engine."""
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        queue_size: int = 32,
+        device: str = "auto",
+        dtype: str = "auto",
+        allow_pickle: bool = False,
+        models_dir: Path | None = None,
+        loader: Callable[[str], LoadedModel] | None = None,
+        engine_factory: Callable[[LoadedModel], DecodeEngine] | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._source = source
+        self._queue_size = queue_size
+        self._loader = loader or default_loader(device, dtype, allow_pickle, models_dir)
+        self._engine_factory = engine_factory or default_engine_factory
+        self._on_fatal = on_fatal or _exit_process
+        self._inbox: queue.Queue[GenerateJob | ReloadJob | Stop] = queue.Queue()  # bounded by _outstanding
+        self._serving: Serving | None = None  # written by the thread only; read anywhere
+        self._closing_flag = threading.Event()
+        self._abort_flag = threading.Event()
+        # Loop-side state (touched on the event loop only).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = asyncio.Event()
+        self._outstanding: set[GenerateJob] = set()
+        self._is_reloading = False
+        self._is_closing = False
+        # Thread-side state (touched on the worker thread only).
+        self._active: dict[int, ActiveJob] = {}
+        self._retries: deque[ActiveJob] = deque()
+        self._job_ids = itertools.count(1)
+
+    # ---- the async API (event loop) ----
+
+    async def start(self) -> ModelInfo:
+        """Start the thread and load the model there (never on the loop); raise the load error if any."""
+        assert self._thread is None, "start() is called once"
+        self._loop = asyncio.get_running_loop()
+        started: asyncio.Future[ModelInfo] = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, args=(started,), name="model-worker", daemon=True)
+        self._thread.start()
+        return await started
+
+    async def generate(self, request: ReplyRequest) -> Reply:
+        """Queue a request and wait for its reply; WorkerBusy at once when queue_size jobs are in."""
+        if self._loop is None or self._is_closing:
+            raise WorkerClosed("the model worker is not running")
+        if len(self._outstanding) >= self._queue_size:
+            raise WorkerBusy(f"{len(self._outstanding)} requests are already queued or running")
+        job = GenerateJob(request, self._loop.create_future(), time.monotonic())
+        self._outstanding.add(job)
+        self._inbox.put(job)
+        return await job.future
+
+    async def reload(self, source: str) -> ModelInfo:
+        """Queue a reload (load → smoke → swap); ReloadFailed(step) keeps the old model serving."""
+        if self._loop is None or self._is_closing:
+            raise WorkerClosed("the model worker is not running")
+        if self._is_reloading:
+            raise ReloadInProgress("a reload is already queued or running")
+        job = ReloadJob(source, self._loop.create_future())
+        self._is_reloading = True
+        self._inbox.put(job)
+        return await job.future
+
+    def info(self) -> ModelInfo:
+        """What is serving now (the last model after close)."""
+        if self._serving is None:
+            raise WorkerClosed("no model is loaded")
+        return model_info(self._serving.loaded)
+
+    def queue_depth(self) -> int:
+        """Generate jobs waiting + running."""
+        return len(self._outstanding)
+
+    async def close(self, grace_seconds: float = 10.0) -> None:
+        """Refuse new work, reject queued jobs, let in-flight ones finish within the grace period, stop."""
+        if self._is_closing:  # closed already, or another close() is under way: wait for it
+            if self._thread is not None:
+                await self._wait_stopped(grace_seconds + THREAD_STOP_TIMEOUT_SECONDS)
+            return
+        self._is_closing = True
+        if self._thread is None:
+            return
+        self._closing_flag.set()
+        self._reject_queued()
+        self._inbox.put(Stop())
+        if not await self._wait_stopped(grace_seconds):
+            log.warning(
+                "in-flight generations outlived the %.1f s grace period; aborting them", grace_seconds
+            )
+            self._abort_flag.set()
+            self._reject_outstanding()
+            if not await self._wait_stopped(THREAD_STOP_TIMEOUT_SECONDS):
+                log.error("the model worker thread did not stop; leaving it to die with the process")
+                return
+        self._thread.join()  # the thread has signalled its last step: this returns at once
+
+    async def __aenter__(self) -> ModelWorker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _wait_stopped(self, timeout_seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self._stopped.wait(), timeout_seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    def _reject_queued(self) -> None:
+        """Answer every job still waiting in the inbox with WorkerClosed (loop side)."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if not isinstance(item, Stop):
+                self._settle(item, None, WorkerClosed("the model worker is shutting down"))
+
+    def _reject_outstanding(self) -> None:
+        for job in list(self._outstanding):
+            self._settle(job, None, WorkerClosed("the model worker is shutting down"))
+
+    def _settle(self, job: GenerateJob | ReloadJob, value: Any, error: BaseException | None) -> None:
+        """Finish a job's accounting and answer its caller (event loop only)."""
+        if isinstance(job, GenerateJob):
+            self._outstanding.discard(job)
+        else:
+            self._is_reloading = False
+        resolve_future(job.future, value, error)
+
+    def _on_thread_exit(self) -> None:
+        self._is_closing = True
+        self._reject_queued()
+        self._reject_outstanding()
+        self._stopped.set()
+
+    # ---- the worker thread ----
+
+    def _post(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run `callback(*args)` on the event loop: futures are never touched from this thread."""
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: nobody is left to answer
+            log.warning("event loop closed; dropping a result")
+
+    def _run(self, started: asyncio.Future[ModelInfo]) -> None:
+        try:
+            self._serving = self._prepare(self._source)
+            self._post(resolve_future, started, model_info(self._serving.loaded), None)
+            self._serve()
+        except StepFailed as failed:
+            log.error("loading %r failed at step %s: %s", self._source, failed.step, failed.error)
+            self._post(resolve_future, started, None, failed.error)
+        except _ThreadStop:
+            pass
+        except BaseException:
+            log.exception("the model worker thread crashed")
+        finally:
+            self._fail_active(WorkerClosed("the model worker stopped"))
+            self._post(resolve_future, started, None, WorkerClosed("the model worker stopped"))
+            self._post(self._on_thread_exit)
+
+    def _serve(self) -> None:
+        held: ReloadJob | Stop | None = None  # a control job waiting for the engine to drain
+        while True:
+            self._admit_retries()  # even while a control job waits: retries are in-flight work
+            if held is None:
+                held = self._admit_queued()
+            if self._engine().has_work():
+                self._step()
+            elif isinstance(held, Stop):
+                return
+            elif held is not None:
+                self._run_reload(held)
+                held = None
+            else:
+                held = self._admit(self._inbox.get())  # idle: block until work arrives
+
+    def _engine(self) -> DecodeEngine:
+        assert self._serving is not None
+        return self._serving.engine
+
+    def _admit_retries(self) -> None:
+        while self._retries and self._engine().can_admit():
+            active = self._retries.popleft()
+            self._submit(active, resample_params(active.job.request.params))
+
+    def _admit_queued(self) -> ReloadJob | Stop | None:
+        """Admit queued jobs while the engine has room; return the first control job met."""
+        while self._engine().can_admit():
+            try:
+                held = self._admit(self._inbox.get_nowait())
+            except queue.Empty:
+                return None
+            if held is not None:
+                return held
+        return None
+
+    def _admit(self, item: GenerateJob | ReloadJob | Stop) -> ReloadJob | Stop | None:
+        if not isinstance(item, GenerateJob):
+            return item
+        if item.future.cancelled():  # a racy read is harmless: at worst a cancelled job runs
+            self._post(self._settle, item, None, None)
+            return None
+        self._start(item)
+        return None
+
+    def _start(self, job: GenerateJob) -> None:
+        """Build the prompt (the tokenizer is used on this thread only) and admit the job."""
+        serving, request = self._serving, job.request
+        assert serving is not None
+        try:
+            prompt = build_prompt(
+                serving.loaded.tokenizer, request.persona, request.history, request.bot_name,
+                request.params.max_new_tokens, serving.loaded.n_positions,
+            )  # fmt: skip
+        except PromptTooLong as exc:
+            self._post(self._settle, job, None, GenerationFailed(f"prompt too long: {exc}"))
+            return
+        now = time.monotonic()
+        active = ActiveJob(job, prompt, speaker_names(request), now, now + request.time_limit_seconds)
+        self._submit(active, request.params)
+
+    def _submit(self, active: ActiveJob, params: SamplingParams) -> None:
+        serving = self._serving
+        assert serving is not None
+        prompt_ids = active.prompt.input_ids
+        if len(prompt_ids) + params.max_new_tokens > serving.loaded.n_positions:
+            # build_prompt guarantees this; checked again (not with assert, which -O strips) because an
+            # over-long input on a GPU is a device-side assert that poisons every later call.
+            self._post(self._settle, active.job, None, GenerationFailed("prompt exceeds the context window"))
+            return
+        job_id = next(self._job_ids)
+        self._active[job_id] = active
+        try:
+            serving.engine.admit(EngineJob(job_id, prompt_ids, params, active.deadline, serving.stop_ids))
+        except Exception as exc:
+            self._on_engine_error(exc, [job_id])
+
+    def _step(self) -> None:
+        try:
+            results = self._engine().step()
+        except Exception as exc:
+            self._on_engine_error(exc, self._abort_engine())
+            return
+        for result in results:
+            self._finish(result)
+        if self._abort_flag.is_set():  # close() gave up waiting: drop what is still running
+            self._fail(self._abort_engine(), WorkerClosed("the model worker is shutting down"))
+            self._fail_active(WorkerClosed("the model worker is shutting down"))
+
+    def _abort_engine(self) -> list[int]:
+        try:
+            return self._engine().abort_all()
+        except Exception:
+            log.exception("engine.abort_all failed; failing every active job")
+            return list(self._active)
+
+    def _finish(self, result: EngineResult) -> None:
+        active = self._active.pop(result.job_id)
+        active.completion_tokens += len(result.token_ids)
+        assert self._serving is not None
+        raw = str(self._serving.loaded.tokenizer.decode(list(result.token_ids), skip_special_tokens=True))
+        has_ended_turn = result.stop_reason in ("eos", "turn_end")
+        text = clean_reply(raw, active.speaker_names, has_ended_turn=has_ended_turn)
+        if active.should_resample(text):
+            active.attempts += 1
+            self._retries.append(active)
+            return
+        reply = active.reply(text or FALLBACK_REPLY, result.stop_reason, self._serving.loaded)
+        self._post(self._settle, active.job, reply, None)
+
+    def _on_engine_error(self, exc: BaseException, job_ids: list[int]) -> None:
+        """OOM fails only these jobs; another CUDA error is fatal; anything else fails these jobs.
+
+        A failed step takes every job in it (a batched step shares its memory and its fate); a failed
+        admit takes only the job being admitted.
+        """
+        if is_fatal_device_error(exc):
+            log.critical("fatal device error; the process must restart", exc_info=exc)
+            self._on_fatal(exc)  # by default the process exits here
+            self._fail(job_ids, GenerationFailed("the GPU failed; the bot is restarting"))
+            raise _ThreadStop from exc
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            log.warning("CUDA out of memory; failing %d request(s) and freeing cached memory", len(job_ids))
+            # The traceback's frames still hold the failed step's tensors: clear them, or nothing frees.
+            traceback.clear_frames(exc.__traceback__)
+            _release_memory()  # before answering, so a retry finds the memory free
+            self._fail(job_ids, GenerationFailed("out of GPU memory; try again with a shorter conversation"))
+            return
+        log.exception("generation failed", exc_info=exc)
+        self._fail(job_ids, GenerationFailed(f"generation failed: {type(exc).__name__}"))
+
+    def _fail(self, job_ids: list[int], error: BaseException) -> None:
+        for job_id in job_ids:
+            active = self._active.pop(job_id, None)
+            if active is not None:
+                self._post(self._settle, active.job, None, error)
+
+    def _fail_active(self, error: BaseException) -> None:
+        """Fail every job the thread holds: those in the engine and those waiting for a retry."""
+        for active in self._retries:
+            self._post(self._settle, active.job, None, error)
+        self._retries.clear()
+        self._fail(list(self._active), error)
+
+    # ---- reload (worker thread) ----
+
+    def _run_reload(self, job: ReloadJob) -> None:
+        if self._closing_flag.is_set():
+            self._post(self._settle, job, None, WorkerClosed("the model worker is shutting down"))
+            return
+        try:
+            new = self._prepare(job.source)
+            info = self._swap(new)
+        except StepFailed as failed:
+            log.error("reload of %r failed at step %s: %s", job.source, failed.step, failed.error)
+            self._post(self._settle, job, None, ReloadFailed(failed.step, str(failed.error)))
+            _release_memory()  # whatever the failed load left behind
+            if is_fatal_device_error(failed.error):
+                self._on_engine_error(failed.error, [])
+            return
+        log.info("now serving %s %s", info.name, info.version)
+        self._post(self._settle, job, info, None)
+
+    def _prepare(self, source: str) -> Serving:
+        return prepare_serving(source, self._loader, self._engine_factory)
+
+    def _swap(self, new: Serving) -> ModelInfo:
+        """Make `new` serve (one reference assignment), then free the old model."""
+        try:
+            info = model_info(new.loaded)
+            old, self._serving = self._serving, new
+        except Exception as exc:
+            raise StepFailed("swap", exc) from exc
+        del old
+        _release_memory()
+        return info
