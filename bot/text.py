@@ -11,10 +11,10 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from model.api import FALLBACK_REPLY
+
 MESSAGE_LIMIT_CHARS = 2000
 MAX_REPLY_CHUNKS = 8  # a nonce is message_id * 8 + chunk index, so a reply has at most 8 chunks
-# The same line as model.generation.FALLBACK_REPLY (not imported: that module loads torch and transformers).
-FALLBACK_REPLY = "Sorry, I have nothing to say to that."
 BUSY_REPLY = "I'm busy answering other people right now — please try again in a moment."
 SHUTDOWN_REPLY = "I'm restarting right now — please ask me again in a minute."
 ERROR_REPLY = "Sorry, something went wrong while I was thinking. Please try again."

@@ -12,6 +12,9 @@ from typing import Protocol
 from model.prompt import Turn
 from model.sampling import SamplingParams
 
+# What a reply says when generation produced nothing usable (never an empty message).
+FALLBACK_REPLY = "Sorry, I have nothing to say to that."
+
 
 @dataclass(frozen=True)
 class ReplyRequest:

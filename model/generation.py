@@ -27,7 +27,6 @@ from model.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-FALLBACK_REPLY = "Sorry, I have nothing to say to that."
 
 # "." ends a sentence only before whitespace or the end (so "3.5" and "v1.2" do not); "!" "?" "…" and
 # the Japanese 。！？ end one wherever they stand (Japanese text, NFKC-normalised "?" "!" too, has no spaces).

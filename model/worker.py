@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from model.api import (
+    FALLBACK_REPLY,
     GenerationFailed,
     ModelInfo,
     ReloadFailed,
@@ -38,7 +39,7 @@ from model.api import (
     WorkerClosed,
 )
 from model.engine import DecodeEngine, EngineJob, EngineResult
-from model.generation import FALLBACK_REPLY, clean_reply, resample_params
+from model.generation import clean_reply, resample_params
 from model.jobs import (
     ActiveJob,
     GenerateJob,

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import torch
 
+from model.api import FALLBACK_REPLY
 from model.engine import EngineJob
 from model.generation import (
-    FALLBACK_REPLY,
     HFGenerateEngine,
     clean_reply,
     generation_config,

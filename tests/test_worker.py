@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from model import jobs
-from model.api import GenerationFailed, Reply, WorkerBusy, WorkerClosed
-from model.generation import FALLBACK_REPLY, HFGenerateEngine
+from model.api import FALLBACK_REPLY, GenerationFailed, Reply, WorkerBusy, WorkerClosed
+from model.generation import HFGenerateEngine
 from model.loading import LoadedModel, ModelLoadError, load_model
 from model.prompt import Turn, build_prompt
 from model.sampling import SamplingParams
