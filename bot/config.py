@@ -8,11 +8,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from model.dataset import DEFAULT_PERSONA
 from model.sampling import SamplingParams
 
 T = TypeVar("T")
 
-DEFAULT_PERSONA = "A friendly chat between a helpful bot and the people of a Discord server."
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
