@@ -26,6 +26,9 @@ class EngineJob:
     params: SamplingParams
     deadline: float
     stop_token_ids: frozenset[int]  # the end-of-text id plus every token that ends a turn (newlines)
+    # Speaker names whose "Name:" tag in the decoded text ends the turn. Set only for tokenizers that
+    # cannot encode a newline (some sentencepiece models), where the tag is the only turn boundary.
+    stop_speakers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

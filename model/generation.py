@@ -84,6 +84,23 @@ class _DeadlineCriteria(StoppingCriteria):
         return cast(torch.BoolTensor, is_done)
 
 
+class _SpeakerTagCriteria(StoppingCriteria):
+    """Stops once the new text starts another speaker's turn ("… Name:"), for tokenizers with no newline."""
+
+    def __init__(self, tokenizer: Any, prompt_length: int, speakers: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+        self.speakers = speakers
+        self.has_fired = False
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        # Decoding the whole continuation each step is quadratic, but replies are tens of tokens long.
+        text = self.tokenizer.decode(input_ids[0, self.prompt_length :], skip_special_tokens=True)
+        self.has_fired = self.has_fired or _cut_at_speaker_tag(text, self.speakers) != text
+        is_done = torch.full((input_ids.shape[0],), self.has_fired, dtype=torch.bool, device=input_ids.device)
+        return cast(torch.BoolTensor, is_done)
+
+
 def generation_config(params: SamplingParams, stop_ids: frozenset[int], pad_id: int) -> GenerationConfig:
     """A GenerationConfig built only from SamplingParams (every knob explicit, no logits processors)."""
     # Greedy leaves top_k unset: HF warns about any explicit top_k when do_sample is off.
@@ -118,6 +135,7 @@ class HFGenerateEngine:
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model = model
+        self.tokenizer = tokenizer
         self.eos_id: int | None = tokenizer.eos_token_id
         # GPT-2 has no pad token; generate wants one for rows that finish early. With batch size 1 no
         # row is ever padded, so end-of-text serves (the usual GPT-2 convention).
@@ -155,20 +173,26 @@ class HFGenerateEngine:
         device = self.model.device
         input_ids = torch.tensor([job.prompt_ids], dtype=torch.long, device=device)  # (1, T)
         deadline = _DeadlineCriteria(job.deadline)
+        speaker_tag = _SpeakerTagCriteria(self.tokenizer, input_ids.shape[1], job.stop_speakers)
+        criteria = [deadline, speaker_tag] if job.stop_speakers else [deadline]
         with _seeded(job.params.seed, device):
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 generation_config=generation_config(job.params, job.stop_token_ids, self.pad_id),
-                stopping_criteria=StoppingCriteriaList([deadline]),
+                stopping_criteria=StoppingCriteriaList(criteria),
             )
         new_ids = output[0, input_ids.shape[1] :].tolist()  # (T_new,)
-        return self._result(job, new_ids, deadline.has_fired)
+        return self._result(job, new_ids, deadline.has_fired, speaker_tag.has_fired)
 
-    def _result(self, job: EngineJob, new_ids: list[int], is_past_deadline: bool) -> EngineResult:
+    def _result(
+        self, job: EngineJob, new_ids: list[int], is_past_deadline: bool, has_tag: bool = False
+    ) -> EngineResult:
         if new_ids and new_ids[-1] in job.stop_token_ids:
             reason = "eos" if new_ids[-1] == self.eos_id else "turn_end"
             return EngineResult(job.job_id, tuple(new_ids[:-1]), reason)
+        if has_tag:  # the tag stays in the tokens; clean_reply cuts the text there
+            return EngineResult(job.job_id, tuple(new_ids), "turn_end")
         if is_past_deadline and len(new_ids) < job.params.max_new_tokens:
             return EngineResult(job.job_id, tuple(new_ids), "time_limit")
         return EngineResult(job.job_id, tuple(new_ids), "max_tokens")

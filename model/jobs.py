@@ -18,7 +18,7 @@ import torch
 from model.api import ModelInfo, Reply, ReplyRequest
 from model.engine import DecodeEngine, EngineJob
 from model.generation import HFGenerateEngine, is_repeat, stop_token_ids
-from model.prompt import Prompt, sanitize_speaker
+from model.prompt import Prompt, encodes_newline, sanitize_speaker
 from model.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -58,6 +58,8 @@ class Serving:
     loaded: LoadedModel
     engine: DecodeEngine
     stop_ids: frozenset[int]
+    # False for tokenizers that fold "\n" into a space: then speaker tags are the turn boundary.
+    has_newline: bool = True
 
 
 @dataclass(eq=False)
@@ -116,15 +118,31 @@ def default_loader(
     return load
 
 
-def default_engine_factory(loaded: LoadedModel) -> DecodeEngine:
-    """BatchedGPT2Engine for GPT-2 models when model/fastgen.py is available, else HFGenerateEngine."""
-    try:
-        from model.fastgen import BatchedGPT2Engine
-    except ImportError:
+CUDA_MAX_BATCH = 256  # sequences decoded together on a GPU (one CUDA graph per batch-size bucket)
+CPU_MAX_BATCH = 8  # a CPU gains little from wide batches
+KV_CACHE_MEMORY_FRACTION = 0.3  # of the GPU memory still free after loading the weights
+
+
+def _batch_slots(loaded: LoadedModel) -> int:
+    """How many sequences the preallocated KV cache holds: capped by what the GPU can spare."""
+    if loaded.device.type != "cuda":
+        return CPU_MAX_BATCH
+    config = loaded.model.config
+    element_bytes = torch.finfo(loaded.dtype).bits // 8
+    slot_bytes = 2 * config.n_layer * loaded.n_positions * config.n_embd * element_bytes  # K and V
+    free_bytes, _ = torch.cuda.mem_get_info(loaded.device)
+    return max(1, min(CUDA_MAX_BATCH, int(free_bytes * KV_CACHE_MEMORY_FRACTION) // slot_bytes))
+
+
+def default_engine_factory(loaded: LoadedModel, max_batch_size: int | None = None) -> DecodeEngine:
+    """BatchedGPT2Engine for GPT-2 architecture models, HFGenerateEngine for every other causal LM."""
+    from model.fastgen import BatchedGPT2Engine
+
+    if not BatchedGPT2Engine.supports(loaded.model):
         return HFGenerateEngine(loaded.model, loaded.tokenizer)
-    if BatchedGPT2Engine.supports(loaded.model):
-        return BatchedGPT2Engine(loaded.model, loaded.tokenizer)
-    return HFGenerateEngine(loaded.model, loaded.tokenizer)
+    if max_batch_size is None:
+        max_batch_size = _batch_slots(loaded)
+    return BatchedGPT2Engine(loaded.model, loaded.tokenizer, max_batch_size=max_batch_size)
 
 
 def model_info(loaded: LoadedModel) -> ModelInfo:
@@ -192,7 +210,9 @@ def smoke_test(loaded: LoadedModel, engine_factory: Callable[[LoadedModel], Deco
     """Check the logits are finite, then generate a few tokens through a fresh engine."""
     prompt_ids = loaded.tokenizer.encode(SMOKE_PROMPT, add_special_tokens=False)
     _check_finite_logits(loaded, prompt_ids)
-    serving = Serving(loaded, engine_factory(loaded), stop_token_ids(loaded.tokenizer))
+    serving = Serving(
+        loaded, engine_factory(loaded), stop_token_ids(loaded.tokenizer), encodes_newline(loaded.tokenizer)
+    )
     deadline = time.monotonic() + SMOKE_TIME_LIMIT_SECONDS
     serving.engine.admit(EngineJob(0, tuple(prompt_ids), SMOKE_PARAMS, deadline, serving.stop_ids))
     while serving.engine.has_work():

@@ -331,7 +331,9 @@ class ModelWorker:
         job_id = next(self._job_ids)
         self._active[job_id] = active
         try:
-            serving.engine.admit(EngineJob(job_id, prompt_ids, params, active.deadline, serving.stop_ids))
+            speakers = () if serving.has_newline else active.speaker_names
+            job = EngineJob(job_id, prompt_ids, params, active.deadline, serving.stop_ids, speakers)
+            serving.engine.admit(job)
         except Exception as exc:
             self._on_engine_error(exc, [job_id])
 

@@ -138,3 +138,40 @@ def test_prompt_budget_holds_with_a_sentencepiece_tokenizer(japanese_model_dir: 
     assert list(prompt.input_ids) == loaded.tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
     assert prompt.text.endswith("\nボット:") and 1 <= prompt.turns_used < 60
     assert loaded.tokenizer.eos_token_id not in prompt.input_ids  # no </s> appended to the prompt
+
+
+def test_speaker_tag_ends_the_turn_when_there_is_no_newline_token(japanese_tokenizer_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from model.generation import _SpeakerTagCriteria
+
+    tokenizer = AutoTokenizer.from_pretrained(japanese_tokenizer_dir)
+    ids = tokenizer("元気です ユーザー: はい", add_special_tokens=False)["input_ids"]
+    criteria = _SpeakerTagCriteria(tokenizer, prompt_length=0, speakers=("ボット", "ユーザー"))
+    fired_at = next(end for end in range(1, len(ids) + 1) if criteria(torch.tensor([ids[:end]]), None).all())
+    assert tokenizer.decode(ids[:fired_at]).rstrip().endswith(":")  # the first step that completes the tag
+    assert not _SpeakerTagCriteria(tokenizer, 0, ("ボット",))(torch.tensor([ids]), None).any()
+
+
+async def test_worker_stops_japanese_turns_at_speaker_tags(japanese_model_dir: Path) -> None:
+    """A tokenizer without a newline token gets the speaker names as stop conditions, and serving works."""
+    from model.api import ReplyRequest
+    from model.generation import HFGenerateEngine
+    from model.sampling import SamplingParams
+    from model.worker import ModelWorker
+
+    jobs: list[Any] = []
+
+    class RecordingEngine(HFGenerateEngine):
+        def admit(self, job: Any) -> None:
+            jobs.append(job)
+            super().admit(job)
+
+    history = (Turn("ユーザー", "こんにちは"),)
+    request = ReplyRequest("会話。", history, "ボット", SamplingParams(max_new_tokens=8))
+    async with ModelWorker(
+        str(japanese_model_dir), device="cpu", engine_factory=lambda m: RecordingEngine(m.model, m.tokenizer)
+    ) as worker:
+        reply = await worker.generate(request)
+    assert jobs[-1].stop_speakers == ("ボット", "ユーザー")
+    assert reply.text and reply.completion_tokens <= 8

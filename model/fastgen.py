@@ -1,0 +1,400 @@
+"""BatchedGPT2Engine: continuous batching for GPT-2 with a preallocated KV cache and CUDA graphs.
+
+A job's life (every call comes from the worker thread, so nothing here locks):
+- `admit()` gives the job the next slot; slots [0, n) are always the occupied ones.
+- `step()` prefills every newly admitted job together (prompt minus its last token, right-padded to a
+  bucketed length), reads the outputs of earlier steps that the GPU has finished, retires jobs that
+  finished or passed their deadline (the last slots move into the holes), then launches one decode step
+  over all rows: a CUDA-graph replay on the GPU (one graph per batch bucket × window bucket × sampling
+  features), the same Python eagerly on the CPU.
+- The host never waits for the step it just launched. Each step's tokens and finish reasons are copied
+  to pinned host memory behind an event and read when ready; the host waits only when it is
+  MAX_STEPS_AHEAD steps ahead. A row that finishes freezes on the GPU until the host has seen it.
+
+Sampling (temperature, top-k, top-p, repetition penalty, no_repeat_ngram_size) runs on the device with
+per-row settings held in tensors, so rows with different settings share one graph. Each job draws its
+random numbers up front from its own seed, so a seeded job samples the same tokens whatever else is in
+the batch. Tie-breaking inside top-k and rounding inside top-p can differ from Hugging Face's warpers;
+greedy decoding (temperature 0) gives exactly the tokens `generate` gives (tests/test_fastgen.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from model.engine import EngineJob, EngineResult
+from model.fastgen_ops import (
+    REASON_MAX_NEW,
+    REASON_MAX_SEQ,
+    REASON_RUNNING,
+    REASON_STOP_TOKEN,
+    DecodeState,
+    StepPlan,
+    allocate_state,
+    decode_step,
+    install_rows,
+    move_rows,
+    prefill,
+    weights_from_hf,
+)
+from model.fastgen_sampling import TOP_K_CAP
+from model.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+MAX_STEPS_AHEAD = 3  # launched steps the host has not read yet before step() waits for the oldest
+OUTPUT_RING_SIZE = 8  # pinned output buffers; more than MAX_STEPS_AHEAD + 1 so none is reused unread
+WINDOW_BUCKET = 32  # CUDA-graph path: attended cache length rounded up to this (few graphs, little waste)
+PREFILL_BUCKET = 64  # CUDA-graph path: prefill length rounded up to this
+PREFILL_TOKENS = {"cuda": 65_536, "cpu": 4_096}  # rows × length in one prefill call (bounds activations)
+
+
+@dataclass(eq=False)
+class _Running:
+    """The host's record of one admitted job."""
+
+    job: EngineJob
+    max_steps: int  # after this many decode steps the GPU has certainly finished it
+    tokens: list[int] = field(default_factory=list)
+    installed_at: int = -1  # the engine's launched-step count at its prefill; -1 = not prefilled yet
+    is_finished: bool = False
+
+    def length_bound(self, steps_launched: int) -> int:
+        """Upper bound of prompt + generated length once `steps_launched` steps have been launched."""
+        return len(self.job.prompt_ids) + steps_launched - self.installed_at
+
+
+@dataclass(frozen=True)
+class _Launched:
+    """A launched decode step: the host copy of its outputs, the job in each row, its completion event."""
+
+    host_out: torch.Tensor  # [2B]: tokens then reasons
+    jobs: tuple[_Running, ...]
+    event: torch.cuda.Event | None  # None: a CPU step, complete on return
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _batch_buckets(max_batch: int) -> tuple[int, ...]:
+    powers = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
+    return (*powers, max_batch)
+
+
+def _step_features(params: Sequence[SamplingParams]) -> tuple[str, bool, int]:
+    """(sampling mode, any repetition penalty, n-gram span) for a StepPlan covering these settings."""
+    sampled = [p for p in params if not p.is_greedy]
+    sampling = "greedy" if not sampled else "full"
+    if sampled and all(0 < p.top_k <= TOP_K_CAP for p in sampled):
+        sampling = "top_k"
+    use_penalty = any(p.repetition_penalty != 1.0 for p in params)
+    largest_n = max((p.no_repeat_ngram_size for p in params), default=0)
+    span = 0 if largest_n <= 0 else max(4, 1 << (largest_n - 1).bit_length())  # few distinct graphs
+    return sampling, use_penalty, span
+
+
+def _right_padded(sequences: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+    """[len(sequences), width] int64; each row padded with its own last id (0 for an empty row)."""
+    rows = [list(s) + [s[-1] if s else 0] * (width - len(s)) for s in sequences]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _uniforms(params: SamplingParams, count: int) -> torch.Tensor:
+    """The job's random numbers, one per generated token: seeded jobs repeat, others use torch's RNG."""
+    if params.is_greedy:
+        return torch.zeros(count)
+    generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+    return torch.rand(count, generator=generator)
+
+
+def _row_settings(job: EngineJob) -> tuple[list[int], list[float]]:
+    p = job.params
+    ints = [len(job.prompt_ids) - 1, 0, p.max_new_tokens, p.top_k, p.no_repeat_ngram_size]
+    return ints, [p.temperature, p.top_p, p.repetition_penalty]
+
+
+class BatchedGPT2Engine:
+    """A DecodeEngine for GPT-2 models: many jobs per decode step, joining and leaving between steps."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_batch_size: int = 64,
+        max_seq_len: int | None = None,
+        use_cuda_graphs: bool | None = None,
+    ) -> None:
+        if not self.supports(model):
+            raise ValueError("BatchedGPT2Engine needs a GPT-2 model without cross-attention or layer scaling")
+        n_positions = int(model.config.n_positions)
+        max_seq = n_positions if max_seq_len is None else max_seq_len
+        if not 2 <= max_seq <= n_positions:
+            raise ValueError(f"max_seq_len must be 2..{n_positions}, got {max_seq_len}")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        device = model.lm_head.weight.device
+        self._use_graphs = device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+        if self._use_graphs and device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self._device = device
+        self._eos_id: int | None = tokenizer.eos_token_id
+        self._max_batch, self._max_seq = max_batch_size, max_seq
+        self._weights = weights_from_hf(model, fast_activation=self._use_graphs)
+        with torch.inference_mode():
+            self._state: DecodeState = allocate_state(self._weights, max_batch_size, max_seq)
+        self._bucket = WINDOW_BUCKET if self._use_graphs else 1  # eager shapes cost nothing to vary
+        self._prefill_bucket = PREFILL_BUCKET if self._use_graphs else 1
+        self._prefill_tokens = PREFILL_TOKENS["cuda" if device.type == "cuda" else "cpu"]
+        self._batch_buckets = _batch_buckets(max_batch_size)
+        self._running: list[_Running] = []  # index = slot
+        self._launched: deque[_Launched] = deque()
+        self._steps = 0  # decode steps launched so far
+        self._features: tuple[str, bool, int] | None = None  # cached until the set of jobs changes
+        self._graphs: dict[StepPlan, torch.cuda.CUDAGraph] = {}
+        self._graph_pool: Any = torch.cuda.graph_pool_handle() if self._use_graphs else None
+        self._host_out: torch.Tensor | None = None
+        self._events: list[torch.cuda.Event] = []
+        if device.type == "cuda":
+            ring_shape = (OUTPUT_RING_SIZE, 2 * max_batch_size)
+            self._host_out = torch.zeros(ring_shape, dtype=torch.long, pin_memory=True)
+            self._events = [torch.cuda.Event() for _ in range(OUTPUT_RING_SIZE)]
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        """Whether `model` is a GPT-2 LM head model this engine reproduces exactly."""
+        config = getattr(model, "config", None)
+        if getattr(config, "model_type", None) != "gpt2":
+            return False
+        if not (hasattr(model, "transformer") and hasattr(model, "lm_head")):
+            return False
+        unsupported = ("add_cross_attention", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn")
+        return not any(getattr(config, name, False) for name in unsupported)
+
+    # ---- the DecodeEngine protocol ----
+
+    def can_admit(self) -> bool:
+        """Whether a slot is free."""
+        return len(self._running) < self._max_batch
+
+    def admit(self, job: EngineJob) -> None:
+        """Give the job a slot; its prefill runs at the start of the next step()."""
+        if not self.can_admit():
+            raise RuntimeError("no free slot: check can_admit() first")
+        prompt = job.prompt_ids
+        if not prompt or len(prompt) >= self._max_seq:
+            raise ValueError(f"prompt of {len(prompt)} tokens: need 1..{self._max_seq - 1}")
+        if min(prompt) < 0 or max(prompt) >= self._weights.vocab_size:
+            raise ValueError("prompt has a token id outside the model's vocabulary")
+        max_steps = min(job.params.max_new_tokens, self._max_seq - len(prompt))
+        self._running.append(_Running(job, max_steps))
+        self._features = None
+
+    def has_work(self) -> bool:
+        """Whether any admitted job is unfinished."""
+        return bool(self._running)
+
+    @torch.inference_mode()
+    def step(self) -> list[EngineResult]:
+        """Prefill new jobs, retire finished ones, launch one decode step; return the jobs that finished."""
+        self._install_waiting()
+        results = self._read(wait_for_oldest=False)
+        results += self._expire(time.monotonic())
+        self._compact()
+        if self._needs_step():
+            self._launch()
+            results += self._read(wait_for_oldest=len(self._launched) > MAX_STEPS_AHEAD)
+        elif self._launched:
+            results += self._read(wait_for_oldest=True)
+        elif any(not r.is_finished for r in self._running):
+            raise RuntimeError("internal error: jobs are unfinished but no decode step is pending")
+        self._compact()
+        return results
+
+    def abort_all(self) -> list[int]:
+        """Drop every admitted job (after an error) and return their ids."""
+        ids = [r.job.job_id for r in self._running if not r.is_finished]
+        self._running.clear()
+        self._launched.clear()
+        self._features = None
+        with torch.inference_mode():
+            self._state.done.fill_(True)
+        return ids
+
+    # ---- admission: prefill ----
+
+    def _install_waiting(self) -> None:
+        waiting_from = next((i for i, r in enumerate(self._running) if r.installed_at < 0), None)
+        if waiting_from is None:
+            return
+        waiting = self._running[waiting_from:]  # admit() appends, so waiting jobs are a suffix
+        for first_slot, chunk in self._prefill_chunks(waiting_from, waiting):
+            self._install(first_slot, chunk)
+        for running in waiting:
+            running.installed_at = self._steps
+
+    def _prefill_chunks(
+        self, first_slot: int, waiting: list[_Running]
+    ) -> Iterator[tuple[int, list[_Running]]]:
+        chunk: list[_Running] = []
+        longest = 0
+        for running in waiting:
+            length = _round_up(len(running.job.prompt_ids), self._prefill_bucket)
+            if chunk and (len(chunk) + 1) * max(longest, length) > self._prefill_tokens:
+                yield first_slot, chunk
+                first_slot, chunk, longest = first_slot + len(chunk), [], 0
+            chunk.append(running)
+            longest = max(longest, length)
+        yield first_slot, chunk
+
+    def _install(self, first_slot: int, chunk: list[_Running]) -> None:
+        jobs = [r.job for r in chunk]
+        prompts = [job.prompt_ids for job in jobs]
+        settings = [_row_settings(job) for job in jobs]
+        vocab = self._weights.vocab_size
+        stops = [sorted(i for i in job.stop_token_ids if 0 <= i < vocab) for job in jobs]
+        stop_width = max(1, *(len(s) for s in stops))
+        stop_index = torch.tensor([s + [vocab] * (stop_width - len(s)) for s in stops], dtype=torch.long)
+        draws = max(r.max_steps for r in chunk) + 1
+        install_rows(
+            self._state,
+            first_slot,
+            tokens=_right_padded(prompts, max(len(p) for p in prompts)),
+            rows=torch.tensor([ints for ints, _ in settings], dtype=torch.long),
+            floats=torch.tensor([floats for _, floats in settings], dtype=torch.float32),
+            stop_index=stop_index,
+            uniforms=torch.stack([_uniforms(job.params, draws) for job in jobs]),
+        )
+        # The last prompt token is fed by the first decode step, which also picks the first new token.
+        prefix = max(len(p) for p in prompts) - 1
+        if prefix > 0:
+            length = min(self._max_seq, _round_up(prefix, self._prefill_bucket))
+            ids = _right_padded([p[:-1] for p in prompts], length).to(self._device, non_blocking=True)
+            prefill(self._weights, self._state, ids, first_slot)
+
+    # ---- reading results, retiring jobs ----
+
+    def _read(self, wait_for_oldest: bool) -> list[EngineResult]:
+        """Apply the outputs of launched steps, oldest first, that the device has finished."""
+        results: list[EngineResult] = []
+        while self._launched:
+            oldest = self._launched[0]
+            if oldest.event is not None and not oldest.event.query():
+                if not wait_for_oldest:
+                    break
+                oldest.event.synchronize()  # releases the GIL while it waits
+            wait_for_oldest = False
+            self._launched.popleft()
+            results += self._apply(oldest)
+        return results
+
+    def _apply(self, launched: _Launched) -> list[EngineResult]:
+        values = launched.host_out.tolist()
+        batch = len(values) // 2
+        results = []
+        for running, token, reason in zip(launched.jobs, values[:batch], values[batch:], strict=False):
+            if running.is_finished:
+                continue  # finished earlier (its row was frozen) or retired by its deadline
+            result = self._advance(running, token, reason)
+            if result is not None:
+                results.append(result)
+        return results
+
+    def _advance(self, running: _Running, token: int, reason: int) -> EngineResult | None:
+        if reason == REASON_RUNNING:
+            running.tokens.append(token)
+            return None
+        if reason == REASON_STOP_TOKEN:
+            return self._finish(running, "eos" if token == self._eos_id else "turn_end")
+        if reason not in (REASON_MAX_NEW, REASON_MAX_SEQ):
+            raise RuntimeError(f"internal error: job {running.job.job_id} ran on an idle row")
+        running.tokens.append(token)
+        return self._finish(running, "max_tokens")
+
+    def _finish(self, running: _Running, stop_reason: str) -> EngineResult:
+        running.is_finished = True
+        return EngineResult(running.job.job_id, tuple(running.tokens), stop_reason)
+
+    def _expire(self, now: float) -> list[EngineResult]:
+        late = [r for r in self._running if not r.is_finished and now >= r.job.deadline]
+        return [self._finish(r, "time_limit") for r in late]
+
+    def _compact(self) -> None:
+        """Drop finished jobs; move the last running jobs into their slots so [0, n) stays occupied."""
+        running = self._running
+        n_keep = sum(not r.is_finished for r in running)
+        if n_keep == len(running):
+            return
+        holes = [i for i in range(n_keep) if running[i].is_finished]
+        movers = [i for i in range(n_keep, len(running)) if not running[i].is_finished]
+        if holes:
+            longest = max(running[i].length_bound(self._steps) for i in movers)
+            move_rows(self._state, movers, holes, min(self._max_seq, _round_up(longest, self._bucket)))
+            for hole, mover in zip(holes, movers, strict=True):
+                running[hole] = running[mover]
+        self._state.done[n_keep : len(running)] = True  # freeze the vacated rows
+        del running[n_keep:]
+        self._features = None
+
+    # ---- the decode step ----
+
+    def _needs_step(self) -> bool:
+        return any(not r.is_finished and self._steps - r.installed_at < r.max_steps for r in self._running)
+
+    def _plan(self) -> StepPlan:
+        n_rows = len(self._running)
+        batch = next(b for b in self._batch_buckets if b >= n_rows) if self._use_graphs else n_rows
+        longest = max(r.length_bound(self._steps) for r in self._running)
+        window = min(self._max_seq, _round_up(longest, self._bucket))
+        if self._features is None:
+            self._features = _step_features([r.job.params for r in self._running])
+        sampling, use_penalty, ngram_span = self._features
+        return StepPlan(batch, window, sampling, use_penalty, ngram_span)
+
+    def _launch(self) -> None:
+        plan = self._plan()
+        if self._use_graphs:
+            self._graph(plan).replay()
+        else:
+            decode_step(self._weights, self._state, plan)
+        self._launched.append(self._publish(plan.batch))
+        self._steps += 1
+
+    def _publish(self, batch: int) -> _Launched:
+        """Start copying the step's outputs to the host; record an event to know when they are there."""
+        out, jobs = self._state.out[: 2 * batch], tuple(self._running)
+        if self._host_out is None:
+            return _Launched(out.clone(), jobs, None)
+        ring = self._steps % OUTPUT_RING_SIZE
+        host_out = self._host_out[ring, : 2 * batch]
+        host_out.copy_(out, non_blocking=True)
+        self._events[ring].record()
+        return _Launched(host_out, jobs, self._events[ring])
+
+    def _graph(self, plan: StepPlan) -> torch.cuda.CUDAGraph:
+        graph = self._graphs.get(plan)
+        if graph is None:
+            graph = self._graphs[plan] = self._capture(plan)
+        return graph
+
+    def _capture(self, plan: StepPlan) -> torch.cuda.CUDAGraph:
+        """Capture one decode step for `plan`, after an eager warm-up (kernel choice, cuBLAS workspace)."""
+        started = time.perf_counter()
+        side = torch.cuda.Stream(self._device)
+        side.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(side):
+            decode_step(self._weights, self._state, plan, commit=False)
+        torch.cuda.current_stream(self._device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+            decode_step(self._weights, self._state, plan)
+        log.info("captured a decode graph for %s in %.0f ms", plan, 1000 * (time.perf_counter() - started))
+        return graph
