@@ -1,4 +1,4 @@
-"""The conversation core: store a message, build the request from history, await the generator, store the reply.
+"""The conversation core: store a message, build the request from history, await the model, store the reply.
 
 No Discord types here: the Discord cogs and the terminal chat both drive this with plain data.
 """
@@ -77,7 +77,7 @@ def apply_overrides(base: SamplingParams, overrides: Mapping[str, float]) -> Sam
 
 
 def history_to_turns(history: Sequence[StoredMessage], bot_user_id: int) -> tuple[Turn, ...]:
-    """Stored messages → dialogue turns; only the bot's own messages are bot turns (other bots speak as users)."""
+    """Stored messages → dialogue turns; only the bot's own messages are bot turns (other bots are users)."""
     return tuple(
         Turn(speaker=m.author_name, text=m.content, is_bot=m.author_id == bot_user_id)
         for m in history
@@ -140,7 +140,7 @@ class ConversationService:
         return await self.storage.add_message(message.stored()) and is_new
 
     async def compose_reply(self, message: IncomingMessage) -> DraftReply:
-        """Build the request from the channel's history and await the generator (WorkerBusy etc. propagate)."""
+        """Build the request from the channel's history and await the generator (its errors propagate)."""
         received_at = self.clock()
         guild = await self.storage.guild_settings(message.guild_id) if message.guild_id else None
         request = await self._request_for(message, guild)

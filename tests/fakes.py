@@ -44,8 +44,17 @@ class FakeGenerator:
             if self.delay_seconds:
                 await asyncio.sleep(self.delay_seconds)
             text = self.replies.popleft() if self.replies else self.default
-            return Reply(text, 10, len(text.split()), 0.0, self.delay_seconds, "turn_end",
-                         self.model_name, self.version, len(request.history))
+            return Reply(
+                text,
+                10,
+                len(text.split()),
+                0.0,
+                self.delay_seconds,
+                "turn_end",
+                self.model_name,
+                self.version,
+                len(request.history),
+            )
         finally:
             self.in_flight -= 1
 

@@ -46,7 +46,9 @@ def test_every_problem_is_reported_at_once() -> None:
     assert "BOT_QUEUE_SIZE" in str(info.value) and "BOT_SEED" in str(info.value)
 
 
-@pytest.mark.parametrize(("raw", "expected"), [("yes", True), ("OFF", False), ("1", True), (" false ", False)])
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("yes", True), ("OFF", False), ("1", True), (" false ", False)]
+)
 def test_booleans_accept_only_clear_spellings(raw: str, expected: bool) -> None:
     assert Settings.from_env({"BOT_ANSWER_DMS": raw}).answer_dms is expected
 

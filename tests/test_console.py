@@ -28,7 +28,9 @@ def stored_rows(db_path: Path) -> list[tuple[int, str]]:
 async def test_piped_lines_get_one_bot_line_each_and_are_stored(tmp_path: Path) -> None:
     out = io.StringIO()
     fake = FakeGenerator(["Hi there!", "Fine, thanks."])
-    code = await run_console(settings_for(tmp_path), fake, stdin=io.StringIO("hello\n\nhow are you?\n"), stdout=out)
+    code = await run_console(
+        settings_for(tmp_path), fake, stdin=io.StringIO("hello\n\nhow are you?\n"), stdout=out
+    )
     assert code == 0
     assert out.getvalue().splitlines() == ["bot: Hi there!", "bot: Fine, thanks."]
     rows = stored_rows(settings_for(tmp_path).db_path)
@@ -40,7 +42,7 @@ async def test_history_persists_across_runs_and_reset_starts_over(tmp_path: Path
     fake = FakeGenerator()
     await run_console(settings, fake, stdin=io.StringIO("first\n"), stdout=io.StringIO())
     await run_console(settings, fake, stdin=io.StringIO("second\n"), stdout=io.StringIO())
-    assert [t.text for t in fake.requests[-1].history][0] == "first"
+    assert fake.requests[-1].history[0].text == "first"
     await run_console(settings, fake, stdin=io.StringIO("/reset\nthird\n"), stdout=io.StringIO())
     assert [t.text for t in fake.requests[-1].history] == ["third"]
 
@@ -56,17 +58,29 @@ async def test_channels_are_separate_conversations(tmp_path: Path) -> None:
 
 async def test_busy_generator_is_reported_not_fatal(tmp_path: Path) -> None:
     out = io.StringIO()
-    await run_console(settings_for(tmp_path), FakeGenerator(queue_size=0), stdin=io.StringIO("hi\n"), stdout=out)
+    await run_console(
+        settings_for(tmp_path), FakeGenerator(queue_size=0), stdin=io.StringIO("hi\n"), stdout=out
+    )
     assert out.getvalue().startswith("bot: (no reply:")
 
 
 @pytest.mark.slow
 def test_chatbot_console_with_a_real_tiny_model(tmp_path: Path, tiny_model_dir: Path) -> None:
-    env = {**os.environ, "BOT_DATA_DIR": str(tmp_path / "data"), "BOT_MODEL": str(tiny_model_dir),
-           "BOT_MAX_NEW_TOKENS": "12", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "BOT_DATA_DIR": str(tmp_path / "data"),
+        "BOT_MODEL": str(tiny_model_dir),
+        "BOT_MAX_NEW_TOKENS": "12",
+        "HF_HUB_OFFLINE": "1",
+    }
     result = subprocess.run(
         [sys.executable, "-m", "bot.cli", "--env-file", str(tmp_path / "none"), "console"],
-        input="hello\nhow are you?\n", capture_output=True, text=True, env=env, timeout=120, check=False,
+        input="hello\nhow are you?\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()

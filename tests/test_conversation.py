@@ -18,9 +18,18 @@ CHANNEL = 10
 GUILD = 1
 
 
-def incoming(message_id: int, text: str, author_id: int = 5, at: float = 1000.0, **kw: object) -> IncomingMessage:
-    fields: dict = dict(channel_id=CHANNEL, guild_id=GUILD, author_id=author_id, author_name=f"user{author_id}",
-                        is_bot=False, content=text, created_at=at + message_id)
+def incoming(
+    message_id: int, text: str, author_id: int = 5, at: float = 1000.0, **kw: object
+) -> IncomingMessage:
+    fields: dict = dict(
+        channel_id=CHANNEL,
+        guild_id=GUILD,
+        author_id=author_id,
+        author_name=f"user{author_id}",
+        is_bot=False,
+        content=text,
+        created_at=at + message_id,
+    )
     fields.update(kw)
     return IncomingMessage(message_id=message_id, **fields)
 
@@ -55,7 +64,9 @@ async def test_history_builds_the_request_and_replies_are_stored(
     assert await exchange(service, incoming(3, "how are you?"), reply_id=4) == "second reply"
     history = fake.requests[-1].history
     assert [(t.speaker, t.text, t.is_bot) for t in history] == [
-        ("user5", "hello", False), ("Robo", "first reply", True), ("user5", "how are you?", False)
+        ("user5", "hello", False),
+        ("Robo", "first reply", True),
+        ("user5", "how are you?", False),
     ]
     assert fake.requests[-1].recent_bot_replies == ("first reply",)
     assert fake.requests[-1].bot_name == "Robo"
@@ -93,7 +104,9 @@ async def test_guild_with_logging_off_stores_nothing_but_still_answers(
     assert not await service.record(incoming(1, "secret"))  # replay still detected in memory
 
 
-async def test_guild_overrides_apply(service: ConversationService, storage: Storage, fake: FakeGenerator) -> None:
+async def test_guild_overrides_apply(
+    service: ConversationService, storage: Storage, fake: FakeGenerator
+) -> None:
     await storage.set_guild_sampling(GUILD, {"temperature": 0.3, "max_new_tokens": 20})
     await storage.set_guild_persona(GUILD, "A pirate bot.")
     await exchange(service, incoming(1, "ahoy"), reply_id=2)
