@@ -1,32 +1,55 @@
 """The worker's job records and the steps that make a model ready to serve (load → smoke).
 
-Split out of model/worker.py to keep it readable: nothing here touches threads or the event loop
-except `resolve_future`, which the worker only ever calls on the loop.
+Split out of model/worker.py to keep it readable. `PromptBuilders` runs its own small thread pool;
+`resolve_future` is only ever called on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import gc
+import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from model.api import ModelInfo, Reply, ReplyRequest
+from model.api import GenerationFailed, ModelInfo, Reply, ReplyRequest
 from model.engine import DecodeEngine, EngineJob
 from model.generation import HFGenerateEngine, is_repeat, stop_token_ids
-from model.prompt import Prompt, encodes_newline, sanitize_speaker
+from model.prompt import Prompt, PromptTooLong, build_prompt, encodes_newline, sanitize_speaker
 from model.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from model.loading import LoadedModel
 
+log = logging.getLogger(__name__)
+
 SMOKE_PROMPT = "User: Hello!\nBot:"
 SMOKE_PARAMS = SamplingParams(max_new_tokens=4, temperature=0.0)
 SMOKE_TIME_LIMIT_SECONDS = 60.0
+
+
+class Claim:
+    """Decides once, across threads, whether a job starts (worker thread) or is rejected (close())."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: str | None = None
+
+    def take(self, owner: str) -> bool:
+        """True for the first caller only."""
+        with self._lock:
+            if self._owner is None:
+                self._owner = owner
+            return self._owner == owner
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,6 +59,24 @@ class GenerateJob:
     request: ReplyRequest
     future: asyncio.Future[Reply]
     submitted_at: float  # time.monotonic()
+    claim: Claim = field(default_factory=Claim)
+
+
+@dataclass(frozen=True, eq=False)
+class BuiltPrompt:
+    """A generate job with its prompt built for one serving generation, or the error that stopped it."""
+
+    job: GenerateJob
+    generation: int  # which model's tokenizer built it: a reload in between means build it again
+    prompt: Prompt | None
+    speaker_names: tuple[str, ...] = ()
+    error: BaseException | None = None
+    built_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Put on the worker's inbox after a built prompt is delivered, so a thread blocked on it wakes up."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,6 +101,16 @@ class Serving:
     stop_ids: frozenset[int]
     # False for tokenizers that fold "\n" into a space: then speaker tags are the turn boundary.
     has_newline: bool = True
+    # One tokenizer copy per prompt builder, made with the model: a builder making its own on first use
+    # would stall the event loop for ~100 ms on a busy 2-core machine.
+    tokenizer_copies: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue, compare=False)
+
+    def tokenizer_copy(self) -> Any:
+        """A tokenizer copy that no other thread uses (made now if the prepared ones are taken)."""
+        try:
+            return self.tokenizer_copies.get_nowait()
+        except queue.Empty:
+            return thread_copy(self.loaded.tokenizer)
 
 
 @dataclass(eq=False)
@@ -92,6 +143,72 @@ class ActiveJob:
             model_version=loaded.version,
             history_turns_used=self.prompt.turns_used,
         )
+
+
+class PromptBuilders:
+    """A small thread pool that builds prompts off the GPU thread, each thread with its own tokenizer copy.
+
+    Fast tokenizers must not be shared across threads ("Already borrowed"), so each thread deep-copies the
+    serving tokenizer the first time it builds for a serving generation; after a reload the new one is used.
+    """
+
+    def __init__(self, threads: int, deliver: Callable[[BuiltPrompt], None]) -> None:
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="prompt-builder")
+        self._local = threading.local()
+        self._deliver = deliver
+
+    def submit(self, job: GenerateJob, serving: Serving, generation: int) -> None:
+        """Build `job`'s prompt with `serving`'s tokenizer on a pool thread; `deliver` gets the result."""
+        self._executor.submit(self._build, job, serving, generation)
+
+    def shutdown(self) -> None:
+        """Drop prompts not yet started; the ones being built finish and are delivered to nobody."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _build(self, job: GenerateJob, serving: Serving, generation: int) -> None:
+        request, loaded = job.request, serving.loaded
+        try:
+            tokenizer = self._tokenizer(serving, generation)
+            prompt = build_prompt(
+                tokenizer, request.persona, request.history, request.bot_name,
+                request.params.max_new_tokens, loaded.n_positions,
+            )  # fmt: skip
+            built = BuiltPrompt(job, generation, prompt, speaker_names(request))
+        except PromptTooLong as exc:
+            built = BuiltPrompt(job, generation, None, error=GenerationFailed(f"prompt too long: {exc}"))
+        except Exception as exc:
+            log.exception("building a prompt failed")
+            error = GenerationFailed(f"prompt building failed: {type(exc).__name__}")
+            built = BuiltPrompt(job, generation, None, error=error)
+        self._deliver(built)
+
+    def _tokenizer(self, serving: Serving, generation: int) -> Any:
+        cached = getattr(self._local, "tokenizer", None)
+        if cached is None or cached[0] != generation:
+            self._local.tokenizer = (generation, serving.tokenizer_copy())
+        return self._local.tokenizer[1]
+
+
+def thread_copy(tokenizer: Any) -> Any:
+    """A copy of `tokenizer` for another thread: a fast tokenizer gets its own Rust tokenizer.
+
+    Not copy.deepcopy for fast tokenizers: unpickling the Rust tokenizer holds the GIL for ~100 ms, which
+    would stall the event loop; rebuilding it from its JSON (`from_str`) releases the GIL. The rest of the
+    wrapper (special tokens, settings) is only read, so a shallow copy shares it safely.
+    """
+    if not tokenizer.is_fast:
+        return copy.deepcopy(tokenizer)
+    backend = tokenizer.backend_tokenizer
+    clone = copy.copy(tokenizer)
+    clone._tokenizer = type(backend).from_str(backend.to_str())  # what backend_tokenizer returns
+    return clone
+
+
+def release_memory() -> None:
+    """Free dropped tensors now and hand cached GPU memory back."""
+    gc.collect()  # dropped weights can hold GBs of GPU memory: release them now, not at some later GC
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class StepFailed(Exception):
@@ -194,14 +311,21 @@ def prepare_serving(
     source: str,
     loader: Callable[[str], LoadedModel],
     engine_factory: Callable[[LoadedModel], DecodeEngine],
+    tokenizer_copies: int = 0,
 ) -> Serving:
-    """Load a model and prove it generates; StepFailed names the step ("load" or "smoke") that failed."""
+    """Load a model, prove it generates and copy its tokenizer for the prompt builders.
+
+    StepFailed names the step ("load" or "smoke") that failed.
+    """
     try:
         loaded = loader(source)
     except Exception as exc:
         raise StepFailed("load", exc) from exc
     try:
-        return smoke_test(loaded, engine_factory)
+        serving = smoke_test(loaded, engine_factory)
+        for _ in range(tokenizer_copies):
+            serving.tokenizer_copies.put(thread_copy(loaded.tokenizer))
+        return serving
     except Exception as exc:
         raise StepFailed("smoke", exc) from exc
 

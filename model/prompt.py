@@ -23,6 +23,9 @@ DEFAULT_SPEAKER = "User"
 DEFAULT_BOT_NAME = "Bot"
 # ASCII colon plus the full-width and small colons that NFKC-normalising tokenizers turn into ":".
 SPEAKER_COLONS = (":", "\uff1a", "\ufe55", "\ufe13")
+# Older lines are counted in batches of about this many characters per token of budget left: English
+# GPT-2 text runs ~4 characters a token, so one batch usually fills the budget without counting far past it.
+CHUNK_CHARS_PER_TOKEN = 4
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,14 @@ def _count(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
     return len(_encode(tokenizer, text))
 
 
+def _counts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[int]:
+    """Token counts of several strings: one batched pass for fast tokenizers (Rust, without the GIL)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
+    if backend is None or not texts:
+        return [_count(tokenizer, text) for text in texts]
+    return [len(encoding.ids) for encoding in backend.encode_batch(list(texts), add_special_tokens=False)]
+
+
 def encodes_newline(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether `\\n` survives encode → decode (sentencepiece models often fold it into a space)."""
     return "\n" in tokenizer.decode(_encode(tokenizer, "a\nb"))
@@ -150,19 +161,23 @@ def _keep_last_tokens_by_search(tokenizer: PreTrainedTokenizerBase, text: str, k
     return text[low:].lstrip()
 
 
+def _line(turn: Turn, bot_name: str) -> str:
+    return _render_turn(turn, bot_name) + "\n"
+
+
 def _fit_newest(
-    tokenizer: PreTrainedTokenizerBase, newest: Turn, bot_name: str, available_tokens: int
-) -> tuple[Turn, bool]:
-    """The newest turn, cut from the left when its line is longer than `available_tokens`."""
-    line_tokens = _count(tokenizer, _render_turn(newest, bot_name) + "\n")
+    tokenizer: PreTrainedTokenizerBase, newest: Turn, bot_name: str, line_tokens: int, available_tokens: int
+) -> tuple[Turn, bool, int]:
+    """The newest turn (cut from the left when its line is longer than `available_tokens`) and its count."""
     if line_tokens <= available_tokens:
-        return newest, False
+        return newest, False, line_tokens
     empty = Turn(newest.speaker, "", newest.is_bot)
-    overhead_tokens = _count(tokenizer, _render_turn(empty, bot_name) + "\n")
+    overhead_tokens = _count(tokenizer, _line(empty, bot_name))
     if overhead_tokens > available_tokens:
         raise PromptTooLong("no room left for even the speaker tag of the newest turn")
     text = _keep_last_tokens(tokenizer, newest.text, available_tokens - overhead_tokens)
-    return Turn(newest.speaker, text, newest.is_bot), True
+    cut = Turn(newest.speaker, text, newest.is_bot)
+    return cut, True, _count(tokenizer, _line(cut, bot_name))
 
 
 def _fit_older(
@@ -174,15 +189,32 @@ def _fit_older(
 ) -> list[Turn]:
     """The longest run of the newest older turns whose lines fit in `available_tokens` (cleaned)."""
     kept: list[Turn] = []
-    for raw_turn in reversed(older):  # newest first, and only as far back as fits: cost ~ the budget
+    newest_first = older[::-1]  # only as far back as fits: the cost follows the budget, not the history
+    while len(kept) < len(newest_first):
+        chunk = _next_chunk(newest_first[len(kept) :], specials, bot_name, available_tokens)
+        for turn, line_tokens in zip(
+            chunk, _counts(tokenizer, [_line(t, bot_name) for t in chunk]), strict=True
+        ):
+            if line_tokens > available_tokens:
+                return kept[::-1]  # oldest turns go first, so the history kept is always contiguous
+            available_tokens -= line_tokens
+            kept.append(turn)
+    return kept[::-1]
+
+
+def _next_chunk(
+    newest_first: Sequence[Turn], specials: list[str], bot_name: str, budget_tokens: int
+) -> list[Turn]:
+    """The next turns (cleaned) to count in one batch: about enough characters to fill `budget_tokens`."""
+    chunk: list[Turn] = []
+    chars = 0
+    for raw_turn in newest_first:
         turn = _clean_turn(raw_turn, specials)
-        line_tokens = _count(tokenizer, _render_turn(turn, bot_name) + "\n")
-        if line_tokens > available_tokens:
-            break  # oldest turns go first, so the history kept is always contiguous
-        available_tokens -= line_tokens
-        kept.append(turn)
-    kept.reverse()
-    return kept
+        chunk.append(turn)
+        chars += len(turn.speaker) + len(turn.text) + 3
+        if chars >= CHUNK_CHARS_PER_TOKEN * budget_tokens:
+            break
+    return chunk
 
 
 def _shorten(tokenizer: PreTrainedTokenizerBase, newest: Turn, over_tokens: int) -> Turn:
@@ -235,17 +267,20 @@ def build_prompt(
     persona, bot_name = sanitize_text(persona, specials), sanitize_text(bot_name, specials)
     budget_tokens = n_positions - max_new_tokens
     frame = render_dialogue(persona, [], bot_name, open_bot_turn=True)
-    frame_tokens = _count(tokenizer, frame)
+    newest = _clean_turn(history[-1], specials) if history else None
+    # One pass counts the frame and the newest line together: the newest line is counted only here.
+    frame_tokens, *newest_counts = _counts(tokenizer, [frame] + ([_line(newest, bot_name)] if newest else []))
     if max_new_tokens < 1 or frame_tokens > budget_tokens:
         raise PromptTooLong(
             f"persona + open bot turn ({frame_tokens} tokens) + max_new_tokens ({max_new_tokens}) "
             f"exceed the context window of {n_positions} tokens: shorten the persona or max_new_tokens"
         )
-    if not history:
+    if newest is None:
         return Prompt(tuple(_encode(tokenizer, frame)), frame, 0, False)
-    newest = _clean_turn(history[-1], specials)
-    newest, truncated = _fit_newest(tokenizer, newest, bot_name, budget_tokens - frame_tokens)
-    newest_tokens = _count(tokenizer, _render_turn(newest, bot_name) + "\n")
+    (line_tokens,) = newest_counts
+    newest, truncated, newest_tokens = _fit_newest(
+        tokenizer, newest, bot_name, line_tokens, budget_tokens - frame_tokens
+    )
     available_tokens = budget_tokens - frame_tokens - newest_tokens
     older = _fit_older(tokenizer, history[:-1], specials, bot_name, available_tokens)
     return _verified(tokenizer, persona, (older, newest), bot_name, budget_tokens, truncated)

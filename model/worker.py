@@ -1,9 +1,13 @@
-"""ModelWorker: one thread owns the model and its tokenizer; the event loop talks to it through a queue.
+"""ModelWorker: one thread owns the model; the event loop talks to it through a queue.
 
-The thread loop: admit as many queued jobs as the engine can take → engine.step() → hand finished
-replies back → repeat, blocking on the queue only when the engine is idle. A reload is a queued job that
-runs once the engine has drained, so it never lands in the middle of a generation. Futures are only ever
-touched on the event loop: the thread hands results over with `loop.call_soon_threadsafe`.
+The GPU thread loop: take what is on the inbox now (hand new jobs to the prompt builders) → admit jobs
+whose prompt is ready while the engine has room → engine.step() → hand finished replies back → repeat,
+blocking on the inbox only when there is nothing to step. Prompts are built by a small pool of threads,
+each with its own copy of the tokenizer (model.jobs.PromptBuilders), so the GPU thread never tokenizes and
+the event loop never touches a tokenizer. A reload is a queued job that runs once every job queued before
+it has finished, so it never lands in the middle of a generation; jobs queued after it wait for it.
+Futures are only ever touched on the event loop: the thread hands results over with
+`loop.call_soon_threadsafe`.
 
 `queue_size` counts waiting + running generate jobs: with queue_size 8, the 9th concurrent request is
 refused at once with WorkerBusy.
@@ -12,7 +16,7 @@ refused at once with WorkerBusy.
 from __future__ import annotations
 
 import asyncio
-import gc
+import contextlib
 import itertools
 import logging
 import os
@@ -42,20 +46,22 @@ from model.engine import DecodeEngine, EngineJob, EngineResult
 from model.generation import clean_reply, resample_params
 from model.jobs import (
     ActiveJob,
+    BuiltPrompt,
     GenerateJob,
+    PromptBuilders,
     ReloadJob,
     Serving,
     StepFailed,
     Stop,
+    Wake,
     default_engine_factory,
     default_loader,
     is_fatal_device_error,
     model_info,
     prepare_serving,
+    release_memory,
     resolve_future,
-    speaker_names,
 )
-from model.prompt import PromptTooLong, build_prompt
 from model.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -65,6 +71,10 @@ log = logging.getLogger(__name__)
 
 FATAL_EXIT_CODE = 70  # EX_SOFTWARE: the supervisor restarts the process
 THREAD_STOP_TIMEOUT_SECONDS = 30.0  # after the grace period, how long close() waits for the thread
+MAX_PROMPT_THREADS = 4  # prompt builders: enough to keep a batched GPU engine fed
+ADMIT_WAVE_SECONDS = 0.05  # the longest a built prompt waits for the others of its burst
+
+InboxItem = GenerateJob | ReloadJob | Stop | Wake
 
 
 class _ThreadStop(Exception):
@@ -74,12 +84,6 @@ class _ThreadStop(Exception):
 def _exit_process(exc: BaseException) -> None:
     logging.shutdown()  # flush the critical log line: os._exit skips every exit handler
     os._exit(FATAL_EXIT_CODE)
-
-
-def _release_memory() -> None:
-    gc.collect()  # dropped weights can hold GBs of GPU memory: release them now, not at some later GC
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -101,13 +105,17 @@ class ModelWorker:
         loader: Callable[[str], LoadedModel] | None = None,
         engine_factory: Callable[[LoadedModel], DecodeEngine] | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
+        prompt_threads: int | None = None,
     ) -> None:
         self._source = source
         self._queue_size = queue_size
         self._loader = loader or default_loader(device, dtype, allow_pickle, models_dir)
         self._engine_factory = engine_factory or default_engine_factory
         self._on_fatal = on_fatal or _exit_process
-        self._inbox: queue.Queue[GenerateJob | ReloadJob | Stop] = queue.Queue()  # bounded by _outstanding
+        self._inbox: queue.Queue[InboxItem] = queue.Queue()  # bounded by _outstanding
+        self._built: deque[BuiltPrompt] = deque()  # appended by the prompt builders, read by the thread
+        self._prompt_threads = prompt_threads or min(MAX_PROMPT_THREADS, os.cpu_count() or 1)
+        self._builders = PromptBuilders(self._prompt_threads, self._deliver_prompt)
         self._serving: Serving | None = None  # written by the thread only; read anywhere
         self._closing_flag = threading.Event()
         self._abort_flag = threading.Event()
@@ -121,6 +129,10 @@ class ModelWorker:
         # Thread-side state (touched on the worker thread only).
         self._active: dict[int, ActiveJob] = {}
         self._retries: deque[ActiveJob] = deque()
+        self._ready: deque[BuiltPrompt] = deque()  # prompts built, waiting for room in the engine
+        self._deferred: deque[InboxItem] = deque()  # taken from the inbox while a control job waits
+        self._building = 0  # prompts handed to the builders and not yet collected
+        self._generation = 0  # bumped by every swap: a prompt built for an older one is built again
         self._job_ids = itertools.count(1)
 
     # ---- the async API (event loop) ----
@@ -177,6 +189,7 @@ class ModelWorker:
             return
         self._closing_flag.set()
         self._reject_queued()
+        self._reject_unstarted()
         self._inbox.put(Stop())
         if not await self._wait_stopped(grace_seconds):
             log.warning(
@@ -210,8 +223,14 @@ class ModelWorker:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if not isinstance(item, Stop):
+            if isinstance(item, ReloadJob):
                 self._settle(item, None, WorkerClosed("the model worker is shutting down"))
+
+    def _reject_unstarted(self) -> None:
+        """Answer every generate job that has not reached the engine (queued, or its prompt being built)."""
+        for job in list(self._outstanding):
+            if job.claim.take("close"):  # the thread will not start it now
+                self._settle(job, None, WorkerClosed("the model worker is shutting down"))
 
     def _reject_outstanding(self) -> None:
         for job in list(self._outstanding):
@@ -254,69 +273,127 @@ class ModelWorker:
         except BaseException:
             log.exception("the model worker thread crashed")
         finally:
+            self._builders.shutdown()
             self._fail_active(WorkerClosed("the model worker stopped"))
             self._post(resolve_future, started, None, WorkerClosed("the model worker stopped"))
             self._post(self._on_thread_exit)
 
     def _serve(self) -> None:
-        held: ReloadJob | Stop | None = None  # a control job waiting for the engine to drain
+        control: ReloadJob | Stop | None = None  # runs once everything queued before it has finished
         while True:
+            control = self._take_inbox(control, self._wait_seconds(control))
             self._admit_retries()  # even while a control job waits: retries are in-flight work
-            if held is None:
-                held = self._admit_queued()
+            self._admit_ready()
             if self._engine().has_work():
                 self._step()
-            elif isinstance(held, Stop):
-                return
-            elif held is not None:
-                self._run_reload(held)
-                held = None
-            else:
-                held = self._admit(self._inbox.get())  # idle: block until work arrives
+            elif control is not None and self._is_drained(control):
+                if isinstance(control, Stop):
+                    return
+                self._run_reload(control)
+                control = self._replay_deferred()
 
     def _engine(self) -> DecodeEngine:
         assert self._serving is not None
         return self._serving.engine
+
+    def _is_drained(self, control: ReloadJob | Stop) -> bool:
+        if isinstance(control, Stop):  # close() has answered every job not yet in the engine
+            return not self._retries
+        return not (self._retries or self._ready or self._building)
+
+    def _wait_seconds(self, control: ReloadJob | Stop | None) -> float | None:
+        """How long the inbox may block: 0 when there is work, None (no limit) when there is nothing to do."""
+        if self._built or self._retries or self._engine().has_work():
+            return 0.0
+        if self._ready:  # held for the rest of their wave (_is_admissible), but not for ever
+            return (
+                0.0
+                if self._is_admissible()
+                else max(0.0, self._ready[0].built_at + ADMIT_WAVE_SECONDS - time.monotonic())
+            )
+        return 0.0 if control is not None and self._is_drained(control) else None
+
+    def _take_inbox(
+        self, control: ReloadJob | Stop | None, wait_seconds: float | None
+    ) -> ReloadJob | Stop | None:
+        """Take what is on the inbox now (no more: the engine must keep stepping), then collect prompts."""
+        with contextlib.suppress(queue.Empty):  # the wait ran out, or close() took the items first
+            if wait_seconds is None or wait_seconds > 0:
+                control = self._accept(self._inbox.get(timeout=wait_seconds), control)
+            for _ in range(self._inbox.qsize()):
+                control = self._accept(self._inbox.get_nowait(), control)
+        self._collect_built()
+        return control
+
+    def _accept(self, item: InboxItem, control: ReloadJob | Stop | None) -> ReloadJob | Stop | None:
+        """Dispatch one inbox item; return the control job that waits now, if any."""
+        if isinstance(item, Wake):
+            return control
+        if control is not None:  # queued after the control job: it runs after it, on the model then serving
+            self._deferred.append(item)
+            return control
+        if isinstance(item, GenerateJob):
+            self._dispatch(item)
+            return None
+        return item
+
+    def _replay_deferred(self) -> ReloadJob | Stop | None:
+        control: ReloadJob | Stop | None = None
+        while self._deferred and control is None:
+            control = self._accept(self._deferred.popleft(), None)
+        return control
+
+    def _dispatch(self, job: GenerateJob) -> None:
+        if job.future.cancelled():  # a racy read is harmless: at worst a cancelled job runs
+            self._post(self._settle, job, None, None)
+            return
+        assert self._serving is not None
+        self._building += 1
+        self._builders.submit(job, self._serving, self._generation)
+
+    def _deliver_prompt(self, built: BuiltPrompt) -> None:
+        """Called on a builder thread: hand the prompt over and wake the GPU thread if it is waiting."""
+        self._built.append(built)
+        self._inbox.put(Wake())
+
+    def _collect_built(self) -> None:
+        while self._built:
+            built = self._built.popleft()
+            self._building -= 1
+            if built.error is not None:
+                self._post(self._settle, built.job, None, built.error)
+            elif built.generation != self._generation:  # a reload swapped the tokenizer meanwhile
+                self._dispatch(built.job)
+            else:
+                self._ready.append(built)
 
     def _admit_retries(self) -> None:
         while self._retries and self._engine().can_admit():
             active = self._retries.popleft()
             self._submit(active, resample_params(active.job.request.params))
 
-    def _admit_queued(self) -> ReloadJob | Stop | None:
-        """Admit queued jobs while the engine has room; return the first control job met."""
-        while self._engine().can_admit():
-            try:
-                held = self._admit(self._inbox.get_nowait())
-            except queue.Empty:
-                return None
-            if held is not None:
-                return held
-        return None
+    def _is_admissible(self) -> bool:
+        """Ready prompts join the engine as a wave: once the prompts being built are done, or after a while.
 
-    def _admit(self, item: GenerateJob | ReloadJob | Stop) -> ReloadJob | Stop | None:
-        if not isinstance(item, GenerateJob):
-            return item
-        if item.future.cancelled():  # a racy read is harmless: at worst a cancelled job runs
-            self._post(self._settle, item, None, None)
-            return None
-        self._start(item)
-        return None
+        Jobs that join together share one prefill and keep the set of batch shapes (each a CUDA graph)
+        the same from burst to burst; joining one by one would capture new graphs mid-run.
+        """
+        return not self._building or time.monotonic() - self._ready[0].built_at >= ADMIT_WAVE_SECONDS
 
-    def _start(self, job: GenerateJob) -> None:
-        """Build the prompt (the tokenizer is used on this thread only) and admit the job."""
-        serving, request = self._serving, job.request
-        assert serving is not None
-        try:
-            prompt = build_prompt(
-                serving.loaded.tokenizer, request.persona, request.history, request.bot_name,
-                request.params.max_new_tokens, serving.loaded.n_positions,
-            )  # fmt: skip
-        except PromptTooLong as exc:
-            self._post(self._settle, job, None, GenerationFailed(f"prompt too long: {exc}"))
+    def _admit_ready(self) -> None:
+        if self._ready and self._is_admissible():
+            while self._ready and self._engine().can_admit():
+                self._start(self._ready.popleft())
+
+    def _start(self, built: BuiltPrompt) -> None:
+        """Admit a job whose prompt is built; its time limit starts now."""
+        job, request = built.job, built.job.request
+        if job.future.cancelled() or not job.claim.take("worker"):  # cancelled, or close() answered it
+            self._post(self._settle, job, None, None)
             return
+        assert built.prompt is not None
         now = time.monotonic()
-        active = ActiveJob(job, prompt, speaker_names(request), now, now + request.time_limit_seconds)
+        active = ActiveJob(job, built.prompt, built.speaker_names, now, now + request.time_limit_seconds)
         self._submit(active, request.params)
 
     def _submit(self, active: ActiveJob, params: SamplingParams) -> None:
@@ -385,7 +462,7 @@ class ModelWorker:
             log.warning("CUDA out of memory; failing %d request(s) and freeing cached memory", len(job_ids))
             # The traceback's frames still hold the failed step's tensors: clear them, or nothing frees.
             traceback.clear_frames(exc.__traceback__)
-            _release_memory()  # before answering, so a retry finds the memory free
+            release_memory()  # before answering, so a retry finds the memory free
             self._fail(job_ids, GenerationFailed("out of GPU memory; try again with a shorter conversation"))
             return
         log.exception("generation failed", exc_info=exc)
@@ -416,7 +493,7 @@ class ModelWorker:
         except StepFailed as failed:
             log.error("reload of %r failed at step %s: %s", job.source, failed.step, failed.error)
             self._post(self._settle, job, None, ReloadFailed(failed.step, str(failed.error)))
-            _release_memory()  # whatever the failed load left behind
+            release_memory()  # whatever the failed load left behind
             if is_fatal_device_error(failed.error):
                 self._on_engine_error(failed.error, [])
             return
@@ -424,15 +501,16 @@ class ModelWorker:
         self._post(self._settle, job, info, None)
 
     def _prepare(self, source: str) -> Serving:
-        return prepare_serving(source, self._loader, self._engine_factory)
+        return prepare_serving(source, self._loader, self._engine_factory, self._prompt_threads)
 
     def _swap(self, new: Serving) -> ModelInfo:
         """Make `new` serve (one reference assignment), then free the old model."""
         try:
             info = model_info(new.loaded)
             old, self._serving = self._serving, new
+            self._generation += 1
         except Exception as exc:
             raise StepFailed("swap", exc) from exc
         del old
-        _release_memory()
+        release_memory()
         return info

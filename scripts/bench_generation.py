@@ -236,16 +236,27 @@ async def bench_system(
 async def bench_worker(loaded: LoadedModel, request: ReplyRequest, options: Options) -> dict[str, Run]:
     largest = max(options.counts)
 
-    def engine_factory(loaded: LoadedModel) -> DecodeEngine:
-        return ExactLengthEngine(BatchedGPT2Engine(loaded.model, loaded.tokenizer, max_batch_size=largest))
+    made: list[BatchedGPT2Engine] = []
 
+    def engine_factory(loaded: LoadedModel) -> DecodeEngine:
+        made.append(BatchedGPT2Engine(loaded.model, loaded.tokenizer, max_batch_size=largest))
+        return ExactLengthEngine(made[-1])
+
+    # queue_size must cover the largest burst, or the worker would answer WorkerBusy.
     worker = ModelWorker("bench", queue_size=largest, loader=lambda _: loaded, engine_factory=engine_factory)
     async with worker:
 
         async def reply() -> int:
             return (await worker.generate(request)).completion_tokens
 
-        return await bench_system(reply, options, largest)
+        runs = await bench_system(reply, options, largest)
+    log_graphs("worker", made[-1])
+    return runs
+
+
+def log_graphs(system: str, engine: BatchedGPT2Engine) -> None:
+    """How many decode graphs the engine captured: jobs joining at scattered steps need more shapes."""
+    log.info("%s: %d CUDA graphs captured", system, len(engine._graphs))  # a benchmark may peek
 
 
 def _engine_run(engine: BatchedGPT2Engine, ids: tuple[int, ...], params: SamplingParams, count: int) -> Run:
@@ -276,7 +287,9 @@ def bench_engine(loaded: LoadedModel, request: ReplyRequest, options: Options) -
         1, sum(r.wall_seconds for r in singles), tuple(r.latencies_seconds[0] for r in singles),
         sum(r.tokens for r in singles), (),
     )  # fmt: skip
-    return {"single": single} | {str(count): run(count) for count in options.counts}
+    results = {"single": single} | {str(count): run(count) for count in options.counts}
+    log_graphs("engine alone", engine)
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -138,11 +138,12 @@ def test_overlong_newest_turn_keeps_its_end(gpt2_tokenizer: Any) -> None:
 
 
 class CountingTokenizer:
-    """Wraps a tokenizer and counts the characters it is asked to encode."""
+    """Wraps a tokenizer and counts the characters it is asked to encode, batched counting included."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.inner = tokenizer
         self.characters = 0
+        self.backend_tokenizer = CountingBackend(self, tokenizer.backend_tokenizer)
 
     def __call__(self, text: str, **kwargs: Any) -> Any:
         self.characters += len(text)
@@ -152,12 +153,34 @@ class CountingTokenizer:
         return getattr(self.inner, name)
 
 
+class CountingBackend:
+    """The Rust tokenizer of a CountingTokenizer: its batch passes count too."""
+
+    def __init__(self, owner: CountingTokenizer, inner: Any) -> None:
+        self.owner, self.inner = owner, inner
+
+    def encode_batch(self, texts: list[str], **kwargs: Any) -> Any:
+        self.owner.characters += sum(map(len, texts))
+        return self.inner.encode_batch(texts, **kwargs)
+
+
 def test_long_history_costs_only_the_budget(gpt2_tokenizer: Any) -> None:
     history = [Turn(f"user{i % 7}", "hello there, how are you doing today? " * 4) for i in range(20_000)]
     counting = CountingTokenizer(gpt2_tokenizer)
     prompt = build_prompt(counting, "Persona.", history, "Bot", 60, 1024)
     history_characters = sum(len(t.text) for t in history)  # ~3 MB, ~800k tokens
     assert counting.characters < 5 * len(prompt.text) < history_characters / 100
+    assert prompt == build_prompt(gpt2_tokenizer, "Persona.", history, "Bot", 60, 1024)
+
+
+def test_batched_line_counts_keep_what_one_by_one_counts_keep(gpt2_tokenizer: Any) -> None:
+    """Older lines are counted in batches, and still as many fit as can: the next older line would not."""
+    history = [Turn(f"user{i % 3}", f"line {i} " + "😀 hello <|endo ftext|> " * (i % 7)) for i in range(300)]
+    prompt = build_prompt(gpt2_tokenizer, "Persona.", history, "Bot", 200, 1024)
+    older = history[len(history) - prompt.turns_used - 1]
+    next_line = f"{older.speaker}: {sanitize_text(older.text, gpt2_tokenizer.all_special_tokens)}\n"
+    spare = 1024 - 200 - len(prompt.input_ids)
+    assert 1 < prompt.turns_used < 300 and len(encode(gpt2_tokenizer, next_line)) > spare
 
 
 def test_encodes_newline(gpt2_tokenizer: Any) -> None:

@@ -29,6 +29,7 @@ from tests.worker_helpers import (
     EndlessEngine,
     GpuHogEngine,
     OomOnceEngine,
+    RecordingTokenizer,
     force_next_token,
     lag_probe,
     p99,
@@ -96,31 +97,33 @@ async def test_start_failure_raises_the_load_error() -> None:
         await worker.generate(request())
 
 
-async def test_the_tokenizer_is_used_on_the_worker_thread_only(loaded: LoadedModel, make_worker: Any) -> None:
-    callers: set[str] = set()
-
-    class RecordingTokenizer:
-        def __init__(self, inner: Any) -> None:
-            self._inner = inner
-
-        def __getattr__(self, name: str) -> Any:
-            callers.add(threading.current_thread().name)
-            return getattr(self._inner, name)
-
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            callers.add(threading.current_thread().name)
-            return self._inner(*args, **kwargs)
-
-        def __len__(self) -> int:
-            return len(self._inner)
-
-    wrapped = dataclasses.replace(loaded, tokenizer=RecordingTokenizer(loaded.tokenizer))
-    worker = await make_worker(loader=lambda s: wrapped)
-    callers.clear()  # building the engine in the test's own factory does not count
-    await asyncio.gather(
-        *(worker.generate(request(params=SamplingParams(max_new_tokens=4))) for _ in range(3))
+async def test_prompts_are_built_off_the_gpu_thread_each_builder_with_its_own_tokenizer(
+    loaded: LoadedModel, make_worker: Any
+) -> None:
+    original: set[str] = set()
+    copies: set[str] = set()
+    clones: list[Any] = []
+    recording = RecordingTokenizer(loaded.tokenizer, original, copies, clones)
+    worker = await make_worker(
+        loader=lambda s: dataclasses.replace(loaded, tokenizer=recording), prompt_threads=2
     )
-    assert callers == {"model-worker"}
+    original.clear()  # building the engine in the test's own factory does not count
+    await asyncio.gather(
+        *(worker.generate(request(f"user {i}", params=SamplingParams(max_new_tokens=4))) for i in range(6))
+    )
+    # The worker thread copied it once per builder while loading; builders tokenize with their own copy.
+    assert original == {"model-worker"} and len(clones) == 2
+    assert copies and all(name.startswith("prompt-builder") for name in copies)
+    assert all(clone.backend_tokenizer is not loaded.tokenizer.backend_tokenizer for clone in clones)
+    assert threading.current_thread().name not in original | copies  # never on the event loop
+
+
+def test_a_thread_copy_encodes_the_same_with_its_own_rust_tokenizer(loaded: LoadedModel) -> None:
+    clone = jobs.thread_copy(loaded.tokenizer)
+    assert clone.backend_tokenizer is not loaded.tokenizer.backend_tokenizer
+    text = "Alice: hello there 😀 <|endoftext|>\nBot:"
+    assert clone(text)["input_ids"] == loaded.tokenizer(text)["input_ids"]
+    assert clone.all_special_tokens == loaded.tokenizer.all_special_tokens
 
 
 # --- the loop stays responsive ----------------------------------------------------------------------------
@@ -166,19 +169,15 @@ async def test_full_queue_answers_busy_at_once(make_worker: Any, gates: Any, cap
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     assert sum(isinstance(outcome, Reply) for outcome in outcomes) == 8
     assert sum(isinstance(outcome, WorkerBusy) for outcome in outcomes) == 42
-    assert worker.queue_depth() == 0 and engines[0].max_active == capacity
+    # Prompts are built off the GPU thread: the engine may start before all 8 are ready, never over capacity.
+    assert worker.queue_depth() == 0 and len(engines[0].admitted) == 8 and engines[0].max_active <= capacity
 
 
-async def test_a_batched_engine_takes_jobs_from_several_channels_at_once(
-    make_worker: Any, gates: Any
-) -> None:
-    gate = gates()
-    factory, engines = scripted(gate=gate, capacity=4)
+async def test_a_batched_engine_takes_jobs_from_several_channels_at_once(make_worker: Any) -> None:
+    # Each job takes 20 steps of 10 ms: far longer than building the other prompts takes.
+    factory, engines = scripted(capacity=4, burn_seconds=0.01, steps_per_job=20)
     worker = await make_worker(factory)
-    tasks = [asyncio.create_task(worker.generate(request(f"channel {i}"))) for i in range(6)]
-    await asyncio.sleep(0)
-    gate.set()
-    await asyncio.gather(*tasks)
+    await asyncio.gather(*(worker.generate(request(f"channel {i}")) for i in range(6)))
     assert engines[0].max_active == 4 and len(engines[0].admitted) == 6
 
 

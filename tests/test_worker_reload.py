@@ -19,6 +19,7 @@ from model.sampling import SamplingParams
 from model.worker import ModelWorker
 from tests.conftest import build_tiny_gpt2
 from tests.worker_helpers import (
+    RecordingTokenizer,
     ScriptedEngine,
     request,
     scripted,
@@ -224,3 +225,26 @@ async def test_a_repeat_guard_retry_runs_before_a_queued_reload(
     reply = await first
     assert (reply.text, reply.model_version) == ("New one.", "tiny")
     assert (await reload).version == "new" and admitted_at_load == [2]
+
+
+async def test_prompts_after_a_reload_are_built_with_the_new_tokenizer(
+    make_worker: Any, loaded: LoadedModel
+) -> None:
+    new_callers: set[str] = set()
+    new_copies: set[str] = set()
+    clones: list[Any] = []
+    recording = RecordingTokenizer(loaded.tokenizer, new_callers, new_copies, clones)
+
+    def loader(source: str) -> LoadedModel:
+        if source == "tiny":
+            return loaded
+        return dataclasses.replace(loaded, tokenizer=recording, version=source)
+
+    factory, _ = scripted()
+    worker = await make_worker(factory, loader=loader, prompt_threads=2)
+    assert (await worker.generate(request())).model_version == loaded.version and not new_copies
+    assert (await worker.reload("new")).version == "new"
+    replies = await asyncio.gather(*(worker.generate(request(f"user {i}")) for i in range(4)))
+    assert {reply.model_version for reply in replies} == {"new"}
+    # The builders switched to copies of the new tokenizer, made while the reload loaded it.
+    assert len(clones) == 2 and new_copies and all(name.startswith("prompt-builder") for name in new_copies)

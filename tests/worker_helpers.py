@@ -9,6 +9,7 @@ its own message instead): PYTEST_DONT_REWRITE.
 from __future__ import annotations
 
 import asyncio
+import copy
 import statistics
 import threading
 import time
@@ -126,6 +127,48 @@ class EndlessEngine(ScriptedEngine):
         finished = [job for job in self.active if now > job.deadline]
         self.active = [job for job in self.active if job not in finished]
         return [EngineResult(job.job_id, (THE_ID,), "time_limit") for job in finished]
+
+
+# --- a tokenizer that records its threads ----------------------------------------------------------
+
+
+class RecordingTokenizer:
+    """Records which threads use a tokenizer; its copies record into `copies` and keep a list of clones."""
+
+    def __init__(self, inner: Any, callers: set[str], copies: set[str], clones: list[Any]) -> None:
+        for name, value in (
+            ("_inner", inner),
+            ("_callers", callers),
+            ("_copies", copies),
+            ("_clones", clones),
+        ):
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # copy/pickle protocol probes
+            raise AttributeError(name)
+        self._callers.add(threading.current_thread().name)
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._inner, name, value)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._callers.add(threading.current_thread().name)
+        return self._inner(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def __copy__(self) -> RecordingTokenizer:
+        self._callers.add(threading.current_thread().name)
+        self._clones.append(copy.copy(self._inner))
+        return RecordingTokenizer(self._clones[-1], self._copies, self._copies, self._clones)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RecordingTokenizer:
+        self._callers.add(threading.current_thread().name)
+        self._clones.append(copy.deepcopy(self._inner, memo))
+        return RecordingTokenizer(self._clones[-1], self._copies, self._copies, self._clones)
 
 
 # --- fixtures -------------------------------------------------------------------------------------------
