@@ -255,7 +255,9 @@ def default_engine_factory(loaded: LoadedModel, max_batch_size: int | None = Non
     """BatchedGPT2Engine for GPT-2 architecture models, HFGenerateEngine for every other causal LM."""
     from model.fastgen import BatchedGPT2Engine
 
-    if not BatchedGPT2Engine.supports(loaded.model):
+    # The batched engine ends turns by token id only; a tokenizer with no newline token (many Japanese
+    # sentencepiece models) ends turns at speaker tags, which HFGenerateEngine checks on decoded text.
+    if not BatchedGPT2Engine.supports(loaded.model) or not encodes_newline(loaded.tokenizer):
         return HFGenerateEngine(loaded.model, loaded.tokenizer)
     if max_batch_size is None:
         max_batch_size = _batch_slots(loaded)

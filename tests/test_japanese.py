@@ -175,3 +175,11 @@ async def test_worker_stops_japanese_turns_at_speaker_tags(japanese_model_dir: P
         reply = await worker.generate(request)
     assert jobs[-1].stop_speakers == ("ボット", "ユーザー")
     assert reply.text and reply.completion_tokens <= 8
+
+
+def test_default_engine_without_newline_tokens_checks_speaker_tags(japanese_model_dir: Path) -> None:
+    from model.generation import HFGenerateEngine
+    from model.jobs import default_engine_factory
+
+    engine = default_engine_factory(load_model(str(japanese_model_dir), device="cpu"))
+    assert isinstance(engine, HFGenerateEngine)  # GPT-2 architecture, but turns end at speaker tags
