@@ -1,10 +1,10 @@
 """Generation benchmark: the notebook's serialized `model.generate` vs the ModelWorker + BatchedGPT2Engine.
 
-Both sides use the same randomly initialised GPT-2 weights (124M shape on the GPU, the starter's 4×256 on
-the CPU), the same 256-token prompt and the bot's default sampling settings, and generate exactly 48 new
-tokens per reply (stop tokens are ignored on both sides, so both do equal work). A third column drives
-BatchedGPT2Engine directly with the same prompt ids, to separate the engine from the worker's own costs
-(prompt building, queueing, reply cleanup). Prints one markdown table.
+Both sides use the same randomly initialised GPT-2 weights (124M shape on the GPU, the shipped
+starter's 8×256 on the CPU), the same 256-token prompt and the bot's default sampling settings, and
+generate exactly 48 new tokens per reply (stop tokens are ignored on both sides, so both do equal work).
+A third column drives BatchedGPT2Engine directly with the same prompt ids, to separate the engine from
+the worker's own costs (prompt building, queueing, reply cleanup). Prints one markdown table.
 
     python scripts/bench_generation.py --device cuda               # GPT-2 124M, fp16
     python scripts/bench_generation.py --device cpu                # starter-sized model, fp32
@@ -43,7 +43,7 @@ from model.worker import ModelWorker
 
 log = logging.getLogger("bench_generation")
 
-SHAPES = {"gpt2": (12, 768, 12), "starter": (4, 256, 4)}  # n_layer, n_embd, n_head
+SHAPES = {"gpt2": (12, 768, 12), "starter": (8, 256, 4)}  # n_layer, n_embd, n_head (the shipped starter)
 LAG_TICK_SECONDS = 0.005
 
 
