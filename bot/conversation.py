@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.config import Settings
+from bot.scrub import USER_MENTION, scrub_discord_markup
 from bot.storage import BotReplyRecord, GuildSettings, Storage, StoredMessage
 from model.api import Reply, ReplyGenerator, ReplyRequest
 from model.prompt import Turn
@@ -39,6 +40,8 @@ class IncomingMessage:
     content: str
     created_at: float
     reply_to_id: int | None = None
+    # (user id, display name) of the users the text mentions as `<@id>` markup.
+    mentioned: tuple[tuple[int, str], ...] = ()
 
     def stored(self) -> StoredMessage:
         """The storage row for this message."""
@@ -76,13 +79,20 @@ def apply_overrides(base: SamplingParams, overrides: Mapping[str, float]) -> Sam
     return dataclasses.replace(base, **typed)
 
 
-def history_to_turns(history: Sequence[StoredMessage], bot_user_id: int) -> tuple[Turn, ...]:
-    """Stored messages → dialogue turns; only the bot's own messages are bot turns (other bots are users)."""
+def history_to_turns(
+    history: Sequence[StoredMessage], bot_user_id: int, names: Mapping[int, str]
+) -> tuple[Turn, ...]:
+    """Stored messages → dialogue turns with readable mentions; only the bot's own messages are bot turns."""
     return tuple(
-        Turn(speaker=m.author_name, text=m.content, is_bot=m.author_id == bot_user_id)
+        Turn(m.author_name, scrub_discord_markup(m.content, names), is_bot=m.author_id == bot_user_id)
         for m in history
         if m.content.strip()
     )
+
+
+def mentioned_user_ids(history: Sequence[StoredMessage]) -> set[int]:
+    """Ids of the users mentioned anywhere in the history."""
+    return {int(match.group(1)) for m in history for match in USER_MENTION.finditer(m.content)}
 
 
 def with_newest(history: Sequence[StoredMessage], message: StoredMessage) -> list[StoredMessage]:
@@ -137,6 +147,8 @@ class ConversationService:
             return is_new
         if not message.is_bot:
             await self.storage.upsert_user(message.author_id, message.author_name)
+        for user_id, name in message.mentioned:  # so later prompts can show their names
+            await self.storage.upsert_user(user_id, name)
         return await self.storage.add_message(message.stored()) and is_new
 
     async def compose_reply(self, message: IncomingMessage) -> DraftReply:
@@ -152,7 +164,10 @@ class ConversationService:
         stored = await self.storage.recent_history(
             message.channel_id, self.settings.history_messages, since=channel.reset_at
         )
-        history = history_to_turns(with_newest(stored, message.stored()), self.bot_user_id)
+        messages = with_newest(stored, message.stored())
+        names = await self.storage.display_names(mentioned_user_ids(messages))
+        names = {user_id: f"@{name}" for user_id, name in {**names, **dict(message.mentioned)}.items()}
+        history = history_to_turns(messages, self.bot_user_id, names)
         recent = tuple(t.text for t in history if t.is_bot)[-RECENT_BOT_REPLIES:]
         params = apply_overrides(self.settings.sampling(), guild.sampling_overrides if guild else {})
         return ReplyRequest(

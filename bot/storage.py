@@ -35,9 +35,11 @@ _MESSAGE_COLUMNS = """m.message_id, m.channel_id, c.guild_id, m.author_id, u.dis
     m.is_bot, m.content, m.created_at, m.reply_to_id, m.edited_at, m.deleted"""
 _MESSAGE_FROM = """messages m JOIN channels c ON c.channel_id = m.channel_id
     JOIN users u ON u.user_id = m.author_id"""
-# The messages of `:user`, and the bot replies that answered them (their text may quote the user).
+# The messages of `:user`, and the bot replies that answered them (their text may quote the user): every
+# chunk of a long reply references the message it answers, and the reply record names the first chunk.
 _USER_MESSAGES = "SELECT message_id FROM messages WHERE author_id = :user"
-_REPLIES_TO_USER = f"SELECT reply_message_id FROM bot_replies WHERE answers_message_id IN ({_USER_MESSAGES})"
+_REPLIES_TO_USER = f"""SELECT reply_message_id FROM bot_replies WHERE answers_message_id IN ({_USER_MESSAGES})
+    UNION SELECT message_id FROM messages WHERE is_bot = 1 AND reply_to_id IN ({_USER_MESSAGES})"""
 _GUILD_MESSAGES = """SELECT message_id FROM messages
     WHERE channel_id IN (SELECT channel_id FROM channels WHERE guild_id = :guild)"""
 
@@ -404,10 +406,11 @@ class Storage:
         )
         return _message(row) if row else None
 
-    async def last_bot_message_at(self, channel_id: int) -> float | None:
-        """When the bot last posted in a channel (deleted posts included), or None."""
+    async def last_bot_message_at(self, channel_id: int, bot_user_id: int) -> float | None:
+        """When this bot (not any bot) last posted in a channel (deleted posts included), or None."""
         row = await self._one(
-            "SELECT MAX(created_at) FROM messages WHERE channel_id = ? AND is_bot = 1", (channel_id,)
+            "SELECT MAX(created_at) FROM messages WHERE channel_id = ? AND author_id = ?",
+            (channel_id, bot_user_id),
         )
         return row[0] if row else None
 

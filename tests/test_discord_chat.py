@@ -286,3 +286,25 @@ async def test_a_locked_database_does_not_stop_answers(harness: Harness) -> None
     await harness.alice.send(harness.channel, mention(harness, "are you there?"))
     assert len(harness.bot_messages()) == 1
     assert harness.generator.requests[-1].history[-1].text == "are you there?"
+
+
+async def test_real_mentions_stored_as_ids_and_exported_by_consent(harness: Harness, tmp_path: Path) -> None:
+    """Through the real ingest path: names only for consenting users, no @everyone, in the export."""
+    import json
+
+    from bot.export import ExportOptions, export_discord
+
+    await harness.storage.set_guild_training_export(harness.guild.id, True)
+    await harness.storage.set_training_opt_in(harness.alice.id, True, at=0.0)
+    harness.generator.replies.append("sure thing")
+    sent = await harness.alice.send(
+        harness.channel, mention(harness, f"tell {harness.bob.mention} and @everyone hi")
+    )
+    stored = await harness.storage.get_message(sent.id)
+    assert stored is not None and f"<@{harness.bob.id}>" in stored.content  # ids kept for the export
+    assert harness.generator.requests[-1].history[-1].text == "tell @bob and everyone hi"
+    options = ExportOptions(gap_seconds=1800, bot_user_id=harness.bot_id)
+    await export_discord(harness.storage, tmp_path / "export", options)
+    exported = "".join((tmp_path / "export" / name).read_text() for name in ("train.jsonl", "val.jsonl"))
+    turns = [turn["text"] for line in exported.splitlines() for turn in json.loads(line)["turns"]]
+    assert turns == ["tell someone and everyone hi", "sure thing"]  # bob never opted in

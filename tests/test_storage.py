@@ -379,6 +379,9 @@ async def plant_canary_user(storage: Storage, canary: str) -> None:
     bot_reply = msg(5, f"bot quoting {canary}", author_id=BOT_USER, author_name="Bot", is_bot=True)
     await storage.add_message(bot_reply)
     await storage.add_bot_reply(reply(5, answers_id=10))
+    # The second chunk of that long reply: no reply record of its own, only its reference to message 10.
+    chunk = msg(6, f"chunk two {canary}", author_id=BOT_USER, author_name="Bot", is_bot=True, reply_to_id=10)
+    await storage.add_message(chunk)
     await storage.set_feedback(5, USER, 1, at=3.0)
     await storage.add_audit(USER, GUILD, "config", f"persona {canary}", allowed=False, at=4.0)
     for i in range(1000, 1200):  # later inserts split and rebalance the pages that held the canary
@@ -390,7 +393,7 @@ async def test_forget_user_leaves_no_trace_in_db_or_wal_bytes(storage: Storage, 
     await plant_canary_user(storage, canary)
     assert canary.encode() in raw_bytes(db_path)  # the check below can fail
     deleted = await storage.delete_user_data(USER, at=10.0)
-    assert deleted == 40 + 1 + 1 + 1 + 1  # messages, the bot reply message, its record, feedback, audit
+    assert deleted == 40 + 2 + 1 + 1 + 1  # messages, the 2 bot reply chunks, its record, feedback, audit
     assert canary.encode() not in raw_bytes(db_path)  # still open: gone from the db, -wal and -shm files
     assert b"CANARY-7f3a9c" not in raw_bytes(db_path)
     assert await storage.integrity_check() == "ok"
@@ -547,10 +550,11 @@ async def test_stats_count_rows_and_latency_percentiles(storage: Storage) -> Non
 
 
 async def test_last_bot_message_and_audit_log(storage: Storage) -> None:
-    assert await storage.last_bot_message_at(CHANNEL) is None
+    assert await storage.last_bot_message_at(CHANNEL, BOT_USER) is None
     await storage.add_message(msg(5, "bot", author_id=BOT_USER, is_bot=True))
     await storage.add_message(msg(7, "human"))
-    assert await storage.last_bot_message_at(CHANNEL) == 5.0
+    await storage.add_message(msg(8, "another bot", author_id=777, is_bot=True))
+    assert await storage.last_bot_message_at(CHANNEL, BOT_USER) == 5.0  # other bots do not count
     for i in range(3):
         await storage.add_audit(
             USER, GUILD if i else None, f"action{i}", "detail", allowed=i != 1, at=float(i)

@@ -33,13 +33,23 @@ Sendable = discord.abc.Messageable
 
 
 def prompt_text(message: discord.Message) -> str:
-    """The text as the conversation sees it: mentions as @names, without a leading @mention of the bot."""
-    text = message.clean_content
+    """The raw text (mentions stay `<@id>` markup) without a leading mention of the bot.
+
+    Mentions are kept as ids, not names, so that an export can tell consenting users from the rest
+    (bot.scrub); the conversation core turns them into names when it builds a prompt.
+    """
+    text = message.content.strip()
     me = message.guild.me if message.guild else getattr(message.channel, "me", None)
-    if me is not None and text.startswith(f"@{me.display_name}"):
-        rest = text[len(me.display_name) + 1 :].strip()
-        return rest or text.strip()  # a bare mention stays as it is
+    if me is not None:
+        for tag in (f"<@{me.id}>", f"<@!{me.id}>"):
+            if text.startswith(tag):
+                return text[len(tag) :].strip() or text  # a bare mention stays as it is
     return text
+
+
+def mentioned_names(message: discord.Message) -> tuple[tuple[int, str], ...]:
+    """(user id, display name) of every user the message mentions, for readable prompts."""
+    return tuple((user.id, user.display_name) for user in message.mentions)
 
 
 def incoming_of(message: discord.Message) -> IncomingMessage:
@@ -54,6 +64,7 @@ def incoming_of(message: discord.Message) -> IncomingMessage:
         content=prompt_text(message),
         created_at=message.created_at.timestamp(),
         reply_to_id=message.reference.message_id if message.reference else None,
+        mentioned=mentioned_names(message),
     )
 
 
@@ -160,7 +171,9 @@ class ChatCog(commands.Cog):
     async def channel_state(self, channel_id: int) -> ChannelState:
         """The channel's /channel switch and when the bot last spoke there."""
         settings = await self.bot.storage.channel_settings(channel_id)
-        last = self.last_spoke.get(channel_id) or await self.bot.storage.last_bot_message_at(channel_id)
+        last = self.last_spoke.get(channel_id) or await self.bot.storage.last_bot_message_at(
+            channel_id, self.policy.bot_user_id
+        )
         return ChannelState(answer_all=settings.answer_all, last_bot_message_at=last)
 
     async def answer(self, message: discord.Message, incoming: IncomingMessage) -> None:
@@ -262,7 +275,7 @@ class ChatCog(commands.Cog):
         if edited.edited_at is None:
             return
         await self.bot.storage.mark_edited(
-            payload.message_id, edited.clean_content, edited.edited_at.timestamp()
+            payload.message_id, prompt_text(edited), edited.edited_at.timestamp()
         )
 
     @commands.Cog.listener()
