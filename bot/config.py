@@ -82,11 +82,13 @@ def _speaker_name(raw: str) -> str:
     return value
 
 
-def _choice(*allowed: str) -> Callable[[str], str]:
+def _choice(*allowed: str, allow_cuda_index: bool = False) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip()
-        if value not in allowed and not (allowed[0] == "auto" and value.startswith("cuda:")):
-            raise ValueError("must be one of " + ", ".join(allowed))
+        is_cuda_index = allow_cuda_index and value.startswith("cuda:") and value[5:].isdigit()
+        if value not in allowed and not is_cuda_index:
+            extra = ", cuda:N" if allow_cuda_index else ""
+            raise ValueError("must be one of " + ", ".join(allowed) + extra)
         return value
 
     return parse
@@ -110,7 +112,7 @@ class Settings:
     discord_token: str | None = _setting("DISCORD_TOKEN", "", str.strip, secret=True)
     data_dir: Path = _setting("BOT_DATA_DIR", "./data", lambda raw: Path(_text(4096)(raw)))
     model: str = _setting("BOT_MODEL", "starter", _text(4096))
-    device: str = _setting("BOT_DEVICE", "auto", _choice("auto", "cpu", "cuda"))
+    device: str = _setting("BOT_DEVICE", "auto", _choice("auto", "cpu", "cuda", allow_cuda_index=True))
     dtype: str = _setting("BOT_DTYPE", "auto", _choice("auto", "float32", "float16", "bfloat16"))
     allow_pickle: bool = _setting("BOT_ALLOW_PICKLE", "false", _parse_bool)
     seed: int = _setting("BOT_SEED", "42", _int_in(0, 2**32 - 1))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -75,6 +76,16 @@ MAX_PROMPT_THREADS = 4  # prompt builders: enough to keep a batched GPU engine f
 ADMIT_WAVE_SECONDS = 0.05  # the longest a built prompt waits for the others of its burst
 
 InboxItem = GenerateJob | ReloadJob | Stop | Wake
+
+
+def fit_to_context(request: ReplyRequest, n_positions: int) -> ReplyRequest:
+    """Cap max_new_tokens at half the context window, so a setting made for GPT-2's 1024 positions
+    cannot leave a smaller model (the starter has 256) no room for the prompt at all."""
+    limit = max(1, n_positions // 2)
+    if request.params.max_new_tokens <= limit:
+        return request
+    log.debug("max_new_tokens %d capped at %d", request.params.max_new_tokens, limit)
+    return dataclasses.replace(request, params=dataclasses.replace(request.params, max_new_tokens=limit))
 
 
 class _ThreadStop(Exception):
@@ -152,6 +163,7 @@ class ModelWorker:
             raise WorkerClosed("the model worker is not running")
         if len(self._outstanding) >= self._queue_size:
             raise WorkerBusy(f"{len(self._outstanding)} requests are already queued or running")
+        request = fit_to_context(request, self.info().n_positions)
         job = GenerateJob(request, self._loop.create_future(), time.monotonic())
         self._outstanding.add(job)
         self._inbox.put(job)

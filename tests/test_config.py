@@ -28,7 +28,9 @@ def test_defaults_are_valid_and_token_is_unset() -> None:
         ("BOT_ANSWER_DMS", "maybe", "BOT_ANSWER_DMS must be one of true/false"),
         ("BOT_TEMPERATURE", "nan", "BOT_TEMPERATURE must be a number"),
         ("BOT_TOP_P", "1.5", "BOT_TOP_P must be a number"),
-        ("BOT_DEVICE", "tpu", "BOT_DEVICE must be one of auto, cpu, cuda"),
+        ("BOT_DEVICE", "tpu", "BOT_DEVICE must be one of auto, cpu, cuda, cuda:N"),
+        ("BOT_DEVICE", "cuda:x", "BOT_DEVICE must be one of auto, cpu, cuda, cuda:N"),
+        ("BOT_DTYPE", "cuda:0", "BOT_DTYPE must be one of auto, float32, float16, bfloat16, got"),
         ("BOT_BLOCKED_USERS", "12,abc", "BOT_BLOCKED_USERS must be a comma-separated list"),
         ("BOT_NAME", "Bot: evil", "BOT_NAME must not contain ':'"),
         ("BOT_PERSONA", "   ", "BOT_PERSONA must not be empty"),
@@ -44,6 +46,10 @@ def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env({"BOT_QUEUE_SIZE": "-1", "BOT_SEED": "x"})
     assert "BOT_QUEUE_SIZE" in str(info.value) and "BOT_SEED" in str(info.value)
+
+
+def test_a_cuda_index_is_a_device() -> None:
+    assert Settings.from_env({"BOT_DEVICE": "cuda:1"}).device == "cuda:1"
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import simcord
 from discord import app_commands
 
 from bot.cogs import REFUSED_NOT_ADMIN, is_guild_admin
-from bot.cogs.admin import LoopLagProbe, format_stats, percentile, validate_sampling
+from bot.cogs.admin import REFUSED_OTHER_MODEL, LoopLagProbe, format_stats, percentile, validate_sampling
 from bot.storage import Stats
 from model.api import ModelInfo, ReloadInProgress
 from tests import discord_fixtures
@@ -71,7 +71,22 @@ async def test_bot_owner_passes_the_check_without_manage_server(tmp_path: Path) 
         assert (await h.storage.channel_settings(h.channel.id)).answer_all
 
 
+def make_admin_an_owner(h: Harness) -> None:
+    h.bot.settings = dataclasses.replace(h.bot.settings, owner_ids=frozenset({h.admin.id}))
+
+
+async def test_only_owners_pick_another_model_but_admins_reload_the_current_one(harness: Harness) -> None:
+    refused = await harness.admin.slash(harness.channel, "reload", model="someone/else")
+    assert refused.ephemeral and response_text(refused) == REFUSED_OTHER_MODEL
+    assert harness.generator.reloads == []
+    [entry] = await harness.storage.audit_log()
+    assert (entry.action, entry.allowed) == ("reload", False)
+    await harness.admin.slash(harness.channel, "reload")
+    assert harness.generator.reloads == [harness.bot.settings.model]
+
+
 async def test_reload_with_a_broken_model_keeps_the_old_one(harness: Harness) -> None:
+    make_admin_an_owner(harness)
     harness.generator.fail_reload_at = "smoke"
     result = await harness.admin.slash(harness.channel, "reload", model="broken-model")
     assert harness.deferred() and result.ephemeral
@@ -84,6 +99,7 @@ async def test_reload_with_a_broken_model_keeps_the_old_one(harness: Harness) ->
 
 
 async def test_reload_swaps_the_model_and_refuses_a_second_reload(harness: Harness) -> None:
+    make_admin_an_owner(harness)
     result = await harness.admin.slash(harness.channel, "reload", model="tiny-model")
     assert "Now serving tiny-model v2" in response_text(result)
     assert harness.generator.reloads == ["tiny-model"]

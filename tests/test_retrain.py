@@ -18,7 +18,6 @@ from discord import app_commands
 
 from bot.cogs import REFUSED_NOT_ADMIN
 from bot.cogs.retrain import (
-    MESSAGE_LIMIT_CHARS,
     RetrainCog,
     RetrainRunner,
     RetrainStatus,
@@ -37,6 +36,7 @@ from bot.retrain import (
     rollback,
 )
 from bot.storage import Storage, StoredMessage
+from bot.text import MESSAGE_LIMIT_CHARS
 from model.registry import CurrentWatcher, Registry
 from tests.conftest import build_tiny_gpt2
 from tests.discord_fixtures import TEST_COGS, Harness, response_text, running_bot

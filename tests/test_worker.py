@@ -256,8 +256,8 @@ async def test_any_other_engine_error_fails_the_request_and_keeps_serving(make_w
 async def test_a_prompt_that_cannot_fit_fails_cleanly(make_worker: Any) -> None:
     factory, engines = scripted()
     worker = await make_worker(factory)
-    with pytest.raises(GenerationFailed, match="prompt too long"):
-        await worker.generate(request(params=SamplingParams(max_new_tokens=1024)))
+    with pytest.raises(GenerationFailed, match="prompt too long"):  # the persona alone overflows
+        await worker.generate(request(persona="word " * 900, params=SamplingParams(max_new_tokens=200)))
     long_history = tuple(Turn(f"user{i}", "word " * 400) for i in range(20))
     await worker.generate(request(history=long_history, params=SamplingParams(max_new_tokens=200)))
     (admitted,) = engines[0].admitted

@@ -18,7 +18,16 @@ import discord
 from discord import app_commands
 from discord.ext import commands, tasks
 
-from bot.cogs import admin_check, admin_group, admin_only, answer, audit, defer, is_guild_admin
+from bot.cogs import (
+    admin_check,
+    admin_group,
+    admin_only,
+    answer,
+    audit,
+    defer,
+    is_bot_owner,
+    is_guild_admin,
+)
 from bot.conversation import apply_overrides
 from bot.runtime import model_source
 from bot.storage import Stats
@@ -28,6 +37,11 @@ if TYPE_CHECKING:
     from bot.discord_app import ChatBot
 
 log = logging.getLogger(__name__)
+
+REFUSED_OTHER_MODEL = (
+    "Only the bot's owners can load a different model, because one model serves every server. "
+    "`/reload` without a model reloads the current one."
+)
 
 LAG_PROBE_INTERVAL_SECONDS = 0.5
 LAG_SAMPLES = 240  # two minutes of probes
@@ -176,6 +190,11 @@ class AdminCog(commands.Cog):
     async def reload(self, interaction: discord.Interaction, model: str | None = None) -> None:
         """Hot-swap the model; the old one keeps serving if anything fails."""
         await defer(interaction)
+        if model is not None and not await is_bot_owner(interaction):
+            # One model serves every server the bot is in: only its owners may pick another one.
+            await answer(interaction, REFUSED_OTHER_MODEL)
+            await audit(interaction, f"{model}: refused, not a bot owner", allowed=False)
+            return
         source = model or model_source(self.bot.settings)
         try:
             info = await self.bot.generator.reload(source)

@@ -27,6 +27,7 @@ from discord.ext import commands, tasks
 from bot.cogs import admin_check, admin_group, answer, audit, defer
 from bot.config import Settings
 from bot.retrain import RetrainOptions
+from bot.text import split_message
 from model.registry import WATCH_INTERVAL_SECONDS, CurrentWatcher, RegistryError, current_source
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ T = TypeVar("T")
 EDIT_INTERVAL_SECONDS = 3.0
 CANCEL_GRACE_SECONDS = 10.0
 EVENT_LINE_LIMIT_BYTES = 1 << 20  # the final event carries the comparison table
-MESSAGE_LIMIT_CHARS = 2000
 CHILD_MODULE = "bot.retrain"
 
 
@@ -199,6 +199,11 @@ def format_progress(status: RetrainStatus, now: float) -> str:
     return "\n".join(line for line in lines if line)
 
 
+def first_message(text: str) -> str:
+    """What fits in one Discord message (UTF-16 length, code fences closed), via the reply splitter."""
+    return split_message(text)[0] if text else text
+
+
 def _metrics_table(table: str) -> str:
     """The metrics part of the comparison (the replies table goes into the attached report)."""
     return table.split("\n\n", 1)[0]
@@ -215,7 +220,7 @@ def format_final(status: RetrainStatus, now: float) -> str:
     body = format_progress(status, now)
     table = _metrics_table(str(status.result.get("table", ""))) if status.result else ""
     text = f"{head}\n{body}" + (f"\n```\n{table}\n```" if table else "")
-    return text if len(text) <= MESSAGE_LIMIT_CHARS else text[: MESSAGE_LIMIT_CHARS - 4] + "\n```"
+    return first_message(text)
 
 
 def _outcome(result: Mapping[str, Any]) -> str:
@@ -408,7 +413,7 @@ class RetrainCog(commands.Cog):
             text = format_progress(self.status, self.bot.clock())
         if self.last_reload_error:
             text += f"\nLast hot reload: {self.last_reload_error}."
-        await answer(interaction, text[:MESSAGE_LIMIT_CHARS])
+        await answer(interaction, first_message(text))
         await audit(interaction, "viewed", allowed=True)
 
 
