@@ -13,12 +13,13 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from model.dataset import DEFAULT_PERSONA, ExportError, pack_blocks, read_conversations, verify_export
 from model.prompt import Turn, render_dialogue
+from model.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +69,9 @@ class EvalReport:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How the fixed prompts are answered. No repetition guards by default: the metrics measure the model."""
-
-    max_new_tokens: int = 40
-    temperature: float = 0.8
-    top_p: float = 0.9
-    top_k: int = 50
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    seed: int = 0
+# How the fixed prompts are answered: serving's sampling without the repetition guards, so the metrics
+# measure the model itself; seeded per prompt.
+EVAL_SAMPLING = SamplingParams(max_new_tokens=40, repetition_penalty=1.0, no_repeat_ngram_size=0, seed=0)
 
 
 def perplexity(
@@ -139,38 +132,25 @@ def repetition_rate(replies: Sequence[Sequence[int]], n: int = REPETITION_NGRAM)
     return repeated / total if total else 0.0
 
 
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """End-of-text plus every token whose text contains a newline (a newline ends the bot's turn)."""
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    return sorted({tokenizer.eos_token_id, *(i for i, text in enumerate(texts) if "\n" in text)})
-
-
 def generate_reply(
-    model: Any, tokenizer: Any, prompt_text: str, settings: GenerationSettings, stop_ids: list[int]
+    model: Any, tokenizer: Any, prompt_text: str, params: SamplingParams, stop_ids: frozenset[int]
 ) -> tuple[str, int]:
     """One reply via HF generate, cut at the end of the bot's line; returns (text, new token count)."""
     import torch
 
+    from model.generation import generation_config
     from model.loading import context_window, set_seed
 
-    set_seed(settings.seed)  # per prompt, so a reply does not depend on the prompts before it
+    set_seed(params.seed or 0)  # per prompt, so a reply does not depend on the prompts before it
     # Prompt + reply must fit the context window: an index past it is an error (a device assert on a GPU).
-    max_new_tokens = min(settings.max_new_tokens, context_window(model.config) // 2)
-    keep_tokens = context_window(model.config) - max_new_tokens
+    params = replace(params, max_new_tokens=min(params.max_new_tokens, context_window(model.config) // 2))
+    keep_tokens = context_window(model.config) - params.max_new_tokens
     prompt_ids = tokenizer(prompt_text, return_tensors="pt")["input_ids"][:, -keep_tokens:].to(model.device)
     with torch.inference_mode():
         output = model.generate(
             input_ids=prompt_ids,
             attention_mask=torch.ones_like(prompt_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=settings.temperature > 0,
-            temperature=settings.temperature or None,
-            top_p=settings.top_p,
-            top_k=settings.top_k,
-            repetition_penalty=settings.repetition_penalty,
-            no_repeat_ngram_size=settings.no_repeat_ngram_size,
-            eos_token_id=stop_ids,
-            pad_token_id=tokenizer.eos_token_id,
+            generation_config=generation_config(params, stop_ids, tokenizer.eos_token_id),
         )
     new_ids = output[0, prompt_ids.shape[1] :].tolist()
     text = tokenizer.decode(new_ids, skip_special_tokens=True).split("\n", 1)[0].strip()
@@ -183,9 +163,11 @@ def answer_prompts(
     prompts: Sequence[str],
     persona: str,
     bot_name: str,
-    settings: GenerationSettings,
+    settings: SamplingParams,
 ) -> tuple[PromptReply, ...]:
     """The model's reply to each prompt, each rendered as a one-turn conversation with an open bot turn."""
+    from model.generation import stop_token_ids
+
     stop_ids = stop_token_ids(tokenizer)
     replies = []
     for prompt in prompts:
@@ -212,7 +194,7 @@ def evaluate(
     batch_size: int = 8,
     device: str = "auto",
     prompts: Sequence[str] = DEFAULT_PROMPTS,
-    settings: GenerationSettings | None = None,
+    settings: SamplingParams = EVAL_SAMPLING,
 ) -> EvalReport:
     """Evaluate a model on an export's val.jsonl; persona, bot name and block size default to its card's."""
     from model.loading import load_model
@@ -231,9 +213,7 @@ def evaluate(
     conversations = read_conversations(data_dir / "val.jsonl")
     blocks = pack_blocks(loaded.tokenizer, conversations, persona, bot_name, block_size, keep_remainder=True)
     ppl, tokens = perplexity(loaded.model, loaded.tokenizer, blocks, batch_size, str(loaded.device))
-    replies = answer_prompts(
-        loaded.model, loaded.tokenizer, prompts, persona, bot_name, settings or GenerationSettings()
-    )
+    replies = answer_prompts(loaded.model, loaded.tokenizer, prompts, persona, bot_name, settings)
     return _report(model_name, ppl, tokens, block_size, replies, loaded.tokenizer, str(loaded.device))
 
 
@@ -326,8 +306,8 @@ class EvalArguments:
 
 def run_eval(args: EvalArguments) -> list[EvalReport]:
     """Evaluate --model (and --against) as the flags say."""
-    settings = GenerationSettings(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed
+    settings = replace(
+        EVAL_SAMPLING, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed
     )
     names = [args.model, *([args.against] if args.against else [])]
     return [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +13,7 @@ import torch
 
 from model.evaluate import (
     DEFAULT_PROMPTS,
-    GenerationSettings,
+    EVAL_SAMPLING,
     distinct_n,
     evaluate,
     generate_reply,
@@ -20,11 +21,10 @@ from model.evaluate import (
     markdown_report,
     perplexity,
     repetition_rate,
-    stop_token_ids,
 )
 from tests.test_train import make_synthetic_export
 
-FAST = GenerationSettings(max_new_tokens=6)
+FAST = replace(EVAL_SAMPLING, max_new_tokens=6)
 
 
 class UniformModel(torch.nn.Module):
@@ -60,13 +60,6 @@ def test_perplexity_is_exact_and_skips_end_of_text(gpt2_tokenizer) -> None:
     assert ppl == pytest.approx(len(gpt2_tokenizer), rel=1e-5)
 
 
-def test_stop_tokens_include_newlines_and_end_of_text(gpt2_tokenizer) -> None:
-    stops = stop_token_ids(gpt2_tokenizer)
-    assert gpt2_tokenizer.eos_token_id in stops
-    assert gpt2_tokenizer("\n")["input_ids"][0] in stops and gpt2_tokenizer("\n\n")["input_ids"][0] in stops
-    assert gpt2_tokenizer(" hello")["input_ids"][0] not in stops
-
-
 def test_reply_respects_a_short_context_window(gpt2_tokenizer) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -74,7 +67,7 @@ def test_reply_respects_a_short_context_window(gpt2_tokenizer) -> None:
     model = GPT2LMHeadModel(GPT2Config(n_positions=32, n_layer=1, n_embd=16, n_head=2)).eval()
     long_prompt = "User: " + "word " * 200 + "\nBot:"
     text, count = generate_reply(
-        model, gpt2_tokenizer, long_prompt, GenerationSettings(max_new_tokens=40), []
+        model, gpt2_tokenizer, long_prompt, replace(EVAL_SAMPLING, max_new_tokens=40), frozenset()
     )
     assert count <= 16 and "\n" not in text
 

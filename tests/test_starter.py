@@ -70,12 +70,14 @@ def test_model_card_states_the_measured_perplexity(card: dict) -> None:
 
 
 def test_generates_a_non_empty_reply_on_the_cpu() -> None:
+    from dataclasses import replace
+
     from model.dataset import DEFAULT_PERSONA
-    from model.evaluate import GenerationSettings, answer_prompts
+    from model.evaluate import EVAL_SAMPLING, answer_prompts
     from model.loading import load_model
 
     loaded = load_model("starter", device="cpu", dtype="float32")
-    greedy = GenerationSettings(max_new_tokens=20, temperature=0.0)
+    greedy = replace(EVAL_SAMPLING, max_new_tokens=20, temperature=0.0)
     (reply,) = answer_prompts(
         loaded.model, loaded.tokenizer, ["hi! how are you?"], DEFAULT_PERSONA, "Bot", greedy
     )
