@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 EXIT_CONFIG = 2
 EXIT_MODEL = 3
 EXIT_STORAGE = 4
+PASSTHROUGH_COMMANDS = frozenset({"train", "eval"})
 CONNECT_HINT = (
     "No DISCORD_TOKEN set: opening the terminal chat. Put DISCORD_TOKEN in .env to connect Discord."
 )
@@ -99,7 +100,7 @@ def cmd_passthrough(module: str) -> Callable[[Settings, argparse.Namespace], int
         import importlib
 
         entry: Callable[[list[str]], int] = importlib.import_module(module).main
-        return entry(list(args.rest))
+        return entry([arg for arg in args.rest if arg != "--"])
 
     return run
 
@@ -140,9 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(sub)
     _add_export(sub)
     for name, module, text in (("train", "model.train", "fine-tune"), ("eval", "model.evaluate", "evaluate")):
-        cmd = sub.add_parser(name, help=f"{text} a model (see `chatbot {name} -- --help`)", add_help=False)
-        cmd.add_argument("rest", nargs=argparse.REMAINDER)
-        cmd.set_defaults(func=cmd_passthrough(module))
+        cmd = sub.add_parser(name, help=f"{text} a model (see `chatbot {name} --help`)", add_help=False)
+        cmd.set_defaults(func=cmd_passthrough(module), rest=[])
     sub.add_parser("models", help="list model versions").set_defaults(func=cmd_models)
     promote = sub.add_parser("promote", help="make a model version current")
     promote.add_argument("version")
@@ -173,7 +173,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `chatbot` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in PASSTHROUGH_COMMANDS:
+        parser.error("unrecognized arguments: " + " ".join(extra))
+    args.rest = extra  # train and eval hand their flags (--help too) to model.train / model.evaluate
     try:
         settings = load_settings(args.env_file)
     except ConfigError as exc:

@@ -87,3 +87,14 @@ def test_chatbot_console_with_a_real_tiny_model(tmp_path: Path, tiny_model_dir: 
     assert len(lines) == 2 and all(line.startswith("bot: ") and len(line) > 5 for line in lines), lines
     rows = stored_rows(tmp_path / "data" / "chatbot.db")
     assert [is_bot for is_bot, _ in rows] == [0, 1, 0, 1]
+
+
+def test_train_and_eval_hand_their_flags_through(capsys: pytest.CaptureFixture[str]) -> None:
+    from bot.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--env-file", "/nonexistent", "train", "--help"])
+    assert "--from_scratch" in capsys.readouterr().out  # model.train's own help, not chatbot's
+    with pytest.raises(SystemExit):
+        main(["--env-file", "/nonexistent", "models", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
