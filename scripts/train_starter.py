@@ -65,11 +65,13 @@ def use_bundled_tokenizer(out_dir: Path) -> None:
 
 def sample_replies(out_dir: Path, persona: str, bot_name: str) -> list[tuple[str, str]]:
     """Replies to the evaluation prompts with the serving defaults (seeded), for the card."""
-    from model.evaluate import DEFAULT_PROMPTS, GenerationSettings, answer_prompts
+    from dataclasses import replace
+
+    from model.evaluate import DEFAULT_PROMPTS, EVAL_SAMPLING, answer_prompts
     from model.loading import load_model
 
     loaded = load_model(str(out_dir), device="auto", dtype="float32")
-    serving = GenerationSettings(repetition_penalty=1.15, no_repeat_ngram_size=3, seed=0)
+    serving = replace(EVAL_SAMPLING, repetition_penalty=1.15, no_repeat_ngram_size=3)
     replies = answer_prompts(loaded.model, loaded.tokenizer, DEFAULT_PROMPTS, persona, bot_name, serving)
     return [(r.prompt, r.reply) for r in replies]
 

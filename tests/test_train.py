@@ -107,11 +107,13 @@ def test_training_card_pins_data_settings_and_hardware(trained: Path, small_expo
 
 
 def test_eval_reproduces_the_cards_perplexity(trained: Path, small_export: Path) -> None:
-    from model.evaluate import GenerationSettings, evaluate
+    from dataclasses import replace
+
+    from model.evaluate import EVAL_SAMPLING, evaluate
 
     card = json.loads((trained / "training_card.json").read_text())
     report = evaluate(
-        str(trained), small_export, prompts=("hi",), settings=GenerationSettings(max_new_tokens=4)
+        str(trained), small_export, prompts=("hi",), settings=replace(EVAL_SAMPLING, max_new_tokens=4)
     )
     assert report.block_size == 64  # read from the training card
     assert report.perplexity == pytest.approx(card["metrics"]["val_perplexity_after"], rel=1e-4)
