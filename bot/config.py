@@ -17,6 +17,17 @@ TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
 
+# Ranges of the sampling settings: the BOT_* variables here and the bot's /config command both use them.
+SAMPLING_LIMITS: Mapping[str, tuple[float, float]] = {
+    "temperature": (0.0, 5.0),
+    "top_p": (0.01, 1.0),
+    "top_k": (0, 50_000),
+    "repetition_penalty": (1.0, 3.0),
+    "max_new_tokens": (1, 1024),
+    "no_repeat_ngram_size": (0, 20),
+}
+
+
 class ConfigError(ValueError):
     """One or more settings are invalid; the message names every bad variable and value."""
 
@@ -54,6 +65,15 @@ def _float_in(low: float, high: float) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def _sampling_int(name: str) -> Callable[[str], int]:
+    low, high = SAMPLING_LIMITS[name]
+    return _int_in(int(low), int(high))
+
+
+def _sampling_float(name: str) -> Callable[[str], float]:
+    return _float_in(*SAMPLING_LIMITS[name])
 
 
 def _id_set(raw: str) -> frozenset[int]:
@@ -118,12 +138,16 @@ class Settings:
     seed: int = _setting("BOT_SEED", "42", _int_in(0, 2**32 - 1))
     bot_name: str = _setting("BOT_NAME", "Bot", _speaker_name)
     persona: str = _setting("BOT_PERSONA", DEFAULT_PERSONA, _text(1000))
-    max_new_tokens: int = _setting("BOT_MAX_NEW_TOKENS", "60", _int_in(1, 1024))
-    temperature: float = _setting("BOT_TEMPERATURE", "0.8", _float_in(0.0, 5.0))
-    top_p: float = _setting("BOT_TOP_P", "0.9", _float_in(0.01, 1.0))
-    top_k: int = _setting("BOT_TOP_K", "50", _int_in(0, 50_000))
-    repetition_penalty: float = _setting("BOT_REPETITION_PENALTY", "1.15", _float_in(1.0, 3.0))
-    no_repeat_ngram_size: int = _setting("BOT_NO_REPEAT_NGRAM_SIZE", "3", _int_in(0, 20))
+    max_new_tokens: int = _setting("BOT_MAX_NEW_TOKENS", "60", _sampling_int("max_new_tokens"))
+    temperature: float = _setting("BOT_TEMPERATURE", "0.8", _sampling_float("temperature"))
+    top_p: float = _setting("BOT_TOP_P", "0.9", _sampling_float("top_p"))
+    top_k: int = _setting("BOT_TOP_K", "50", _sampling_int("top_k"))
+    repetition_penalty: float = _setting(
+        "BOT_REPETITION_PENALTY", "1.15", _sampling_float("repetition_penalty")
+    )
+    no_repeat_ngram_size: int = _setting(
+        "BOT_NO_REPEAT_NGRAM_SIZE", "3", _sampling_int("no_repeat_ngram_size")
+    )
     generation_timeout_seconds: float = _setting("BOT_GENERATION_TIMEOUT_SECONDS", "20", _float_in(0.1, 600))
     queue_size: int = _setting("BOT_QUEUE_SIZE", "32", _int_in(1, 10_000))
     history_messages: int = _setting("BOT_HISTORY_MESSAGES", "40", _int_in(1, 1000))

@@ -28,6 +28,7 @@ from bot.cogs import (
     is_bot_owner,
     is_guild_admin,
 )
+from bot.config import SAMPLING_LIMITS
 from bot.conversation import apply_overrides
 from bot.runtime import model_source
 from bot.storage import Stats
@@ -46,15 +47,6 @@ REFUSED_OTHER_MODEL = (
 LAG_PROBE_INTERVAL_SECONDS = 0.5
 LAG_SAMPLES = 240  # two minutes of probes
 PERSONA_MAX_CHARS = 1000
-# The same ranges as bot/config.py's BOT_* variables.
-SAMPLING_LIMITS: Mapping[str, tuple[float, float]] = {
-    "temperature": (0.0, 5.0),
-    "top_p": (0.01, 1.0),
-    "top_k": (0, 50_000),
-    "repetition_penalty": (1.0, 3.0),
-    "max_new_tokens": (1, 1024),
-    "no_repeat_ngram_size": (0, 20),
-}
 
 
 def percentile(values: Sequence[float], fraction: float) -> float | None:
