@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +101,24 @@ def _step_features(params: Sequence[SamplingParams]) -> tuple[str, bool, int]:
     return sampling, use_penalty, span
 
 
+def _step_function(device: torch.device, want_fused: bool, is_required: bool) -> Callable[..., None]:
+    """The fused Triton decode step when wanted and Triton can run here, else the plain one."""
+    if not want_fused:
+        return decode_step
+    try:
+        from model import fastgen_triton
+    except ImportError:
+        if is_required:
+            raise
+        log.info("Triton is not installed: using the plain decode step")
+        return decode_step
+    if not fastgen_triton.can_run_on(device):
+        if is_required:
+            raise ValueError("the fused decode step needs CUDA (or Triton's interpreter, TRITON_INTERPRET=1)")
+        return decode_step
+    return fastgen_triton.decode_step
+
+
 def _right_padded(sequences: Sequence[Sequence[int]], width: int) -> torch.Tensor:
     """[len(sequences), width] int64; each row padded with its own last id (0 for an empty row)."""
     rows = [list(s) + [s[-1] if s else 0] * (width - len(s)) for s in sequences]
@@ -132,6 +150,7 @@ class BatchedGPT2Engine:
         max_batch_size: int = 64,
         max_seq_len: int | None = None,
         use_cuda_graphs: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         if not self.supports(model):
             raise ValueError("BatchedGPT2Engine needs a GPT-2 model without cross-attention or layer scaling")
@@ -149,9 +168,15 @@ class BatchedGPT2Engine:
         self._eos_id: int | None = tokenizer.eos_token_id
         self._max_batch, self._max_seq = max_batch_size, max_seq
         self._weights = weights_from_hf(model, fast_activation=self._use_graphs)
+        want_fused = self._use_graphs if fused is None else fused
+        self._decode_step = _step_function(device, want_fused, is_required=fused is True)
+        self._is_fused = self._decode_step is not decode_step
         with torch.inference_mode():
             self._state: DecodeState = allocate_state(self._weights, max_batch_size, max_seq)
-        self._bucket = WINDOW_BUCKET if self._use_graphs else 1  # eager shapes cost nothing to vary
+        # Graphs are captured per window bucket; the fused step reads each row's length on the device,
+        # so its graphs serve every window. Eager shapes cost nothing to vary.
+        self._bucket = WINDOW_BUCKET if self._use_graphs else 1
+        self._fixed_window = max_seq if self._is_fused else None
         self._prefill_bucket = PREFILL_BUCKET if self._use_graphs else 1
         self._prefill_tokens = PREFILL_TOKENS["cuda" if device.type == "cuda" else "cpu"]
         self._batch_buckets = _batch_buckets(max_batch_size)
@@ -353,7 +378,7 @@ class BatchedGPT2Engine:
         n_rows = len(self._running)
         batch = next(b for b in self._batch_buckets if b >= n_rows) if self._use_graphs else n_rows
         longest = max(r.length_bound(self._steps) for r in self._running)
-        window = min(self._max_seq, _round_up(longest, self._bucket))
+        window = self._fixed_window or min(self._max_seq, _round_up(longest, self._bucket))
         if self._features is None:
             self._features = _step_features([r.job.params for r in self._running])
         sampling, use_penalty, ngram_span = self._features
@@ -364,7 +389,7 @@ class BatchedGPT2Engine:
         if self._use_graphs:
             self._graph(plan).replay()
         else:
-            decode_step(self._weights, self._state, plan)
+            self._decode_step(self._weights, self._state, plan)
         self._launched.append(self._publish(plan.batch))
         self._steps += 1
 
@@ -391,10 +416,10 @@ class BatchedGPT2Engine:
         side = torch.cuda.Stream(self._device)
         side.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(side):
-            decode_step(self._weights, self._state, plan, commit=False)
+            self._decode_step(self._weights, self._state, plan, commit=False)
         torch.cuda.current_stream(self._device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            decode_step(self._weights, self._state, plan)
+            self._decode_step(self._weights, self._state, plan)
         log.info("captured a decode graph for %s in %.0f ms", plan, 1000 * (time.perf_counter() - started))
         return graph

@@ -72,6 +72,7 @@ class GPT2Weights:
     eps: float
     attn_scale: float
     act: Callable[[torch.Tensor], torch.Tensor]
+    is_tanh_gelu: bool  # the activation is GELU's tanh approximation (fused into a matmul epilogue)
 
     @property
     def width(self) -> int:
@@ -157,6 +158,7 @@ def weights_from_hf(model: Any, fast_activation: bool) -> GPT2Weights:
         eps=config.layer_norm_epsilon,
         attn_scale=head_dim**-0.5 if config.scale_attn_weights else 1.0,  # as HF's GPT2Attention.scaling
         act=act,
+        is_tanh_gelu=config.activation_function in TANH_GELUS,
     )
 
 

@@ -6,8 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub, even when run by hand
+if not torch.cuda.is_available():
+    # Without a GPU the fused decode step's Triton kernels run in Triton's interpreter. Triton reads
+    # this when it is imported, so it is set before any test imports it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 GPT2_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "model" / "assets" / "gpt2-tokenizer"
 

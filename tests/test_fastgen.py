@@ -5,6 +5,7 @@ CPU tests run the eager path on the tiny GPT-2 (fp32); `gpu` tests run the CUDA-
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,6 +37,18 @@ EOS_ID = 50256
 FAR_DEADLINE = float("inf")
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(params=[False, True], ids=["plain", "fused"])
+def fused(request: pytest.FixtureRequest) -> bool:
+    """Run a CPU test on the plain step and on the fused step (its Triton kernels interpreted)."""
+    if request.param:
+        pytest.importorskip("triton")
+        from model import fastgen_triton
+
+        if not fastgen_triton.can_run_on(torch.device("cpu")):
+            pytest.skip("the fused step runs on the CPU only in Triton's interpreter (TRITON_INTERPRET=1)")
+    return bool(request.param)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,9 +130,9 @@ def test_supports_only_plain_gpt2(tiny_model: GPT2LMHeadModel) -> None:
 MIXED_SETTINGS = [greedy(16), greedy(16, penalty=1.3, ngram=3), greedy(16, penalty=1.15, ngram=2), greedy(16)]
 
 
-def test_rows_of_different_lengths_and_settings_in_one_batch_match_generate(tiny_model) -> None:
+def test_rows_of_different_lengths_and_settings_in_one_batch_match_generate(tiny_model, fused) -> None:
     prompts = [random_prompt(n, seed=n) for n in (1, 7, 33, 100)]
-    engine = make_engine(tiny_model, max_batch_size=8)
+    engine = make_engine(tiny_model, fused=fused, max_batch_size=8)
     for i, (prompt, params) in enumerate(zip(prompts, MIXED_SETTINGS, strict=True)):
         engine.admit(job(i, prompt, params))
     results = drain(engine)
@@ -128,11 +141,11 @@ def test_rows_of_different_lengths_and_settings_in_one_batch_match_generate(tiny
         assert results[i].stop_reason == "max_tokens"
 
 
-def test_jobs_joining_and_leaving_mid_batch_match_generate(tiny_model) -> None:
+def test_jobs_joining_and_leaving_mid_batch_match_generate(tiny_model, fused) -> None:
     prompts = {i: random_prompt(5 + 9 * i, seed=100 + i) for i in range(5)}
     lengths = {0: 30, 1: 6, 2: 20, 3: 12, 4: 9}  # job 1 leaves first: the last slot moves into its hole
     params = {i: greedy(n, penalty=1.2, ngram=3) for i, n in lengths.items()}
-    engine = make_engine(tiny_model, max_batch_size=4)
+    engine = make_engine(tiny_model, fused=fused, max_batch_size=4)
     engine.admit(job(0, prompts[0], params[0]))
     results: dict[int, EngineResult] = {}
     for _ in range(4):
@@ -148,12 +161,12 @@ def test_jobs_joining_and_leaving_mid_batch_match_generate(tiny_model) -> None:
         assert list(results[i].token_ids) == hf_generate(tiny_model, prompt, params[i]), f"job {i}"
 
 
-def test_each_row_stops_at_its_own_stop_token(tiny_model) -> None:
+def test_each_row_stops_at_its_own_stop_token(tiny_model, fused) -> None:
     prompt, params = random_prompt(12, seed=3), greedy(20, penalty=1.5)  # the penalty varies the tokens
     reference = hf_generate(tiny_model, prompt, params)
     first_at = sorted({reference.index(token) for token in reference})
     early, late = first_at[1], first_at[-1]
-    engine = make_engine(tiny_model)
+    engine = make_engine(tiny_model, fused=fused)
     engine.admit(job(0, prompt, params, stop=frozenset({reference[early]})))
     engine.admit(job(1, prompt, params, stop=frozenset({reference[late]})))
     engine.admit(job(2, prompt, params))
@@ -163,18 +176,18 @@ def test_each_row_stops_at_its_own_stop_token(tiny_model) -> None:
     assert results[2] == EngineResult(2, tuple(reference), "max_tokens")
 
 
-def test_end_of_text_reports_eos(tiny_model) -> None:
+def test_end_of_text_reports_eos(tiny_model, fused) -> None:
     prompt = random_prompt(12, seed=4)
     reference = hf_generate(tiny_model, prompt, greedy(8, penalty=1.5))
-    engine = BatchedGPT2Engine(tiny_model, SimpleNamespace(eos_token_id=reference[2]))
+    engine = BatchedGPT2Engine(tiny_model, SimpleNamespace(eos_token_id=reference[2]), fused=fused)
     engine.admit(job(0, prompt, greedy(8, penalty=1.5), stop=frozenset({reference[2], EOS_ID})))
     result = drain(engine)[0]
     assert result.stop_reason == "eos"
     assert list(result.token_ids) == reference[: reference.index(reference[2])]
 
 
-def test_max_new_tokens_and_context_window_are_honoured_per_row(tiny_model) -> None:
-    engine = make_engine(tiny_model, max_seq_len=40)
+def test_max_new_tokens_and_context_window_are_honoured_per_row(tiny_model, fused) -> None:
+    engine = make_engine(tiny_model, fused=fused, max_seq_len=40)
     prompt = random_prompt(30, seed=5)
     for i, n in enumerate((1, 5, 9)):
         engine.admit(job(i, prompt, greedy(n)))
@@ -185,12 +198,12 @@ def test_max_new_tokens_and_context_window_are_honoured_per_row(tiny_model) -> N
         assert results[i] == EngineResult(i, tuple(reference[:n]), "max_tokens")
 
 
-def test_deadline_stops_one_row_and_the_others_finish(tiny_model, monkeypatch) -> None:
+def test_deadline_stops_one_row_and_the_others_finish(tiny_model, monkeypatch, fused) -> None:
     clock = SimpleNamespace(now=0.0)
     fake_time = SimpleNamespace(monotonic=lambda: clock.now, perf_counter=time.perf_counter)
     monkeypatch.setattr(fastgen, "time", fake_time)
     prompt = random_prompt(10, seed=6)
-    engine = make_engine(tiny_model)
+    engine = make_engine(tiny_model, fused=fused)
     engine.admit(job(0, prompt, greedy(30), deadline=10.0))
     engine.admit(job(1, prompt, greedy(30), deadline=1000.0))
     partial: dict[int, EngineResult] = {}
@@ -214,11 +227,11 @@ def sampled(seed: int | None, **overrides: Any) -> SamplingParams:
     return SamplingParams(seed=seed, **(settings | overrides))
 
 
-def test_a_seeded_job_samples_the_same_tokens_whatever_shares_its_batch(tiny_model) -> None:
+def test_a_seeded_job_samples_the_same_tokens_whatever_shares_its_batch(tiny_model, fused) -> None:
     prompt = random_prompt(9, seed=7)
-    alone = make_engine(tiny_model)
+    alone = make_engine(tiny_model, fused=fused)
     alone.admit(job(0, prompt, sampled(seed=7)))
-    crowded = make_engine(tiny_model)
+    crowded = make_engine(tiny_model, fused=fused)
     crowded.admit(job(1, random_prompt(40, seed=8), greedy(5, penalty=1.3, ngram=2)))
     crowded.admit(job(2, random_prompt(3, seed=9), sampled(seed=None, top_k=0, top_p=0.5)))
     crowded.admit(job(0, prompt, sampled(seed=7)))
@@ -229,11 +242,27 @@ def test_a_seeded_job_samples_the_same_tokens_whatever_shares_its_batch(tiny_mod
     assert all(len(r.token_ids) == {1: 5}.get(i, 12) for i, r in second.items())
 
 
+def test_the_fused_step_samples_the_tokens_the_plain_step_samples(tiny_model, fused) -> None:
+    if not fused:
+        pytest.skip("compares the fused step with the plain one")
+    # top_k stays within the cap: full-vocabulary sampling is the plain step's own code in both, and on a
+    # random model's near-flat distribution its order among ~25k candidates follows last-bit rounding.
+    settings = [sampled(1), sampled(2, top_k=5, temperature=0.7), sampled(3, top_k=20, top_p=0.5)]
+    prompts = [random_prompt(n, seed=20 + n) for n in (4, 17, 60)]
+    runs = []
+    for is_fused in (False, True):
+        engine = make_engine(tiny_model, fused=is_fused)
+        for i, (prompt, params) in enumerate(zip(prompts, settings, strict=True)):
+            engine.admit(job(i, prompt, dataclasses.replace(params, repetition_penalty=1.2)))
+        runs.append({i: r.token_ids for i, r in drain(engine).items()})
+    assert runs[0] == runs[1]
+
+
 @pytest.mark.parametrize("overrides", [{"top_k": 1}, {"top_k": 0, "top_p": 1e-6}, {"temperature": 1e-4}])
-def test_sampling_that_leaves_one_candidate_gives_the_greedy_tokens(tiny_model, overrides) -> None:
+def test_sampling_that_leaves_one_candidate_gives_the_greedy_tokens(tiny_model, overrides, fused) -> None:
     prompt = random_prompt(15, seed=10)
     params = sampled(seed=None, repetition_penalty=1.2, no_repeat_ngram_size=3, **overrides)
-    engine = make_engine(tiny_model)
+    engine = make_engine(tiny_model, fused=fused)
     engine.admit(job(0, prompt, params))
     assert list(drain(engine)[0].token_ids) == hf_generate(tiny_model, prompt, greedy(12, 1.2, 3))
 
@@ -341,10 +370,12 @@ def test_out_of_memory_propagates_and_abort_all_recovers(tiny_model, monkeypatch
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("use_cuda_graphs", [True, False])
-def test_gpu_greedy_matches_generate_with_joins_and_leaves(tiny_model_dir, use_cuda_graphs) -> None:
+@pytest.mark.parametrize(
+    ("use_cuda_graphs", "fused"), [(True, True), (True, False), (False, True), (False, False)]
+)
+def test_gpu_greedy_matches_generate_with_joins_and_leaves(tiny_model_dir, use_cuda_graphs, fused) -> None:
     model = GPT2LMHeadModel.from_pretrained(tiny_model_dir).to("cuda").eval()
-    engine = make_engine(model, max_batch_size=8, use_cuda_graphs=use_cuda_graphs)
+    engine = make_engine(model, max_batch_size=8, use_cuda_graphs=use_cuda_graphs, fused=fused)
     prompts = {i: random_prompt(3 + 37 * i, seed=200 + i) for i in range(6)}
     params = {i: greedy(8 + 5 * i, penalty=(1.0, 1.2)[i % 2], ngram=(0, 3, 2)[i % 3]) for i in range(6)}
     results: dict[int, EngineResult] = {}

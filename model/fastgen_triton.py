@@ -1,0 +1,350 @@
+"""Fused decode step for BatchedGPT2Engine on CUDA: Triton kernels between cuBLAS matrix products.
+
+The plain step (model/fastgen_ops.py) launches 22 kernels per layer plus ~60 for the logits
+processors, the sampler and the append: at small batches kernel latency, not memory traffic, sets its
+time. This one launches 7 per layer and 5 after the LM head:
+
+    embed + ln_1 ─┐
+    per layer:    addmm(qkv) → attention (+ this token's K/V into the cache) → resid += y·W_proj
+                  → ln_2 (+ resid += b_fc_proj) → addmm+GELU epilogue → resid += f·W_out
+                  → next ln_1 (+ resid += next b_proj) or ln_f
+    LM head → penalty + n-gram ban → argmax → top-k (cuBLAS/torch) → sample + append
+
+Two tricks keep the residual adds out of separate kernels: each layer-norm kernel also adds the next
+projection's bias into the residual stream, and the projection then accumulates into it in place
+(`addmm_` with beta = 1). Attention reads each row's own cache length from the device, so one graph
+serves every window, and the cache position of the new token is written by the same kernel.
+
+Numerics: layer norm, attention and sampling run in float32 whatever the model dtype; rounding points
+differ from Hugging Face's by a few ulps (bias-then-residual order), so greedy tokens agree with
+`generate` except at exact near-ties (tests/test_fastgen.py checks equality on the test models).
+
+Imported only when Triton is installed. Kernels are compiled on first use; on a CPU tensor (tests)
+they run in Triton's interpreter instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+from triton import knobs
+
+from model.fastgen_ops import (
+    GEN,
+    MAX_NEW,
+    NGRAM,
+    PENALTY,
+    POS,
+    REASON_IDLE,
+    REASON_MAX_NEW,
+    REASON_MAX_SEQ,
+    REASON_RUNNING,
+    REASON_STOP_TOKEN,
+    TEMPERATURE,
+    TOP_K,
+    TOP_P,
+    DecodeState,
+    GPT2Weights,
+    LayerWeights,
+    StepPlan,
+)
+from model.fastgen_sampling import TOP_K_CAP, sample_top_k_top_p
+
+ATTENTION_BLOCK = 64  # cache positions per attention iteration
+NUM_WARPS = 4
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def norm_kernel(  # Triton kernel: untyped, many arguments
+    resid_ptr, w_ptr, b_ptr, bias_ptr, out_ptr, eps, width,
+    tokens_ptr, tokens_stride, rows_ptr, rows_stride, wte_ptr, wpe_ptr,
+    BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, EMBED: tl.constexpr, POS_COL: tl.constexpr,
+):  # fmt: skip
+    """Row r: out = ln(x), then resid = x + bias (the next projection's) when given; x is resid, or with
+    EMBED the embedding of the row's token at its position (wte[token] + wpe[pos])."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    is_col = cols < width
+    if EMBED:
+        pos = tl.load(rows_ptr + row * rows_stride + POS_COL)
+        token = tl.load(tokens_ptr + row * tokens_stride + pos)
+        x = tl.load(wte_ptr + token * width + cols, mask=is_col, other=0.0).to(tl.float32)
+        x += tl.load(wpe_ptr + pos * width + cols, mask=is_col, other=0.0).to(tl.float32)
+        x = x.to(resid_ptr.dtype.element_ty).to(tl.float32)  # HF adds the embeddings in the model dtype
+    else:
+        x = tl.load(resid_ptr + row * width + cols, mask=is_col, other=0.0).to(tl.float32)
+    mean = tl.sum(x, 0) / width
+    centred = tl.where(is_col, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 0) / width + eps)
+    w = tl.load(w_ptr + cols, mask=is_col, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=is_col, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * width + cols, (centred * rstd * w + b).to(out_ptr.dtype.element_ty), mask=is_col)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=is_col, other=0.0).to(tl.float32)
+        tl.store(resid_ptr + row * width + cols, (x + bias).to(resid_ptr.dtype.element_ty), mask=is_col)
+
+
+@triton.jit
+def attention_kernel(  # Triton kernel: untyped, many arguments
+    qkv_ptr, cache_ptr, rows_ptr, rows_stride, y_ptr, scale, width, head_dim,
+    kv_stride, row_stride, head_stride,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, POS_COL: tl.constexpr,
+):  # fmt: skip
+    """Row r, head h: write this token's key/value at the row's position, attend over [0, pos]."""
+    row, head = tl.program_id(0), tl.program_id(1)
+    pos = tl.load(rows_ptr + row * rows_stride + POS_COL)
+    dims = tl.arange(0, BLOCK_D)
+    is_dim = dims < head_dim
+    here = qkv_ptr + row * 3 * width + head * head_dim + dims
+    q = tl.load(here, mask=is_dim, other=0.0).to(tl.float32)
+    k_new = tl.load(here + width, mask=is_dim, other=0.0)
+    v_new = tl.load(here + 2 * width, mask=is_dim, other=0.0)
+    keys = cache_ptr + row * row_stride + head * head_stride
+    values = keys + kv_stride
+    tl.store(keys + pos * head_dim + dims, k_new, mask=is_dim)
+    tl.store(values + pos * head_dim + dims, v_new, mask=is_dim)
+    # The new position comes from registers (nothing here reads what this kernel wrote); the online
+    # softmax starts from it and folds in the cached positions [0, pos) block by block.
+    best = tl.sum(q * k_new.to(tl.float32), 0) * scale
+    total = best * 0.0 + 1.0
+    acc = v_new.to(tl.float32)
+    start = pos * 0
+    while start < pos:  # a while loop: Triton's interpreter cannot take a loaded value as range() bound
+        positions = start + tl.arange(0, BLOCK_N)
+        is_seen = positions < pos
+        offsets = positions[:, None] * head_dim + dims[None, :]
+        both = is_seen[:, None] & is_dim[None, :]
+        k = tl.load(keys + offsets, mask=both, other=0.0).to(tl.float32)
+        scores = tl.where(is_seen, tl.sum(k * q[None, :], 1) * scale, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, 0))
+        rescale = tl.exp(best - new_best)
+        weights = tl.exp(scores - new_best)
+        v = tl.load(values + offsets, mask=both, other=0.0).to(tl.float32)
+        acc = acc * rescale + tl.sum(weights[:, None] * v, 0)
+        total = total * rescale + tl.sum(weights, 0)
+        best = new_best
+        start += BLOCK_N
+    out = (acc / total).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + row * width + head * head_dim + dims, out, mask=is_dim)
+
+
+@triton.jit
+def process_kernel(  # Triton kernel: untyped, many arguments
+    logits_ptr, vocab, tokens_ptr, tokens_stride, rows_ptr, rows_stride, floats_ptr, floats_stride,
+    BLOCK_S: tl.constexpr, USE_PENALTY: tl.constexpr, SPAN: tl.constexpr,
+    POS_COL: tl.constexpr, NGRAM_COL: tl.constexpr, PENALTY_COL: tl.constexpr,
+):  # fmt: skip
+    """HF's repetition penalty, then its n-gram ban, on row r's logits in place (see fastgen_sampling)."""
+    row = tl.program_id(0)
+    pos = tl.load(rows_ptr + row * rows_stride + POS_COL)
+    ends = tl.arange(0, BLOCK_S)
+    is_seen = ends <= pos
+    history = tokens_ptr + row * tokens_stride
+    ids = tl.load(history + ends, mask=is_seen, other=0)
+    logits = logits_ptr + row * vocab
+    if USE_PENALTY:
+        # All gathers happen before any store, so an id seen twice is penalised once, as in HF.
+        penalty = tl.load(floats_ptr + row * floats_stride + PENALTY_COL)
+        scores = tl.load(logits + ids, mask=is_seen, other=0.0)
+        tl.store(logits + ids, tl.where(scores < 0, scores * penalty, scores / penalty), mask=is_seen)
+        tl.debug_barrier()  # the ban below may hit the same ids from other threads
+    if SPAN > 0:
+        # End position e bans ids[e] when the n-1 tokens before it equal the row's last n-1 tokens.
+        n = tl.load(rows_ptr + row * rows_stride + NGRAM_COL)
+        is_banned = is_seen & (ends >= n - 1) & (n > 0)
+        for back in tl.static_range(1, SPAN):
+            before = tl.load(history + ends - back, mask=is_seen & (ends >= back), other=-1)
+            suffix = tl.load(history + pos + 1 - back, mask=pos + 1 >= back, other=-2)
+            is_banned &= (before == suffix) | (back > n - 1)
+        tl.store(logits + ids, tl.full([BLOCK_S], float("-inf"), tl.float32), mask=is_banned)
+
+
+@triton.jit
+def sample_append_kernel(  # Triton kernel: untyped, many arguments
+    choice_ptr, top_values_ptr, top_ids_ptr, tokens_ptr, tokens_stride, rows_ptr, rows_stride,
+    floats_ptr, floats_stride, uniforms_ptr, uniforms_stride, done_ptr, stop_ptr, stop_stride,
+    out_ptr, batch, max_seq,
+    K: tl.constexpr, SAMPLED: tl.constexpr, POS_COL: tl.constexpr, GEN_COL: tl.constexpr,
+    MAX_NEW_COL: tl.constexpr, TOP_K_COL: tl.constexpr, TEMPERATURE_COL: tl.constexpr,
+    TOP_P_COL: tl.constexpr, IDLE: tl.constexpr, RUNNING: tl.constexpr, STOP: tl.constexpr,
+    MAX_NEW_REASON: tl.constexpr, MAX_SEQ_REASON: tl.constexpr,
+):  # fmt: skip
+    """Row r: choose the next token (argmax, or temperature → top-k → top-p → inverse CDF), append it,
+    decide whether the row finished and publish token and reason in out (see append_tokens)."""
+    row = tl.program_id(0)
+    settings = rows_ptr + row * rows_stride
+    pos, gen = tl.load(settings + POS_COL), tl.load(settings + GEN_COL)
+    token = tl.load(choice_ptr + row)
+    if SAMPLED:
+        temperature = tl.load(floats_ptr + row * floats_stride + TEMPERATURE_COL)
+        top_p = tl.load(floats_ptr + row * floats_stride + TOP_P_COL)
+        top_k = tl.load(settings + TOP_K_COL)
+        rank = tl.arange(0, K)
+        values = tl.load(top_values_ptr + row * K + rank)
+        values = values / tl.where(temperature > 0, temperature, 1.0)
+        limit = tl.where((top_k > 0) & (top_k < K), top_k, K)
+        values = tl.where(rank < limit, values, float("-inf"))
+        probs = tl.exp(values - tl.max(values, 0))
+        probs = probs / tl.sum(probs, 0)
+        cumulative = tl.cumsum(probs, 0)
+        probs = tl.where(cumulative - probs >= top_p, 0.0, probs)
+        cumulative = tl.cumsum(probs, 0)
+        target = tl.load(uniforms_ptr + row * uniforms_stride + gen) * tl.sum(probs, 0)
+        choice = tl.minimum(tl.sum((cumulative < target).to(tl.int32), 0), K - 1)
+        sampled = tl.sum(tl.where(rank == choice, tl.load(top_ids_ptr + row * K + rank), 0), 0)
+        token = tl.where(temperature > 0, sampled, token)
+    is_active = tl.load(done_ptr + row) == 0
+    new_pos = pos + 1
+    tl.store(tokens_ptr + row * tokens_stride + new_pos, token)  # frozen rows too: branch-free, own slot
+    gen += is_active.to(tl.int64)
+    reason = tl.where(
+        tl.load(stop_ptr + row * stop_stride + token) != 0,
+        STOP,
+        tl.where(gen >= tl.load(settings + MAX_NEW_COL), MAX_NEW_REASON,
+                 tl.where(new_pos >= max_seq - 1, MAX_SEQ_REASON, RUNNING)),
+    )  # fmt: skip
+    reason = tl.where(is_active, reason, IDLE)
+    is_finished = reason > RUNNING
+    tl.store(settings + GEN_COL, gen)
+    tl.store(settings + POS_COL, pos + (is_active & ~is_finished).to(tl.int64))
+    tl.store(done_ptr + row, ((~is_active) | is_finished).to(tl.int1))
+    tl.store(out_ptr + row, token)
+    tl.store(out_ptr + batch + row, reason.to(tl.int64))
+
+
+def can_run_on(device: torch.device) -> bool:
+    """Compiled kernels need CUDA; on the CPU they run only in Triton's interpreter (TRITON_INTERPRET=1)."""
+    return device.type == "cuda" or bool(knobs.runtime.interpret)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the step
+
+
+def decode_step(weights: GPT2Weights, state: DecodeState, plan: StepPlan, commit: bool = True) -> None:
+    """model.fastgen_ops.decode_step, fused. With commit=False (warm-up before a CUDA-graph capture)
+    the kernels run on copies of the bookkeeping buffers, so only this position's key/value is written."""
+    if not commit:
+        state = _scratch(state)
+    logits = decode_logits(weights, state, plan.batch)
+    choice = _choose(logits, state, plan)
+    top_values, top_ids = (None, None)
+    if plan.sampling == "top_k":
+        top_values, top_ids = logits.topk(TOP_K_CAP, -1)  # sorted, largest first
+    _sample_append(state, plan.batch, choice, top_values, top_ids)
+
+
+def _scratch(state: DecodeState) -> DecodeState:
+    copies = {name: getattr(state, name).clone() for name in ("tokens", "rows", "done", "out")}
+    return dataclasses.replace(state, **copies)
+
+
+def decode_logits(weights: GPT2Weights, state: DecodeState, batch: int) -> torch.Tensor:
+    """float32 logits [B, V] for each row's token at its own position, caching its key/value."""
+    device, width = state.tokens.device, weights.width
+    resid = torch.empty((batch, width), dtype=weights.wte.dtype, device=device)
+    normed = torch.empty_like(resid)
+    first = weights.layers[0]
+    _norm(resid, first.ln_1, first.proj_b, normed, weights.eps, embed_from=(state, weights))
+    for index, layer in enumerate(weights.layers):
+        qkv = torch.addmm(layer.attn_b, normed, layer.attn_w)  # [B, 3C]
+        resid.addmm_(_attention(weights, state, index, qkv), layer.proj_w)  # resid held x + b_proj
+        _norm(resid, layer.ln_2, layer.out_b, normed, weights.eps)
+        hidden = _feed_forward(weights, layer, normed)  # [B, 4C]
+        resid.addmm_(hidden, layer.out_w)  # resid held x + b_out
+        if index + 1 < len(weights.layers):
+            following = weights.layers[index + 1]
+            _norm(resid, following.ln_1, following.proj_b, normed, weights.eps)
+        else:
+            _norm(resid, weights.ln_f, None, normed, weights.eps)
+    return weights.logits(normed).float()  # HF upcasts the last logits before its processors
+
+
+def _feed_forward(weights: GPT2Weights, layer: LayerWeights, normed: torch.Tensor) -> torch.Tensor:
+    if weights.is_tanh_gelu and normed.is_cuda:  # GELU in cuBLAS's epilogue (tanh there; erf on the CPU)
+        return torch._addmm_activation(layer.fc_b, normed, layer.fc_w, use_gelu=True)
+    return weights.act(torch.addmm(layer.fc_b, normed, layer.fc_w))
+
+
+def _norm(
+    resid: torch.Tensor,
+    ln: tuple[torch.Tensor, torch.Tensor],
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    eps: float,
+    embed_from: tuple[DecodeState, GPT2Weights] | None = None,
+) -> None:
+    """out = ln(x) and resid = x + bias, where x is resid or (embed_from) the rows' token embeddings."""
+    batch, width = resid.shape
+    tokens, rows, wte, wpe = (resid, resid, resid, resid)  # placeholders when not embedding
+    if embed_from is not None:
+        state, weights = embed_from
+        tokens, rows, wte, wpe = state.tokens, state.rows, weights.wte, weights.wpe
+    norm_kernel[(batch,)](
+        resid, *ln, resid if bias is None else bias, out, eps, width,
+        tokens, tokens.stride(0), rows, rows.stride(0), wte, wpe,
+        BLOCK_C=triton.next_power_of_2(width), HAS_BIAS=bias is not None, EMBED=embed_from is not None,
+        POS_COL=POS, num_warps=NUM_WARPS,
+    )  # fmt: skip
+
+
+def _attention(weights: GPT2Weights, state: DecodeState, index: int, qkv: torch.Tensor) -> torch.Tensor:
+    batch, width = qkv.shape[0], weights.width
+    head_dim = width // weights.n_head
+    cache = state.kv[index]  # [2, max_batch, H, S, D]
+    y = torch.empty((batch, width), dtype=qkv.dtype, device=qkv.device)
+    attention_kernel[(batch, weights.n_head)](
+        qkv, cache, state.rows, state.rows.stride(0), y, weights.attn_scale, width, head_dim,
+        cache.stride(0), cache.stride(1), cache.stride(2),
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=ATTENTION_BLOCK, POS_COL=POS, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return y
+
+
+def _choose(logits: torch.Tensor, state: DecodeState, plan: StepPlan) -> torch.Tensor:
+    """Logits processors in place, then the greedy choice ([B] int64); with full-vocabulary sampling
+    (some row has top_k 0 or above the cap) the plain sampler's choice instead."""
+    batch = plan.batch
+    if plan.use_penalty or plan.ngram_span:
+        process_kernel[(batch,)](
+            logits, logits.shape[1], state.tokens, state.tokens.stride(0), state.rows, state.rows.stride(0),
+            state.floats, state.floats.stride(0), BLOCK_S=triton.next_power_of_2(state.max_seq),
+            USE_PENALTY=plan.use_penalty, SPAN=plan.ngram_span, POS_COL=POS, NGRAM_COL=NGRAM,
+            PENALTY_COL=PENALTY, num_warps=NUM_WARPS,
+        )  # fmt: skip
+    greedy = logits.argmax(-1)
+    if plan.sampling != "full":
+        return greedy
+    temperature = state.floats[:batch, TEMPERATURE]
+    uniform = state.uniforms[:batch].gather(1, state.rows[:batch, GEN : GEN + 1]).squeeze(1)
+    sampled = sample_top_k_top_p(
+        logits, temperature, state.rows[:batch, TOP_K], state.floats[:batch, TOP_P], uniform, logits.shape[1]
+    )
+    return torch.where(temperature > 0, sampled, greedy)
+
+
+def _sample_append(
+    state: DecodeState,
+    batch: int,
+    choice: torch.Tensor,
+    top_values: torch.Tensor | None,
+    top_ids: torch.Tensor | None,
+) -> None:
+    is_sampled = top_values is not None
+    sample_append_kernel[(batch,)](
+        choice, top_values if is_sampled else choice, top_ids if is_sampled else choice,
+        state.tokens, state.tokens.stride(0), state.rows, state.rows.stride(0),
+        state.floats, state.floats.stride(0), state.uniforms, state.uniforms.stride(0),
+        state.done, state.stop, state.stop.stride(0), state.out, batch, state.max_seq,
+        K=TOP_K_CAP, SAMPLED=is_sampled, POS_COL=POS, GEN_COL=GEN, MAX_NEW_COL=MAX_NEW,
+        TOP_K_COL=TOP_K, TEMPERATURE_COL=TEMPERATURE, TOP_P_COL=TOP_P, IDLE=REASON_IDLE,
+        RUNNING=REASON_RUNNING, STOP=REASON_STOP_TOKEN, MAX_NEW_REASON=REASON_MAX_NEW,
+        MAX_SEQ_REASON=REASON_MAX_SEQ, num_warps=1,
+    )  # fmt: skip

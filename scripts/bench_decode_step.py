@@ -1,0 +1,133 @@
+"""Decode-step benchmark: one CUDA-graph replay of the plain step against the fused (Triton) step.
+
+GPT-2 124M's shape with random fp16 weights; every row holds a 256-token prompt and the timed replays
+generate tokens 257..304, as a 48-token reply does. Each figure is the median over repeats of
+(48 replays timed with CUDA events) / 48, after restoring the rows between repeats. Prints one table.
+
+    python scripts/bench_decode_step.py                 # rows 1, 8, 64, 256
+    python scripts/bench_decode_step.py --profile 1     # also the fused step's kernels at 1 row
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from model import fastgen_ops, fastgen_triton
+from model.fastgen import _step_features
+from model.fastgen_ops import DecodeState, GPT2Weights, StepPlan
+from model.sampling import SamplingParams
+
+PROMPT_TOKENS = 256
+NEW_TOKENS = 48
+MAX_SEQ = 1024
+
+
+def build(rows: int) -> tuple[GPT2Weights, DecodeState]:
+    """Random GPT-2 124M weights and a state whose `rows` slots hold prefilled 256-token prompts."""
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=MAX_SEQ, vocab_size=50257)
+    model = GPT2LMHeadModel(config).to("cuda", torch.float16).eval()
+    weights = fastgen_ops.weights_from_hf(model, fast_activation=True)
+    state = fastgen_ops.allocate_state(weights, rows, MAX_SEQ)
+    prompts = torch.randint(0, 50256, (rows, PROMPT_TOKENS))
+    params = SamplingParams()  # the bot's defaults: sampling, penalty, 3-gram ban
+    settings = [PROMPT_TOKENS - 1, 0, 10**6, params.top_k, params.no_repeat_ngram_size]
+    fastgen_ops.install_rows(
+        state, 0, prompts,
+        rows=torch.tensor([settings] * rows),
+        floats=torch.tensor([[params.temperature, params.top_p, params.repetition_penalty]] * rows),
+        stop_index=torch.full((rows, 1), 50257),
+        uniforms=torch.rand(rows, MAX_SEQ + 1),
+    )  # fmt: skip
+    fastgen_ops.prefill(weights, state, prompts[:, :-1].cuda(), 0)
+    return weights, state
+
+
+def plan_for(rows: int, greedy: bool) -> StepPlan:
+    params = SamplingParams(temperature=0.0) if greedy else SamplingParams()
+    sampling, use_penalty, span = _step_features([params])
+    window = -(-(PROMPT_TOKENS + NEW_TOKENS) // 32) * 32
+    return StepPlan(rows, window, sampling, use_penalty, span)
+
+
+def time_step(step: Callable[..., None], weights: GPT2Weights, state: DecodeState, plan: StepPlan) -> float:
+    """Median ms per replay of a captured graph of `step`."""
+    saved = [t.clone() for t in (state.tokens, state.rows, state.done)]
+
+    def restore() -> None:
+        for buffer, copy in zip((state.tokens, state.rows, state.done), saved, strict=True):
+            buffer.copy_(copy)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(weights, state, plan)
+    torch.cuda.current_stream().wait_stream(side)
+    restore()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(weights, state, plan)
+    samples = []
+    for _ in range(7):
+        restore()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(NEW_TOKENS):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / NEW_TOKENS)
+    restore()
+    return statistics.median(samples)
+
+
+def profile(rows: int) -> None:
+    """The fused step's kernels at `rows` rows, by total GPU time (20 eager steps)."""
+    weights, state = build(rows)
+    plan = plan_for(rows, greedy=False)
+    with torch.inference_mode():
+        fastgen_triton.decode_step(weights, state, plan, commit=False)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                fastgen_triton.decode_step(weights, state, plan)
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
+
+
+def main() -> int:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--profile", type=int, default=0, help="also profile the fused step here")
+    args = parser.parse_args()
+    print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · fp16 · GPT-2 124M shape")
+    print("| rows | greedy: plain (ms) | greedy: fused (ms) | sampling: plain (ms) | sampling: fused (ms) |")
+    print("|---:|---:|---:|---:|---:|")
+    with torch.inference_mode():
+        for rows in args.rows:
+            weights, state = build(rows)
+            cells = []
+            for greedy in (True, False):
+                plan = plan_for(rows, greedy)
+                for step in (fastgen_ops.decode_step, fastgen_triton.decode_step):
+                    cells.append(time_step(step, weights, state, plan))
+            print(f"| {rows} | " + " | ".join(f"{ms:.3f}" for ms in cells) + " |", flush=True)
+            del weights, state
+            torch.cuda.empty_cache()
+    if args.profile:
+        profile(args.profile)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
