@@ -11,9 +11,10 @@ Turn text is folded onto one line, so user text can never start a line and so ne
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from itertools import chain, islice
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -119,34 +120,146 @@ def _count(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
     return len(_encode(tokenizer, text))
 
 
-def _counts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[int]:
-    """Token counts of several strings: one batched pass for fast tokenizers (Rust, without the GIL)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
-    if backend is None or not texts:
-        return [_count(tokenizer, text) for text in texts]
-    return [len(encoding.ids) for encoding in backend.encode_batch(list(texts), add_special_tokens=False)]
-
-
 def encodes_newline(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether `\\n` survives encode → decode (sentencepiece models often fold it into a space)."""
     return "\n" in tokenizer.decode(_encode(tokenizer, "a\nb"))
+
+
+def _rust_tokenizer(tokenizer: PreTrainedTokenizerBase) -> Any | None:
+    """The Rust tokenizer, when calling it directly gives exactly `tokenizer(text, add_special_tokens=False)`.
+
+    transformers 5 answers that call by turning truncation and padding off, setting encode_special_tokens
+    and calling the Rust `encode_batch`, then copies the ids into a BatchEncoding in Python, GIL held. So
+    the Rust tokenizer gives the same ids when it is in that state already and the class changes nothing on
+    the way; slow tokenizers, transformers 4 and subclasses with their own `_encode_plus` keep the wrapper.
+    """
+    if not tokenizer.is_fast:
+        return None
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # transformers 4 builds the call differently
+        return None
+    cls = type(tokenizer)
+    is_plain = (
+        cls.__call__ is PreTrainedTokenizerBase.__call__
+        and getattr(cls, "_encode_plus", None) is TokenizersBackend._encode_plus
+        and not hasattr(tokenizer, "_switch_to_input_mode")  # seq2seq tokenizers swap templates per call
+    )
+    rust = tokenizer.backend_tokenizer if is_plain else None
+    if rust is None or rust.truncation is not None or rust.padding is not None:
+        return None
+    return rust if rust.encode_special_tokens == tokenizer.split_special_tokens else None
+
+
+def _joins_lines(rust: Any) -> bool:
+    """Whether the ids of lines that pass _joins_cleanly, encoded apart and concatenated, are their join's.
+
+    True for byte-level BPE (GPT-2) with no normaliser and no added token that holds a "\\n" or strips
+    whitespace. Added tokens then never match across a line end, and ByteLevel's regex splits "…x\\ny…"
+    (x, y not whitespace) into "…x", "\\n", "y…" exactly as it splits "…x\\n" and "y…" apart: only its
+    whitespace alternatives take "\\n", `\\s+(?!\\S)` cannot before y so `\\s+` takes it alone, and no
+    alternative looks behind. BPE merges only inside those pieces. tests/test_prompt.py checks the regex's
+    whitespace against str.isspace over every code point, and joined ids against the wrapper's.
+    """
+    from tokenizers import models, pre_tokenizers, processors
+
+    pre_tokenizer, model = rust.pre_tokenizer, rust.model
+    if rust.normalizer is not None or not isinstance(pre_tokenizer, pre_tokenizers.ByteLevel):
+        return False
+    if pre_tokenizer.add_prefix_space or not pre_tokenizer.use_regex:
+        return False
+    if not isinstance(model, models.BPE) or model.dropout:
+        return False
+    if not isinstance(rust.post_processor, (type(None), processors.ByteLevel, processors.TemplateProcessing)):
+        return False
+    added = rust.get_added_tokens_decoder().values()
+    return all("\n" not in token.content and not (token.lstrip or token.rstrip) for token in added)
+
+
+def _joins_cleanly(piece: str) -> bool:
+    """A line, or the open bot turn, that starts and ends (newline aside) with non-whitespace."""
+    text = piece.removesuffix("\n")
+    return bool(text) and not text[0].isspace() and not text[-1].isspace()
+
+
+@dataclass(frozen=True)
+class _Encoder:
+    """How one build tokenises: the Rust tokenizer directly wherever that is exact, else the wrapper."""
+
+    tokenizer: PreTrainedTokenizerBase
+    rust: Any | None  # see _rust_tokenizer
+    joins_lines: bool  # see _joins_lines
+
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerBase) -> _Encoder:
+        rust = _rust_tokenizer(tokenizer)
+        return cls(tokenizer, rust, rust is not None and _joins_lines(rust))
+
+    def encode(self, text: str) -> list[int]:
+        """Exactly `tokenizer(text, add_special_tokens=False)["input_ids"]`."""
+        if self.rust is None:
+            return _encode(self.tokenizer, text)
+        # The batch call, not `encode`: only it releases the GIL. `_fast` skips the offsets.
+        return list(self.rust.encode_batch_fast([text], add_special_tokens=False)[0].ids)
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """The ids of each text, for counting: one batched pass for fast tokenizers (Rust, no GIL)."""
+        if self.rust is not None:
+            return [encoding.ids for encoding in self.rust.encode_batch_fast(texts, add_special_tokens=False)]
+        backend = getattr(self.tokenizer, "backend_tokenizer", None) if self.tokenizer.is_fast else None
+        if backend is None or not texts:
+            return [_encode(self.tokenizer, text) for text in texts]
+        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """Each token's (start, end) character offsets in `text`; fast tokenizers only."""
+        if self.rust is not None:
+            return list(self.rust.encode_batch([text], add_special_tokens=False)[0].offsets)
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(encoded["offset_mapping"])
+
+
+@dataclass(frozen=True)
+class _Line:
+    """One turn as its prompt line ("\\n" included) and that line's ids, encoded alone."""
+
+    turn: Turn
+    text: str
+    ids: list[int]
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """The persona line ("" without a persona) and the open bot turn, with their ids."""
+
+    head: str
+    tail: str
+    parts_ids: list[list[int]]  # [head ids, tail ids] when those join as the text does, else [frame ids]
+
+    @property
+    def text(self) -> str:
+        return self.head + self.tail
+
+    @property
+    def tokens(self) -> int:
+        return sum(map(len, self.parts_ids))
 
 
 def _clean_turn(turn: Turn, specials: list[str]) -> Turn:
     return Turn(sanitize_text(turn.speaker, specials), sanitize_text(turn.text, specials), turn.is_bot)
 
 
-def _keep_last_tokens(tokenizer: PreTrainedTokenizerBase, text: str, keep_tokens: int) -> str:
+def _keep_last_tokens(encoder: _Encoder, text: str, keep_tokens: int) -> str:
     """The longest suffix of `text` (cut at a token boundary) that is about `keep_tokens` tokens long."""
     if keep_tokens <= 0:
         return ""
-    if tokenizer.is_fast:
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = encoded["offset_mapping"]
+    if encoder.tokenizer.is_fast:
+        offsets = encoder.offsets(text)
         if len(offsets) <= keep_tokens:
             return text
         return text[offsets[len(offsets) - keep_tokens][0] :].lstrip()
-    return _keep_last_tokens_by_search(tokenizer, text, keep_tokens)
+    return _keep_last_tokens_by_search(encoder.tokenizer, text, keep_tokens)
 
 
 def _keep_last_tokens_by_search(tokenizer: PreTrainedTokenizerBase, text: str, keep_tokens: int) -> str:
@@ -165,46 +278,51 @@ def _line(turn: Turn, bot_name: str) -> str:
     return _render_turn(turn, bot_name) + "\n"
 
 
-def _fit_newest(
-    tokenizer: PreTrainedTokenizerBase, newest: Turn, bot_name: str, line_tokens: int, available_tokens: int
-) -> tuple[Turn, bool, int]:
-    """The newest turn (cut from the left when its line is longer than `available_tokens`) and its count."""
-    if line_tokens <= available_tokens:
-        return newest, False, line_tokens
-    empty = Turn(newest.speaker, "", newest.is_bot)
-    overhead_tokens = _count(tokenizer, _line(empty, bot_name))
+def _encode_frame(
+    encoder: _Encoder, persona: str, bot_name: str, newest: Turn | None
+) -> tuple[_Frame, _Line | None]:
+    """The frame and the newest line, encoded in one pass: the newest line is encoded only here."""
+    head = render_dialogue(persona, [], bot_name, open_bot_turn=False)  # the persona line, or ""
+    tail = f"{_bot_tag(bot_name)}:"
+    apart = encoder.joins_lines and all(_joins_cleanly(piece) for piece in (head, tail) if piece)
+    frame_texts = [head, tail] if apart else [head + tail]
+    newest_texts = [_line(newest, bot_name)] if newest else []
+    encoded = encoder.encode_many(frame_texts + newest_texts)
+    frame = _Frame(head, tail, encoded[: len(frame_texts)])
+    return frame, _Line(newest, newest_texts[0], encoded[-1]) if newest else None
+
+
+def _fit_newest(encoder: _Encoder, newest: _Line, bot_name: str, available_tokens: int) -> tuple[_Line, bool]:
+    """The newest line (its text cut from the left when longer than `available_tokens`) and whether cut."""
+    if len(newest.ids) <= available_tokens:
+        return newest, False
+    speaker, is_bot = newest.turn.speaker, newest.turn.is_bot
+    overhead_tokens = len(encoder.encode(_line(Turn(speaker, "", is_bot), bot_name)))
     if overhead_tokens > available_tokens:
         raise PromptTooLong("no room left for even the speaker tag of the newest turn")
-    text = _keep_last_tokens(tokenizer, newest.text, available_tokens - overhead_tokens)
-    cut = Turn(newest.speaker, text, newest.is_bot)
-    return cut, True, _count(tokenizer, _line(cut, bot_name))
+    text = _keep_last_tokens(encoder, newest.turn.text, available_tokens - overhead_tokens)
+    cut = Turn(speaker, text, is_bot)
+    line = _line(cut, bot_name)
+    return _Line(cut, line, encoder.encode(line)), True
 
 
 def _fit_older(
-    tokenizer: PreTrainedTokenizerBase,
-    older: Sequence[Turn],
-    specials: list[str],
-    bot_name: str,
-    available_tokens: int,
-) -> list[Turn]:
+    encoder: _Encoder, newest_first: Iterator[Turn], specials: list[str], bot_name: str, available_tokens: int
+) -> list[_Line]:
     """The longest run of the newest older turns whose lines fit in `available_tokens` (cleaned)."""
-    kept: list[Turn] = []
-    newest_first = older[::-1]  # only as far back as fits: the cost follows the budget, not the history
-    while len(kept) < len(newest_first):
-        chunk = _next_chunk(newest_first[len(kept) :], specials, bot_name, available_tokens)
-        for turn, line_tokens in zip(
-            chunk, _counts(tokenizer, [_line(t, bot_name) for t in chunk]), strict=True
-        ):
-            if line_tokens > available_tokens:
+    kept: list[_Line] = []
+    # Only as far back as fits: the cost follows the budget, not the history.
+    while chunk := _next_chunk(newest_first, specials, available_tokens):
+        texts = [_line(turn, bot_name) for turn in chunk]
+        for turn, text, ids in zip(chunk, texts, encoder.encode_many(texts), strict=True):
+            if len(ids) > available_tokens:
                 return kept[::-1]  # oldest turns go first, so the history kept is always contiguous
-            available_tokens -= line_tokens
-            kept.append(turn)
+            available_tokens -= len(ids)
+            kept.append(_Line(turn, text, ids))
     return kept[::-1]
 
 
-def _next_chunk(
-    newest_first: Sequence[Turn], specials: list[str], bot_name: str, budget_tokens: int
-) -> list[Turn]:
+def _next_chunk(newest_first: Iterator[Turn], specials: list[str], budget_tokens: int) -> list[Turn]:
     """The next turns (cleaned) to count in one batch: about enough characters to fill `budget_tokens`."""
     chunk: list[Turn] = []
     chars = 0
@@ -217,18 +335,30 @@ def _next_chunk(
     return chunk
 
 
-def _shorten(tokenizer: PreTrainedTokenizerBase, newest: Turn, over_tokens: int) -> Turn:
+def _joined(frame: _Frame, lines: list[_Line], budget_tokens: int, newest_truncated: bool) -> Prompt | None:
+    """The prompt from the ids in hand, when they join exactly as the text does (_joins_lines) and fit."""
+    if len(frame.parts_ids) != 2 or not all(_joins_cleanly(line.text) for line in lines):
+        return None
+    head_ids, tail_ids = frame.parts_ids
+    input_ids = (*head_ids, *chain.from_iterable(line.ids for line in lines), *tail_ids)
+    if len(input_ids) > budget_tokens:
+        return None  # a cut newest line came out longer than asked for: _verified cuts more
+    text = frame.head + "".join(line.text for line in lines) + frame.tail
+    return Prompt(input_ids, text, len(lines), newest_truncated)
+
+
+def _shorten(encoder: _Encoder, newest: Turn, over_tokens: int) -> Turn:
     if not newest.text:
         raise PromptTooLong("the prompt does not fit even with the newest turn emptied")
-    keep_tokens = _count(tokenizer, newest.text) - over_tokens
-    shorter = _keep_last_tokens(tokenizer, newest.text, keep_tokens)
+    keep_tokens = len(encoder.encode(newest.text)) - over_tokens
+    shorter = _keep_last_tokens(encoder, newest.text, keep_tokens)
     if shorter == newest.text:  # no progress by offsets (odd tokenizer): drop one character
         shorter = newest.text[1:].lstrip()
     return Turn(newest.speaker, shorter, newest.is_bot)
 
 
 def _verified(
-    tokenizer: PreTrainedTokenizerBase,
+    encoder: _Encoder,
     persona: str,
     turns: tuple[list[Turn], Turn],
     bot_name: str,
@@ -239,14 +369,14 @@ def _verified(
     older, newest = turns
     while True:
         text = render_dialogue(persona, [*older, newest], bot_name, open_bot_turn=True)
-        input_ids = _encode(tokenizer, text)
+        input_ids = encoder.encode(text)
         over_tokens = len(input_ids) - budget_tokens
         if over_tokens <= 0:
             return Prompt(tuple(input_ids), text, len(older) + 1, newest_truncated)
         if older:
             older = older[1:]
         else:
-            newest, newest_truncated = _shorten(tokenizer, newest, over_tokens), True
+            newest, newest_truncated = _shorten(encoder, newest, over_tokens), True
 
 
 def build_prompt(
@@ -266,21 +396,22 @@ def build_prompt(
     specials = _special_strings(tokenizer)
     persona, bot_name = sanitize_text(persona, specials), sanitize_text(bot_name, specials)
     budget_tokens = n_positions - max_new_tokens
-    frame = render_dialogue(persona, [], bot_name, open_bot_turn=True)
+    encoder = _Encoder.of(tokenizer)
     newest = _clean_turn(history[-1], specials) if history else None
-    # One pass counts the frame and the newest line together: the newest line is counted only here.
-    frame_tokens, *newest_counts = _counts(tokenizer, [frame] + ([_line(newest, bot_name)] if newest else []))
-    if max_new_tokens < 1 or frame_tokens > budget_tokens:
+    frame, newest_line = _encode_frame(encoder, persona, bot_name, newest)
+    if max_new_tokens < 1 or frame.tokens > budget_tokens:
         raise PromptTooLong(
-            f"persona + open bot turn ({frame_tokens} tokens) + max_new_tokens ({max_new_tokens}) "
+            f"persona + open bot turn ({frame.tokens} tokens) + max_new_tokens ({max_new_tokens}) "
             f"exceed the context window of {n_positions} tokens: shorten the persona or max_new_tokens"
         )
-    if newest is None:
-        return Prompt(tuple(_encode(tokenizer, frame)), frame, 0, False)
-    (line_tokens,) = newest_counts
-    newest, truncated, newest_tokens = _fit_newest(
-        tokenizer, newest, bot_name, line_tokens, budget_tokens - frame_tokens
-    )
-    available_tokens = budget_tokens - frame_tokens - newest_tokens
-    older = _fit_older(tokenizer, history[:-1], specials, bot_name, available_tokens)
-    return _verified(tokenizer, persona, (older, newest), bot_name, budget_tokens, truncated)
+    if newest_line is None:
+        return Prompt(tuple(encoder.encode(frame.text)), frame.text, 0, False)
+    newest_line, truncated = _fit_newest(encoder, newest_line, bot_name, budget_tokens - frame.tokens)
+    available_tokens = budget_tokens - frame.tokens - len(newest_line.ids)
+    older_first = islice(reversed(history), 1, None)  # no copy of a long history
+    lines = [*_fit_older(encoder, older_first, specials, bot_name, available_tokens), newest_line]
+    joined = _joined(frame, lines, budget_tokens, truncated)
+    if joined is not None:
+        return joined
+    older = [line.turn for line in lines[:-1]]
+    return _verified(encoder, persona, (older, newest_line.turn), bot_name, budget_tokens, truncated)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import random
+import sys
 from typing import Any
 
 import pytest
@@ -13,12 +15,15 @@ from model.prompt import (
     Prompt,
     PromptTooLong,
     Turn,
+    _Encoder,
+    _joins_cleanly,
     build_prompt,
     encodes_newline,
     render_dialogue,
     sanitize_speaker,
     sanitize_text,
 )
+from tests.test_japanese import japanese_tokenizer_dir  # noqa: F401 (a fixture)
 
 EOT = "<|endoftext|>"
 # Strings that try to break the one-line-per-turn format or smuggle in special tokens.
@@ -137,40 +142,59 @@ def test_overlong_newest_turn_keeps_its_end(gpt2_tokenizer: Any) -> None:
     assert 1024 - 8 <= len(prompt.input_ids) + 60 <= 1024  # cut from the left, and not much more than needed
 
 
-class CountingTokenizer:
-    """Wraps a tokenizer and counts the characters it is asked to encode, batched counting included."""
+class CountingBackend:
+    """A Rust tokenizer that counts its encode calls and the characters they encode, whoever calls it."""
 
-    def __init__(self, tokenizer: Any) -> None:
-        self.inner = tokenizer
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls = 0
         self.characters = 0
-        self.backend_tokenizer = CountingBackend(self, tokenizer.backend_tokenizer)
 
-    def __call__(self, text: str, **kwargs: Any) -> Any:
-        self.characters += len(text)
-        return self.inner(text, **kwargs)
+    def _count(self, texts: list[str]) -> None:
+        self.calls += 1
+        self.characters += sum(map(len, texts))
+
+    def encode(self, text: str, *args: Any, **kwargs: Any) -> Any:
+        self._count([text])
+        return self.inner.encode(text, *args, **kwargs)
+
+    def encode_batch(self, texts: list[str], *args: Any, **kwargs: Any) -> Any:
+        self._count(texts)
+        return self.inner.encode_batch(texts, *args, **kwargs)
+
+    def encode_batch_fast(self, texts: list[str], *args: Any, **kwargs: Any) -> Any:
+        self._count(texts)
+        return self.inner.encode_batch_fast(texts, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
 
-class CountingBackend:
-    """The Rust tokenizer of a CountingTokenizer: its batch passes count too."""
-
-    def __init__(self, owner: CountingTokenizer, inner: Any) -> None:
-        self.owner, self.inner = owner, inner
-
-    def encode_batch(self, texts: list[str], **kwargs: Any) -> Any:
-        self.owner.characters += sum(map(len, texts))
-        return self.inner.encode_batch(texts, **kwargs)
+def counting_copy(tokenizer: Any) -> tuple[Any, CountingBackend]:
+    """A copy of `tokenizer` whose Rust tokenizer counts: the transformers call goes through it too."""
+    clone = copy.copy(tokenizer)
+    clone._tokenizer = counting = CountingBackend(tokenizer.backend_tokenizer)
+    return clone, counting
 
 
 def test_long_history_costs_only_the_budget(gpt2_tokenizer: Any) -> None:
     history = [Turn(f"user{i % 7}", "hello there, how are you doing today? " * 4) for i in range(20_000)]
-    counting = CountingTokenizer(gpt2_tokenizer)
-    prompt = build_prompt(counting, "Persona.", history, "Bot", 60, 1024)
+    tokenizer, counting = counting_copy(gpt2_tokenizer)
+    prompt = build_prompt(tokenizer, "Persona.", history, "Bot", 60, 1024)
     history_characters = sum(len(t.text) for t in history)  # ~3 MB, ~800k tokens
     assert counting.characters < 5 * len(prompt.text) < history_characters / 100
     assert prompt == build_prompt(gpt2_tokenizer, "Persona.", history, "Bot", 60, 1024)
+
+
+def test_gpt2_prompt_is_encoded_in_one_pass(gpt2_tokenizer: Any) -> None:
+    """Its lines' ids join as its text does: the prompt is encoded once, line by line, with no final pass."""
+    tokenizer, counting = counting_copy(gpt2_tokenizer)
+    prompt = build_prompt(tokenizer, "Persona.", [Turn("Alice", "word " * 250)], "Bot", 60, 1024)
+    assert (counting.calls, counting.characters) == (1, len(prompt.text))
+    history = [Turn(f"user{i % 3}", f"message {i}!", is_bot=i % 4 == 0) for i in range(40)]
+    counting.calls = counting.characters = 0
+    prompt = build_prompt(tokenizer, "Persona.", history, "Bot", 60, 1024)
+    assert (counting.calls, counting.characters, prompt.turns_used) == (2, len(prompt.text), 40)
 
 
 def test_batched_line_counts_keep_what_one_by_one_counts_keep(gpt2_tokenizer: Any) -> None:
@@ -301,3 +325,183 @@ def test_property_long_messages(
     gpt2_tokenizer: Any, persona: str, history: list[Turn], bot_name: str, budget: tuple[int, int]
 ) -> None:
     check_prompt(gpt2_tokenizer, persona, history, bot_name, budget)
+
+
+# --- the fast paths: the Rust tokenizer called directly, and line ids joined without a final pass -------
+
+
+class WrapperOnly:
+    """A tokenizer seen through its transformers call alone, so build_prompt takes none of its fast paths.
+
+    With is_fast=False it is served as a slow tokenizer is: one call per string, no offsets.
+    """
+
+    def __init__(self, tokenizer: Any, is_fast: bool = True) -> None:
+        self.inner = tokenizer
+        self.is_fast = is_fast
+
+    def __call__(self, text: str, **kwargs: Any) -> Any:
+        return self.inner(text, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def outcome(
+    tokenizer: Any, persona: str, history: list[Turn], bot_name: str, budget: tuple[int, int]
+) -> Prompt | str:
+    """build_prompt's Prompt, or its PromptTooLong message."""
+    n_positions, max_new_tokens = budget
+    try:
+        return build_prompt(tokenizer, persona, history, bot_name, max_new_tokens, n_positions)
+    except PromptTooLong as exc:
+        return str(exc)
+
+
+# Few, short turns, empty ones included (an empty turn's line ends in whitespace, so it is not joined).
+short_turns = st.lists(st.builds(Turn, speakers, st.one_of(pieces, st.just("")), st.booleans()), max_size=30)
+histories = st.one_of(many_turns(), long_messages(), short_turns)
+
+
+@HYPOTHESIS
+@given(persona=personas, history=histories, bot_name=bot_names, budget=budgets)
+def test_property_fast_paths_build_what_the_transformers_call_builds(
+    gpt2_tokenizer: Any, persona: str, history: list[Turn], bot_name: str, budget: tuple[int, int]
+) -> None:
+    expected = outcome(WrapperOnly(gpt2_tokenizer), persona, history, bot_name, budget)
+    assert outcome(gpt2_tokenizer, persona, history, bot_name, budget) == expected
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(persona=personas, history=st.one_of(many_turns(), short_turns), bot_name=bot_names, budget=budgets)
+def test_property_slow_tokenizers_keep_every_promise(
+    gpt2_tokenizer: Any, persona: str, history: list[Turn], bot_name: str, budget: tuple[int, int]
+) -> None:
+    check_prompt(WrapperOnly(gpt2_tokenizer, is_fast=False), persona, history, bot_name, budget)
+
+
+clean_lines = st.lists(pieces, min_size=1, max_size=6).map(lambda parts: "".join(parts) + "\n")
+
+
+def encode_apart(tokenizer: Any, pieces: list[str]) -> list[int]:
+    return [token_id for piece in pieces for token_id in encode(tokenizer, piece)]
+
+
+@HYPOTHESIS
+@given(lines=st.lists(clean_lines.filter(_joins_cleanly), max_size=8), tail=st.sampled_from(["Bot:", "ボ:"]))
+def test_property_gpt2_line_ids_join_as_the_lines_do(
+    gpt2_tokenizer: Any, lines: list[str], tail: str
+) -> None:
+    assert _Encoder.of(gpt2_tokenizer).joins_lines
+    assert encode_apart(gpt2_tokenizer, [*lines, tail]) == encode(gpt2_tokenizer, "".join(lines) + tail)
+
+
+def test_lines_that_end_in_whitespace_are_not_joined(gpt2_tokenizer: Any) -> None:
+    lines = ["a\n\n", "b"]  # apart, "\n\n" is one token; joined, the regex splits it before "b"
+    assert encode_apart(gpt2_tokenizer, lines) != encode(gpt2_tokenizer, "".join(lines))
+    assert not _joins_cleanly(lines[0])
+    assert not _joins_cleanly("Alice: \n") and _joins_cleanly("Alice: hi\n") and _joins_cleanly("Bot:")
+
+
+@pytest.mark.slow
+def test_byte_level_regex_keeps_every_non_space_character_apart_from_a_newline(gpt2_tokenizer: Any) -> None:
+    """The premise of _joins_lines, for every code point: str.isspace covers the regex's whitespace (~3 s)."""
+    from tokenizers import Tokenizer, models
+
+    splitter = Tokenizer(models.WordLevel({"?": 0}, unk_token="?"))  # one token per pre-tokenized piece
+    splitter.pre_tokenizer = gpt2_tokenizer.backend_tokenizer.pre_tokenizer
+
+    def piece_count(text: str) -> int:
+        return len(splitter.encode_batch_fast([text], add_special_tokens=False)[0])
+
+    assert piece_count("\n\u3000\n") == 1  # a space-like character joins its neighbouring newlines
+    non_space = [
+        chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF and not chr(c).isspace()
+    ]
+    assert piece_count("\n" + "\n".join(non_space) + "\n") == 2 * len(non_space) + 1
+
+
+def tokenizer_variant(gpt2_tokenizer: Any, change: str) -> Any:
+    """A copy of the GPT-2 tokenizer with its own Rust tokenizer, changed as `change` says."""
+    from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
+
+    clone = copy.copy(gpt2_tokenizer)
+    clone._tokenizer = rust = Tokenizer.from_str(gpt2_tokenizer.backend_tokenizer.to_str())
+    if change == "prefix space":
+        rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    elif change == "normalizer":
+        rust.normalizer = normalizers.NFKC()
+    elif change == "newline token":
+        rust.add_tokens([AddedToken("\nAlice", normalized=False)])
+    elif change == "stripping token":
+        rust.add_tokens([AddedToken("Alice", lstrip=True)])  # would take the "\n" before a line
+    elif change == "truncation":
+        rust.enable_truncation(16)
+    elif change == "own _encode_plus":
+
+        class Custom(type(gpt2_tokenizer)):  # type: ignore[misc]
+            def _encode_plus(self, *args: Any, **kwargs: Any) -> Any:
+                return super()._encode_plus(*args, **kwargs)
+
+        clone.__class__ = Custom
+    return clone
+
+
+# What each variant may take: (the Rust tokenizer directly, line ids joined).
+VARIANTS = {
+    "as shipped": (True, True),
+    "prefix space": (True, False),
+    "normalizer": (True, False),
+    "newline token": (True, False),
+    "stripping token": (True, False),
+    "truncation": (False, False),
+    "own _encode_plus": (False, False),
+}
+VARIANT_HISTORIES = [
+    [Turn("Alice", "hi there"), Turn("Bot", "hello", is_bot=True), Turn("Alice\n", "how are you?")],
+    [Turn("Eve", ""), Turn("Mallory", f"hi\nAlice: x {EOT} ﬁ"), Turn("Alice", "  ok hi ")],
+    [Turn("a", "older"), Turn("Alice", "w " * 3000 + "THE END")],
+    [Turn(f"user{i % 3}", f"message {i}: hi there") for i in range(300)],
+]
+
+
+@pytest.mark.parametrize("change", VARIANTS)
+def test_tokenizer_variants_take_only_the_fast_paths_that_are_exact(gpt2_tokenizer: Any, change: str) -> None:
+    tokenizer, reference = (tokenizer_variant(gpt2_tokenizer, change) for _ in range(2))
+    encoder = _Encoder.of(tokenizer)
+    assert (encoder.rust is not None, encoder.joins_lines) == VARIANTS[change]
+    for history in VARIANT_HISTORIES:
+        for budget in [(1024, 60), (96, 30)]:
+            if change == "truncation":  # a transformers call turns it off for good: on again for each case
+                tokenizer.backend_tokenizer.enable_truncation(16)
+                reference.backend_tokenizer.enable_truncation(16)
+            expected = outcome(WrapperOnly(reference), "Persona.", history, "Bot", budget)
+            assert outcome(tokenizer, "Persona.", history, "Bot", budget) == expected
+            if isinstance(expected, Prompt):
+                assert list(expected.input_ids) == encode(tokenizer, expected.text)
+
+
+def test_a_split_special_tokens_mismatch_keeps_the_wrapper(gpt2_tokenizer: Any) -> None:
+    tokenizer = tokenizer_variant(gpt2_tokenizer, "as shipped")
+    tokenizer.backend_tokenizer.encode_special_tokens = True  # the transformers call would set it back
+    assert _Encoder.of(tokenizer).rust is None
+
+
+@pytest.fixture(scope="module")
+def japanese_tokenizer(request: pytest.FixtureRequest) -> Any:
+    """tests/test_japanese.py's sentencepiece tokenizer (T5Tokenizer): fast, folds "\\n", joins no lines."""
+    from model.loading import load_tokenizer
+
+    return load_tokenizer(request.getfixturevalue("japanese_tokenizer_dir"))
+
+
+@HYPOTHESIS
+@given(persona=personas, history=histories, bot_name=bot_names, budget=budgets)
+def test_property_sentencepiece_fast_path_builds_what_the_transformers_call_builds(
+    japanese_tokenizer: Any, persona: str, history: list[Turn], bot_name: str, budget: tuple[int, int]
+) -> None:
+    assert _Encoder.of(japanese_tokenizer).rust is not None
+    expected = outcome(WrapperOnly(japanese_tokenizer), persona, history, bot_name, budget)
+    assert outcome(japanese_tokenizer, persona, history, bot_name, budget) == expected
+    if isinstance(expected, Prompt):
+        assert list(expected.input_ids) == encode(japanese_tokenizer, expected.text)
