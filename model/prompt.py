@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -67,7 +67,8 @@ def sanitize_text(text: str, special_tokens: Iterable[str] = ()) -> str:
             # A space, not "", so the halves around a removed string cannot join into another one.
             cleaned = cleaned.replace(special, " ")
         cleaned = _fold_whitespace(cleaned)
-        if cleaned == text:
+        # Stable, or no special string left (then one more pass would change nothing: folding is idempotent).
+        if cleaned == text or not any(special in cleaned for special in specials):
             return cleaned
         text = cleaned
 
@@ -144,7 +145,7 @@ def _rust_tokenizer(tokenizer: PreTrainedTokenizerBase) -> Any | None:
     is_plain = (
         cls.__call__ is PreTrainedTokenizerBase.__call__
         and getattr(cls, "_encode_plus", None) is TokenizersBackend._encode_plus
-        and not hasattr(tokenizer, "_switch_to_input_mode")  # seq2seq tokenizers swap templates per call
+        and not hasattr(cls, "_switch_to_input_mode")  # seq2seq tokenizers swap templates per call
     )
     rust = tokenizer.backend_tokenizer if is_plain else None
     if rust is None or rust.truncation is not None or rust.padding is not None:
@@ -278,18 +279,60 @@ def _line(turn: Turn, bot_name: str) -> str:
     return _render_turn(turn, bot_name) + "\n"
 
 
-def _encode_frame(
-    encoder: _Encoder, persona: str, bot_name: str, newest: Turn | None
-) -> tuple[_Frame, _Line | None]:
-    """The frame and the newest line, encoded in one pass: the newest line is encoded only here."""
-    head = render_dialogue(persona, [], bot_name, open_bot_turn=False)  # the persona line, or ""
-    tail = f"{_bot_tag(bot_name)}:"
+class _Renderer:
+    """Cleans turns and renders their lines for one build, each speaker's tag worked out once."""
+
+    def __init__(self, specials: list[str], bot_name: str) -> None:
+        self.specials = specials
+        self.bot_name = bot_name
+        self._bot_tag = _bot_tag(bot_name)
+        self._tags: dict[str, str] = {}  # cleaned speaker → tag
+
+    def clean(self, turn: Turn) -> Turn:
+        return _clean_turn(turn, self.specials)
+
+    def line(self, turn: Turn) -> str:
+        """`_line(turn, bot_name)` for a cleaned turn, whose text is folded already."""
+        if turn.is_bot:
+            return f"{self._bot_tag}: {turn.text}\n"
+        tag = self._tags.get(turn.speaker)
+        if tag is None:
+            tag = self._tags[turn.speaker] = sanitize_speaker(turn.speaker, self.bot_name)
+        return f"{tag}: {turn.text}\n"
+
+
+def _first_turns(
+    newest_first: Iterator[Turn], renderer: _Renderer, persona: str, budget_tokens: int
+) -> list[Turn]:
+    """The newest turn, then as many older ones as the budget left may hold by characters (cleaned)."""
+    newest = next(newest_first, None)
+    if newest is None:
+        return []
+    turns = [renderer.clean(newest)]
+    guess_tokens = budget_tokens - (len(persona) + len(turns[0].text)) // CHUNK_CHARS_PER_TOKEN
+    return turns + _next_chunk(newest_first, renderer, guess_tokens)
+
+
+def _encode_first(
+    encoder: _Encoder, persona: str, renderer: _Renderer, turns: list[Turn]
+) -> tuple[_Frame, list[_Line]]:
+    """The frame and the lines of `turns`, encoded in one pass."""
+    head = render_dialogue(persona, [], renderer.bot_name, open_bot_turn=False)  # the persona line, or ""
+    tail = f"{_bot_tag(renderer.bot_name)}:"
     apart = encoder.joins_lines and all(_joins_cleanly(piece) for piece in (head, tail) if piece)
     frame_texts = [head, tail] if apart else [head + tail]
-    newest_texts = [_line(newest, bot_name)] if newest else []
-    encoded = encoder.encode_many(frame_texts + newest_texts)
+    texts = [renderer.line(turn) for turn in turns]
+    encoded = encoder.encode_many(frame_texts + texts)
     frame = _Frame(head, tail, encoded[: len(frame_texts)])
-    return frame, _Line(newest, newest_texts[0], encoded[-1]) if newest else None
+    return frame, [_Line(*line) for line in zip(turns, texts, encoded[len(frame_texts) :], strict=True)]
+
+
+def _encode_lines(encoder: _Encoder, renderer: _Renderer, turns: list[Turn]) -> list[_Line]:
+    """The lines of `turns` (cleaned), encoded in one pass."""
+    if not turns:
+        return []
+    texts = [renderer.line(turn) for turn in turns]
+    return [_Line(*line) for line in zip(turns, texts, encoder.encode_many(texts), strict=True)]
 
 
 def _fit_newest(encoder: _Encoder, newest: _Line, bot_name: str, available_tokens: int) -> tuple[_Line, bool]:
@@ -307,27 +350,34 @@ def _fit_newest(encoder: _Encoder, newest: _Line, bot_name: str, available_token
 
 
 def _fit_older(
-    encoder: _Encoder, newest_first: Iterator[Turn], specials: list[str], bot_name: str, available_tokens: int
+    encoder: _Encoder,
+    renderer: _Renderer,
+    chunk: list[_Line],
+    newest_first: Iterator[Turn],
+    available_tokens: int,
 ) -> list[_Line]:
-    """The longest run of the newest older turns whose lines fit in `available_tokens` (cleaned)."""
+    """The longest run of the newest older turns whose lines fit in `available_tokens`.
+
+    `chunk` holds the first older lines, encoded already; `newest_first` yields the turns before them.
+    """
     kept: list[_Line] = []
-    # Only as far back as fits: the cost follows the budget, not the history.
-    while chunk := _next_chunk(newest_first, specials, available_tokens):
-        texts = [_line(turn, bot_name) for turn in chunk]
-        for turn, text, ids in zip(chunk, texts, encoder.encode_many(texts), strict=True):
-            if len(ids) > available_tokens:
+    while chunk:
+        for line in chunk:
+            if len(line.ids) > available_tokens:
                 return kept[::-1]  # oldest turns go first, so the history kept is always contiguous
-            available_tokens -= len(ids)
-            kept.append(_Line(turn, text, ids))
+            available_tokens -= len(line.ids)
+            kept.append(line)
+        # Only as far back as fits: the cost follows the budget, not the history.
+        chunk = _encode_lines(encoder, renderer, _next_chunk(newest_first, renderer, available_tokens))
     return kept[::-1]
 
 
-def _next_chunk(newest_first: Iterator[Turn], specials: list[str], budget_tokens: int) -> list[Turn]:
+def _next_chunk(newest_first: Iterator[Turn], renderer: _Renderer, budget_tokens: int) -> list[Turn]:
     """The next turns (cleaned) to count in one batch: about enough characters to fill `budget_tokens`."""
     chunk: list[Turn] = []
     chars = 0
     for raw_turn in newest_first:
-        turn = _clean_turn(raw_turn, specials)
+        turn = renderer.clean(raw_turn)
         chunk.append(turn)
         chars += len(turn.speaker) + len(turn.text) + 3
         if chars >= CHUNK_CHARS_PER_TOKEN * budget_tokens:
@@ -396,20 +446,20 @@ def build_prompt(
     specials = _special_strings(tokenizer)
     persona, bot_name = sanitize_text(persona, specials), sanitize_text(bot_name, specials)
     budget_tokens = n_positions - max_new_tokens
-    encoder = _Encoder.of(tokenizer)
-    newest = _clean_turn(history[-1], specials) if history else None
-    frame, newest_line = _encode_frame(encoder, persona, bot_name, newest)
+    encoder, renderer = _Encoder.of(tokenizer), _Renderer(specials, bot_name)
+    newest_first = reversed(history)  # no copy of a long history
+    turns = _first_turns(newest_first, renderer, persona, budget_tokens)
+    frame, lines = _encode_first(encoder, persona, renderer, turns)  # one pass: frame, newest, first older
     if max_new_tokens < 1 or frame.tokens > budget_tokens:
         raise PromptTooLong(
             f"persona + open bot turn ({frame.tokens} tokens) + max_new_tokens ({max_new_tokens}) "
             f"exceed the context window of {n_positions} tokens: shorten the persona or max_new_tokens"
         )
-    if newest_line is None:
+    if not lines:
         return Prompt(tuple(encoder.encode(frame.text)), frame.text, 0, False)
-    newest_line, truncated = _fit_newest(encoder, newest_line, bot_name, budget_tokens - frame.tokens)
+    newest_line, truncated = _fit_newest(encoder, lines[0], bot_name, budget_tokens - frame.tokens)
     available_tokens = budget_tokens - frame.tokens - len(newest_line.ids)
-    older_first = islice(reversed(history), 1, None)  # no copy of a long history
-    lines = [*_fit_older(encoder, older_first, specials, bot_name, available_tokens), newest_line]
+    lines = [*_fit_older(encoder, renderer, lines[1:], newest_first, available_tokens), newest_line]
     joined = _joined(frame, lines, budget_tokens, truncated)
     if joined is not None:
         return joined
