@@ -54,6 +54,8 @@ from model.fastgen_ops import (
 from model.fastgen_sampling import TOP_K_CAP, sample_top_k_top_p
 
 ATTENTION_BLOCK = 64  # cache positions per attention iteration
+CANDIDATE_CHUNK = 4096  # vocabulary entries per candidate program (13 chunks for GPT-2's 50,257)
+ATTENTION_PROGRAMS = 256  # split the cache until (rows × heads × splits) reaches this (2 waves on an H100)
 NUM_WARPS = 4
 
 
@@ -93,12 +95,15 @@ def norm_kernel(  # Triton kernel: untyped, many arguments
 
 @triton.jit
 def attention_kernel(  # Triton kernel: untyped, many arguments
-    qkv_ptr, cache_ptr, rows_ptr, rows_stride, y_ptr, scale, width, head_dim,
+    qkv_ptr, cache_ptr, rows_ptr, rows_stride, y_ptr, partial_ptr, scale, width, head_dim,
     kv_stride, row_stride, head_stride,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, POS_COL: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, CHUNK: tl.constexpr,
+    POS_COL: tl.constexpr,
 ):  # fmt: skip
-    """Row r, head h: write this token's key/value at the row's position, attend over [0, pos]."""
-    row, head = tl.program_id(0), tl.program_id(1)
+    """Row r, head h, split s: attend over cache positions [s·CHUNK, (s+1)·CHUNK) ∩ [0, pos); split 0
+    also writes this token's key/value at pos and counts it. One split writes y; several write their
+    running (max, sum, weighted values) to `partial` for combine_kernel (flash-decoding)."""
+    row, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(rows_ptr + row * rows_stride + POS_COL)
     dims = tl.arange(0, BLOCK_D)
     is_dim = dims < head_dim
@@ -108,31 +113,59 @@ def attention_kernel(  # Triton kernel: untyped, many arguments
     v_new = tl.load(here + 2 * width, mask=is_dim, other=0.0)
     keys = cache_ptr + row * row_stride + head * head_stride
     values = keys + kv_stride
-    tl.store(keys + pos * head_dim + dims, k_new, mask=is_dim)
-    tl.store(values + pos * head_dim + dims, v_new, mask=is_dim)
+    is_first = split == 0
+    tl.store(keys + pos * head_dim + dims, k_new, mask=is_dim & is_first)
+    tl.store(values + pos * head_dim + dims, v_new, mask=is_dim & is_first)
     # The new position comes from registers (nothing here reads what this kernel wrote); the online
-    # softmax starts from it and folds in the cached positions [0, pos) block by block.
-    best = tl.sum(q * k_new.to(tl.float32), 0) * scale
-    total = best * 0.0 + 1.0
-    acc = v_new.to(tl.float32)
-    start = pos * 0
-    while start < pos:  # a while loop: Triton's interpreter cannot take a loaded value as range() bound
+    # softmax starts from it in split 0 and folds in cached positions block by block.
+    score_new = tl.sum(q * k_new.to(tl.float32), 0) * scale
+    best = tl.where(is_first, score_new, float("-inf"))
+    total = tl.where(is_first, 1.0, 0.0)
+    acc = tl.where(is_first, v_new.to(tl.float32), 0.0)
+    start = split * CHUNK + pos * 0
+    end = tl.minimum(start + CHUNK, pos)
+    while start < end:  # a while loop: Triton's interpreter cannot take a loaded value as range() bound
         positions = start + tl.arange(0, BLOCK_N)
-        is_seen = positions < pos
+        is_seen = positions < end
         offsets = positions[:, None] * head_dim + dims[None, :]
         both = is_seen[:, None] & is_dim[None, :]
         k = tl.load(keys + offsets, mask=both, other=0.0).to(tl.float32)
+        v = tl.load(values + offsets, mask=both, other=0.0).to(tl.float32)
         scores = tl.where(is_seen, tl.sum(k * q[None, :], 1) * scale, float("-inf"))
         new_best = tl.maximum(best, tl.max(scores, 0))
         rescale = tl.exp(best - new_best)
         weights = tl.exp(scores - new_best)
-        v = tl.load(values + offsets, mask=both, other=0.0).to(tl.float32)
         acc = acc * rescale + tl.sum(weights[:, None] * v, 0)
         total = total * rescale + tl.sum(weights, 0)
         best = new_best
         start += BLOCK_N
-    out = (acc / total).to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + row * width + head * head_dim + dims, out, mask=is_dim)
+    if SPLITS == 1:
+        out = (acc / total).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + row * width + head * head_dim + dims, out, mask=is_dim)
+    else:
+        slot = partial_ptr + ((row * tl.num_programs(1) + head) * SPLITS + split) * (BLOCK_D + 2)
+        tl.store(slot + dims, acc)
+        tl.store(slot + BLOCK_D, best)
+        tl.store(slot + BLOCK_D + 1, total)
+
+
+@triton.jit
+def combine_kernel(  # Triton kernel: untyped, many arguments
+    partial_ptr, y_ptr, width, head_dim, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr
+):
+    """Row r, head h: merge the splits' softmax states into y (splits past the row's end hold -inf)."""
+    row, head = tl.program_id(0), tl.program_id(1)
+    splits = tl.arange(0, SPLITS)
+    dims = tl.arange(0, BLOCK_D)
+    slots = partial_ptr + ((row * tl.num_programs(1) + head) * SPLITS + splits) * (BLOCK_D + 2)
+    best = tl.load(slots + BLOCK_D)
+    total = tl.load(slots + BLOCK_D + 1)
+    acc = tl.load(slots[:, None] + dims[None, :])
+    scale = tl.exp(best - tl.max(best, 0))  # split 0 always holds the new token: the max is finite
+    out = tl.sum(acc * scale[:, None], 0) / tl.sum(total * scale, 0)
+    tl.store(
+        y_ptr + row * width + head * head_dim + dims, out.to(y_ptr.dtype.element_ty), mask=dims < head_dim
+    )
 
 
 @triton.jit
@@ -167,39 +200,82 @@ def process_kernel(  # Triton kernel: untyped, many arguments
 
 
 @triton.jit
+def _pack(values, ids, vocab):  # Triton helper: untyped
+    """(float32 value, id) → int64 keys that sort by value, then by smaller id (argmax's tie-break)."""
+    bits = tl.where(values == 0, 0.0, values).to(tl.int32, bitcast=True)  # -0.0 ties with 0.0
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats count down: now signed order = value order
+    return (ordered.to(tl.int64) << 32) | tl.where(ids < vocab, vocab - 1 - ids, 0).to(tl.int64)
+
+
+@triton.jit
+def _unpack(keys, vocab):  # Triton helper: untyped
+    ordered = (keys >> 32).to(tl.int32)
+    values = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    return values, vocab - 1 - (keys & 0xFFFFFFFF)
+
+
+@triton.jit
+def candidates_kernel(  # Triton kernel: untyped, many arguments
+    logits_ptr, vocab, keys_ptr, CHUNK: tl.constexpr, K: tl.constexpr
+):
+    """Row r, chunk c: the K best (value, id) keys of logits[r, c·CHUNK:(c+1)·CHUNK], best first."""
+    row, chunk = tl.program_id(0), tl.program_id(1)
+    ids = chunk * CHUNK + tl.arange(0, CHUNK)
+    values = tl.load(logits_ptr + row * vocab + ids, mask=ids < vocab, other=float("-inf"))
+    keys = _pack(values, ids, vocab)
+    out = keys_ptr + (row * tl.num_programs(1) + chunk) * K
+    if K == 1:
+        tl.store(out, tl.max(keys, 0))
+    else:
+        tl.store(out + tl.arange(0, K), tl.topk(keys, K))
+
+
+@triton.jit
 def sample_append_kernel(  # Triton kernel: untyped, many arguments
-    choice_ptr, top_values_ptr, top_ids_ptr, tokens_ptr, tokens_stride, rows_ptr, rows_stride,
+    choice_ptr, keys_ptr, n_keys, vocab, tokens_ptr, tokens_stride, rows_ptr, rows_stride,
     floats_ptr, floats_stride, uniforms_ptr, uniforms_stride, done_ptr, stop_ptr, stop_stride,
     out_ptr, batch, max_seq,
-    K: tl.constexpr, SAMPLED: tl.constexpr, POS_COL: tl.constexpr, GEN_COL: tl.constexpr,
+    K: tl.constexpr, BLOCK_KEYS: tl.constexpr, POS_COL: tl.constexpr, GEN_COL: tl.constexpr,
     MAX_NEW_COL: tl.constexpr, TOP_K_COL: tl.constexpr, TEMPERATURE_COL: tl.constexpr,
     TOP_P_COL: tl.constexpr, IDLE: tl.constexpr, RUNNING: tl.constexpr, STOP: tl.constexpr,
     MAX_NEW_REASON: tl.constexpr, MAX_SEQ_REASON: tl.constexpr,
 ):  # fmt: skip
-    """Row r: choose the next token (argmax, or temperature → top-k → top-p → inverse CDF), append it,
-    decide whether the row finished and publish token and reason in out (see append_tokens)."""
+    """Row r: choose the next token, append it, decide whether the row finished and publish token and
+    reason in out (see append_tokens). K = 0: the token is choice[r]; K = 1: the argmax of the chunk
+    maxima in keys; K > 1: merge the chunks' top-K, then greedy (temperature 0) or temperature →
+    top-k → top-p → inverse CDF with the row's next uniform."""
     row = tl.program_id(0)
     settings = rows_ptr + row * rows_stride
     pos, gen = tl.load(settings + POS_COL), tl.load(settings + GEN_COL)
-    token = tl.load(choice_ptr + row)
-    if SAMPLED:
-        temperature = tl.load(floats_ptr + row * floats_stride + TEMPERATURE_COL)
-        top_p = tl.load(floats_ptr + row * floats_stride + TOP_P_COL)
-        top_k = tl.load(settings + TOP_K_COL)
-        rank = tl.arange(0, K)
-        values = tl.load(top_values_ptr + row * K + rank)
-        values = values / tl.where(temperature > 0, temperature, 1.0)
-        limit = tl.where((top_k > 0) & (top_k < K), top_k, K)
-        values = tl.where(rank < limit, values, float("-inf"))
-        probs = tl.exp(values - tl.max(values, 0))
-        probs = probs / tl.sum(probs, 0)
-        cumulative = tl.cumsum(probs, 0)
-        probs = tl.where(cumulative - probs >= top_p, 0.0, probs)
-        cumulative = tl.cumsum(probs, 0)
-        target = tl.load(uniforms_ptr + row * uniforms_stride + gen) * tl.sum(probs, 0)
-        choice = tl.minimum(tl.sum((cumulative < target).to(tl.int32), 0), K - 1)
-        sampled = tl.sum(tl.where(rank == choice, tl.load(top_ids_ptr + row * K + rank), 0), 0)
-        token = tl.where(temperature > 0, sampled, token)
+    if K == 0:
+        token = tl.load(choice_ptr + row)
+    else:
+        slots = tl.arange(0, BLOCK_KEYS)
+        lowest = tl.full([BLOCK_KEYS], -2147483648, tl.int32).to(tl.int64) << 32  # below every key
+        keys = tl.load(keys_ptr + row * n_keys + slots, mask=slots < n_keys, other=lowest)
+        if K == 1:
+            token = _unpack(tl.max(keys, 0), vocab)[1]
+        else:
+            if BLOCK_KEYS > K:  # several chunks' candidates: merge them (else they are merged already)
+                keys = tl.topk(keys, K)
+            values, ids = _unpack(keys, vocab)  # best first
+            rank = tl.arange(0, K)
+            temperature = tl.load(floats_ptr + row * floats_stride + TEMPERATURE_COL)
+            top_p = tl.load(floats_ptr + row * floats_stride + TOP_P_COL)
+            top_k = tl.load(settings + TOP_K_COL)
+            values = values / tl.where(temperature > 0, temperature, 1.0)
+            limit = tl.where((top_k > 0) & (top_k < K), top_k, K)
+            values = tl.where(rank < limit, values, float("-inf"))
+            probs = tl.exp(values - tl.max(values, 0))
+            probs = probs / tl.sum(probs, 0)
+            cumulative = tl.cumsum(probs, 0)
+            probs = tl.where(cumulative - probs >= top_p, 0.0, probs)
+            cumulative = tl.cumsum(probs, 0)
+            target = tl.load(uniforms_ptr + row * uniforms_stride + gen) * tl.sum(probs, 0)
+            choice = tl.minimum(tl.sum((cumulative < target).to(tl.int32), 0), K - 1)
+            sampled = tl.sum(tl.where(rank == choice, ids, 0), 0)
+            greedy = tl.sum(tl.where(rank == 0, ids, 0), 0)
+            token = tl.where(temperature > 0, sampled, greedy)
     is_active = tl.load(done_ptr + row) == 0
     new_pos = pos + 1
     tl.store(tokens_ptr + row * tokens_stride + new_pos, token)  # frozen rows too: branch-free, own slot
@@ -234,11 +310,13 @@ def decode_step(weights: GPT2Weights, state: DecodeState, plan: StepPlan, commit
     if not commit:
         state = _scratch(state)
     logits = decode_logits(weights, state, plan.batch)
-    choice = _choose(logits, state, plan)
-    top_values, top_ids = (None, None)
-    if plan.sampling == "top_k":
-        top_values, top_ids = logits.topk(TOP_K_CAP, -1)  # sorted, largest first
-    _sample_append(state, plan.batch, choice, top_values, top_ids)
+    if plan.use_penalty or plan.ngram_span:
+        _process(logits, state, plan)
+    if plan.sampling == "full":  # some row ranks the whole vocabulary: the plain sampler's full sort
+        _sample_append(state, plan.batch, _full_sample(logits, state, plan.batch), None, 0)
+    else:
+        k = TOP_K_CAP if plan.sampling == "top_k" else 1
+        _sample_append(state, plan.batch, None, _candidates(logits, k), k)
 
 
 def _scratch(state: DecodeState) -> DecodeState:
@@ -296,55 +374,89 @@ def _norm(
 
 
 def _attention(weights: GPT2Weights, state: DecodeState, index: int, qkv: torch.Tensor) -> torch.Tensor:
-    batch, width = qkv.shape[0], weights.width
-    head_dim = width // weights.n_head
+    """Attention output [B, C] for every row's new token; its key/value goes into the cache."""
+    batch, width, n_head = qkv.shape[0], weights.width, weights.n_head
+    head_dim = width // n_head
+    block_d = triton.next_power_of_2(head_dim)
+    splits = _attention_splits(batch * n_head, state.max_seq)
+    chunk = triton.cdiv(state.max_seq, splits)
     cache = state.kv[index]  # [2, max_batch, H, S, D]
     y = torch.empty((batch, width), dtype=qkv.dtype, device=qkv.device)
-    attention_kernel[(batch, weights.n_head)](
-        qkv, cache, state.rows, state.rows.stride(0), y, weights.attn_scale, width, head_dim,
+    partial = torch.empty((batch, n_head, splits, block_d + 2), dtype=torch.float32, device=qkv.device)
+    attention_kernel[(batch, n_head, splits)](
+        qkv, cache, state.rows, state.rows.stride(0), y, partial, weights.attn_scale, width, head_dim,
         cache.stride(0), cache.stride(1), cache.stride(2),
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=ATTENTION_BLOCK, POS_COL=POS, num_warps=NUM_WARPS,
+        BLOCK_D=block_d, BLOCK_N=ATTENTION_BLOCK, SPLITS=splits, CHUNK=chunk, POS_COL=POS,
+        num_warps=NUM_WARPS,
     )  # fmt: skip
+    if splits > 1:
+        combine_kernel[(batch, n_head)](
+            partial, y, width, head_dim, BLOCK_D=block_d, SPLITS=splits, num_warps=1
+        )  # fmt: skip
     return y
 
 
-def _choose(logits: torch.Tensor, state: DecodeState, plan: StepPlan) -> torch.Tensor:
-    """Logits processors in place, then the greedy choice ([B] int64); with full-vocabulary sampling
-    (some row has top_k 0 or above the cap) the plain sampler's choice instead."""
-    batch = plan.batch
-    if plan.use_penalty or plan.ngram_span:
-        process_kernel[(batch,)](
-            logits, logits.shape[1], state.tokens, state.tokens.stride(0), state.rows, state.rows.stride(0),
-            state.floats, state.floats.stride(0), BLOCK_S=triton.next_power_of_2(state.max_seq),
-            USE_PENALTY=plan.use_penalty, SPAN=plan.ngram_span, POS_COL=POS, NGRAM_COL=NGRAM,
-            PENALTY_COL=PENALTY, num_warps=NUM_WARPS,
-        )  # fmt: skip
-    greedy = logits.argmax(-1)
-    if plan.sampling != "full":
-        return greedy
+def _attention_splits(programs: int, max_seq: int) -> int:
+    """Cache splits per (row, head), a power of two: enough programs to fill the GPU at small batches
+    (B × H alone is 12 programs at one row of GPT-2), none when B × H already does."""
+    wanted = triton.next_power_of_2(max(1, -(-ATTENTION_PROGRAMS // programs)))
+    return max(1, min(wanted, max_seq // ATTENTION_BLOCK))
+
+
+def _process(logits: torch.Tensor, state: DecodeState, plan: StepPlan) -> None:
+    """The repetition penalty and the n-gram ban, in place on logits [B, V]."""
+    process_kernel[(plan.batch,)](
+        logits, logits.shape[1], state.tokens, state.tokens.stride(0), state.rows, state.rows.stride(0),
+        state.floats, state.floats.stride(0), BLOCK_S=triton.next_power_of_2(state.max_seq),
+        USE_PENALTY=plan.use_penalty, SPAN=plan.ngram_span, POS_COL=POS, NGRAM_COL=NGRAM,
+        PENALTY_COL=PENALTY, num_warps=NUM_WARPS,
+    )  # fmt: skip
+
+
+def _candidates(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, chunks × k] int64 keys: each vocabulary chunk's k best (value, id), best first."""
+    if k > 1 and logits.device.type != "cuda":
+        return candidate_keys(logits, k)  # Triton's interpreter takes minutes for tl.topk over a chunk
+    batch, vocab = logits.shape
+    chunks = triton.cdiv(vocab, CANDIDATE_CHUNK)
+    keys = torch.empty((batch, chunks * k), dtype=torch.int64, device=logits.device)
+    candidates_kernel[(batch, chunks)](logits, vocab, keys, CHUNK=CANDIDATE_CHUNK, K=k, num_warps=8)
+    return keys
+
+
+def candidate_keys(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The k best keys of each row [B, k], best first, with torch ops: what the candidate kernel and
+    the merge in sample_append_kernel compute together (the reference for their GPU test)."""
+    bits = torch.where(logits == 0, 0.0, logits.float()).view(torch.int32)  # -0.0 ties with 0.0
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    ids = torch.arange(logits.shape[1], device=logits.device)
+    keys = (ordered.long() << 32) | (logits.shape[1] - 1 - ids)
+    return keys.topk(k, -1).values
+
+
+def _full_sample(logits: torch.Tensor, state: DecodeState, batch: int) -> torch.Tensor:
+    """The plain step's choice over the whole sorted vocabulary ([B] int64)."""
     temperature = state.floats[:batch, TEMPERATURE]
     uniform = state.uniforms[:batch].gather(1, state.rows[:batch, GEN : GEN + 1]).squeeze(1)
     sampled = sample_top_k_top_p(
         logits, temperature, state.rows[:batch, TOP_K], state.floats[:batch, TOP_P], uniform, logits.shape[1]
     )
-    return torch.where(temperature > 0, sampled, greedy)
+    return torch.where(temperature > 0, sampled, logits.argmax(-1))
 
 
 def _sample_append(
-    state: DecodeState,
-    batch: int,
-    choice: torch.Tensor,
-    top_values: torch.Tensor | None,
-    top_ids: torch.Tensor | None,
+    state: DecodeState, batch: int, choice: torch.Tensor | None, keys: torch.Tensor | None, k: int
 ) -> None:
-    is_sampled = top_values is not None
+    """Choose (from `choice`, k = 0, or from candidate `keys`), append and publish every row's token."""
+    given = keys if choice is None else choice  # the unused pointer still needs a tensor
+    n_keys = 0 if keys is None else keys.shape[1]
     sample_append_kernel[(batch,)](
-        choice, top_values if is_sampled else choice, top_ids if is_sampled else choice,
+        given, given, n_keys, state.stop.shape[1] - 1,
         state.tokens, state.tokens.stride(0), state.rows, state.rows.stride(0),
         state.floats, state.floats.stride(0), state.uniforms, state.uniforms.stride(0),
         state.done, state.stop, state.stop.stride(0), state.out, batch, state.max_seq,
-        K=TOP_K_CAP, SAMPLED=is_sampled, POS_COL=POS, GEN_COL=GEN, MAX_NEW_COL=MAX_NEW,
-        TOP_K_COL=TOP_K, TEMPERATURE_COL=TEMPERATURE, TOP_P_COL=TOP_P, IDLE=REASON_IDLE,
-        RUNNING=REASON_RUNNING, STOP=REASON_STOP_TOKEN, MAX_NEW_REASON=REASON_MAX_NEW,
-        MAX_SEQ_REASON=REASON_MAX_SEQ, num_warps=1,
+        K=k, BLOCK_KEYS=triton.next_power_of_2(max(1, n_keys)), POS_COL=POS, GEN_COL=GEN,
+        MAX_NEW_COL=MAX_NEW, TOP_K_COL=TOP_K, TEMPERATURE_COL=TEMPERATURE, TOP_P_COL=TOP_P,
+        IDLE=REASON_IDLE, RUNNING=REASON_RUNNING, STOP=REASON_STOP_TOKEN, MAX_NEW_REASON=REASON_MAX_NEW,
+        MAX_SEQ_REASON=REASON_MAX_SEQ, num_warps=4,
     )  # fmt: skip

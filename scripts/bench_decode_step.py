@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -104,6 +105,21 @@ def profile(rows: int) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
 
 
+def time_prefill(rows: int) -> float:
+    """Wall ms of one eager prefill of `rows` 255-token prompt prefixes (GPU synchronised)."""
+    weights, state = build(rows)
+    ids = torch.randint(0, 50256, (rows, PROMPT_TOKENS - 1 + 1)).cuda()[:, : PROMPT_TOKENS - 1]
+    ids = torch.nn.functional.pad(ids, (0, 1), value=0)  # right-padded to the 64-token bucket
+    samples = []
+    for _ in range(7):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        fastgen_ops.prefill(weights, state, ids, 0)
+        torch.cuda.synchronize()
+        samples.append(1000 * (time.perf_counter() - started))
+    return statistics.median(samples[2:])
+
+
 def main() -> int:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
@@ -124,6 +140,9 @@ def main() -> int:
             print(f"| {rows} | " + " | ".join(f"{ms:.3f}" for ms in cells) + " |", flush=True)
             del weights, state
             torch.cuda.empty_cache()
+    with torch.inference_mode():
+        for rows in (1, 64, 256):
+            print(f"eager prefill of {rows} × 256 tokens: {time_prefill(rows):.2f} ms", flush=True)
     if args.profile:
         profile(args.profile)
     return 0

@@ -1,0 +1,124 @@
+"""The fused decode step's kernels against plain torch math.
+
+On the CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 there);
+`gpu` tests run them compiled. Engine-level equivalence with `generate` is in tests/test_fastgen.py.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+pytest.importorskip("triton")
+
+from model import fastgen_ops, fastgen_triton
+from model.fastgen_ops import POS
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def device_under_test() -> torch.device:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not fastgen_triton.can_run_on(device):
+        pytest.skip("on the CPU the kernels run only in Triton's interpreter (TRITON_INTERPRET=1)")
+    return device
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cache: torch.Tensor,
+    pos: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """Row b attends over its cached positions [0, pos[b]) plus its new key/value: [B, H, D]."""
+    outputs = []
+    for row, length in enumerate(pos):
+        keys = torch.cat([cache[0, row, :, :length], k_new[row, :, None]], dim=1)  # [H, length + 1, D]
+        values = torch.cat([cache[1, row, :, :length], v_new[row, :, None]], dim=1)
+        weights = torch.softmax((keys @ q[row, :, :, None]).squeeze(-1) * scale, dim=-1)
+        outputs.append((weights[:, None, :] @ values).squeeze(1))
+    return torch.stack(outputs)
+
+
+@pytest.mark.parametrize("programs", [1, 256], ids=["one split", "split cache"])
+def test_attention_matches_softmax_and_writes_the_new_key_value(
+    tiny_model_dir: Path, programs: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fastgen_triton, "ATTENTION_PROGRAMS", programs)
+    device = device_under_test()
+    model = GPT2LMHeadModel.from_pretrained(tiny_model_dir).to(device).eval()
+    weights = fastgen_ops.weights_from_hf(model, fast_activation=False)
+    state = fastgen_ops.allocate_state(weights, max_batch=5, max_seq=256)
+    generator = torch.Generator().manual_seed(0)
+    state.kv.copy_(torch.randn(state.kv.shape, generator=generator))
+    pos = [0, 1, 63, 64, 200]  # empty cache, block edges, several blocks
+    state.rows[:, POS] = torch.tensor(pos)
+    width, n_head = weights.width, weights.n_head
+    qkv = torch.randn(5, 3 * width, generator=generator).to(device)
+    y = fastgen_triton._attention(weights, state, 0, qkv)
+    q, k_new, v_new = qkv.view(5, 3, n_head, width // n_head).unbind(1)
+    cache = state.kv[0]
+    expected = reference_attention(q, k_new, v_new, cache, pos, weights.attn_scale)
+    torch.testing.assert_close(y.view(5, n_head, -1), expected, rtol=1e-5, atol=1e-5)
+    for row, length in enumerate(pos):
+        assert torch.equal(cache[0, row, :, length], k_new[row]) and torch.equal(
+            cache[1, row, :, length], v_new[row]
+        )
+
+
+def test_layer_norm_kernel_adds_the_next_bias(tiny_model_dir: Path) -> None:
+    device = device_under_test()
+    model = GPT2LMHeadModel.from_pretrained(tiny_model_dir).to(device).eval()
+    layer = fastgen_ops.weights_from_hf(model, fast_activation=False).layers[0]
+    resid = torch.randn(3, model.config.n_embd, device=device)
+    before, out = resid.clone(), torch.empty_like(resid)
+    fastgen_triton._norm(resid, layer.ln_2, layer.out_b, out, 1e-5)
+    torch.testing.assert_close(
+        out, torch.nn.functional.layer_norm(before, (before.shape[1],), *layer.ln_2, 1e-5)
+    )
+    torch.testing.assert_close(resid, before + layer.out_b)
+
+
+def test_candidate_keys_order_by_value_then_by_smaller_id() -> None:
+    logits = torch.tensor([[0.5, -1.0, 2.0, 2.0, float("-inf"), -0.0, 0.0]])
+    keys = fastgen_triton.candidate_keys(logits, 7)
+    high = (keys >> 32).to(torch.int32)
+    values = (high ^ ((high >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    ids = 6 - (keys & 0xFFFFFFFF)
+    assert ids.tolist() == [[2, 3, 0, 5, 6, 1, 4]]  # ties (2.0, and -0.0 == 0.0) keep the smaller id first
+    assert values[0, :3].tolist() == [2.0, 2.0, 0.5] and math.isinf(values[0, -1].item())
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("k", [1, 128])
+def test_gpu_candidate_kernel_and_merge_equal_the_torch_reference(k: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 50257, generator=generator).cuda()
+    logits[1, 100:400] = 7.0  # a tie wider than k: the smallest ids win
+    logits[2] = 0.0
+    keys = fastgen_triton._candidates(logits, k)
+    assert keys.shape == (6, 13 * k)
+    assert torch.equal(keys.topk(k, -1).values, fastgen_triton.candidate_keys(logits, k))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_fused_step_samples_what_the_plain_step_samples(tiny_model_dir: Path) -> None:
+    from tests.test_fastgen import drain, job, make_engine, random_prompt, sampled
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_model_dir).to("cuda").eval()
+    settings = [sampled(1), sampled(2, top_k=5, temperature=0.7), sampled(3, top_k=20, top_p=0.5)]
+    runs = []
+    for fused in (False, True):
+        engine = make_engine(model, fused=fused)
+        for i, params in enumerate(settings):
+            engine.admit(job(i, random_prompt(5 + 20 * i, seed=i), params))
+        runs.append({i: r.token_ids for i, r in drain(engine).items()})
+    assert runs[0] == runs[1]
