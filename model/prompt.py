@@ -202,7 +202,7 @@ class _Encoder:
         if self.rust is None:
             return _encode(self.tokenizer, text)
         # The batch call, not `encode`: only it releases the GIL. `_fast` skips the offsets.
-        return list(self.rust.encode_batch_fast([text], add_special_tokens=False)[0].ids)
+        return self.rust.encode_batch_fast([text], add_special_tokens=False)[0].ids
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:
         """The ids of each text, for counting: one batched pass for fast tokenizers (Rust, no GIL)."""
@@ -388,7 +388,7 @@ def _next_chunk(newest_first: Iterator[Turn], renderer: _Renderer, budget_tokens
 def _joined(frame: _Frame, lines: list[_Line], budget_tokens: int, newest_truncated: bool) -> Prompt | None:
     """The prompt from the ids in hand, when they join exactly as the text does (_joins_lines) and fit."""
     if len(frame.parts_ids) != 2 or not all(_joins_cleanly(line.text) for line in lines):
-        return None
+        return None  # the encoder does not join lines, or a line ends (or starts) with whitespace
     head_ids, tail_ids = frame.parts_ids
     input_ids = (*head_ids, *chain.from_iterable(line.ids for line in lines), *tail_ids)
     if len(input_ids) > budget_tokens:

@@ -102,7 +102,8 @@ def profile(rows: int) -> None:
             for _ in range(20):
                 fastgen_triton.decode_step(weights, state, plan)
             torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
+    print(f"fused step at {rows} rows, 20 steps:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
 
 
 def time_prefill(rows: int) -> float:
@@ -124,7 +125,7 @@ def main() -> int:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64, 256])
-    parser.add_argument("--profile", type=int, default=0, help="also profile the fused step here")
+    parser.add_argument("--profile", type=int, nargs="*", default=[], help="profile the fused step (rows)")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · fp16 · GPT-2 124M shape")
     print("| rows | greedy: plain (ms) | greedy: fused (ms) | sampling: plain (ms) | sampling: fused (ms) |")
@@ -143,8 +144,8 @@ def main() -> int:
     with torch.inference_mode():
         for rows in (1, 64, 256):
             print(f"eager prefill of {rows} × 256 tokens: {time_prefill(rows):.2f} ms", flush=True)
-    if args.profile:
-        profile(args.profile)
+    for rows in args.profile:
+        profile(rows)
     return 0
 
 
