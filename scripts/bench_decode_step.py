@@ -126,6 +126,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--profile", type=int, nargs="*", default=[], help="profile the fused step (rows)")
+    parser.add_argument("--attention-blocks", type=int, nargs="*", default=[], help="also try these")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · fp16 · GPT-2 124M shape")
     print("| rows | greedy: plain (ms) | greedy: fused (ms) | sampling: plain (ms) | sampling: fused (ms) |")
@@ -142,6 +143,12 @@ def main() -> int:
             del weights, state
             torch.cuda.empty_cache()
     with torch.inference_mode():
+        for block in args.attention_blocks:
+            fastgen_triton.ATTENTION_BLOCK = block
+            for rows in (1, 64, 256):
+                weights, state = build(rows)
+                ms = time_step(fastgen_triton.decode_step, weights, state, plan_for(rows, greedy=False))
+                print(f"fused step, attention block {block}, {rows} rows: {ms:.3f} ms", flush=True)
         for rows in (1, 64, 256):
             print(f"eager prefill of {rows} × 256 tokens: {time_prefill(rows):.2f} ms", flush=True)
     for rows in args.profile:

@@ -6,7 +6,6 @@ On the CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITO
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -85,27 +84,25 @@ def test_layer_norm_kernel_adds_the_next_bias(tiny_model_dir: Path) -> None:
     torch.testing.assert_close(resid, before + layer.out_b)
 
 
-def test_candidate_keys_order_by_value_then_by_smaller_id() -> None:
-    logits = torch.tensor([[0.5, -1.0, 2.0, 2.0, float("-inf"), -0.0, 0.0]])
-    keys = fastgen_triton.candidate_keys(logits, 7)
-    high = (keys >> 32).to(torch.int32)
-    values = (high ^ ((high >> 31) & 0x7FFFFFFF)).view(torch.float32)
-    ids = 6 - (keys & 0xFFFFFFFF)
-    assert ids.tolist() == [[2, 3, 0, 5, 6, 1, 4]]  # ties (2.0, and -0.0 == 0.0) keep the smaller id first
-    assert values[0, :3].tolist() == [2.0, 2.0, 0.5] and math.isinf(values[0, -1].item())
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("k", [1, 128])
-def test_gpu_candidate_kernel_and_merge_equal_the_torch_reference(k: int) -> None:
+def test_argmax_keys_break_ties_like_argmax() -> None:
+    device = device_under_test()
     generator = torch.Generator().manual_seed(1)
-    logits = torch.randn(6, 50257, generator=generator).cuda()
-    logits[1, 100:400] = 7.0  # a tie wider than k: the smallest ids win
+    logits = torch.randn(5, 50257, generator=generator)
+    logits[1, 100:400] = 9.0  # a wide tie at the top: the smallest id wins
     logits[2] = 0.0
-    keys = fastgen_triton._candidates(logits, k)
-    assert keys.shape == (6, 13 * k)
-    assert torch.equal(keys.topk(k, -1).values, fastgen_triton.candidate_keys(logits, k))
+    logits[3, 5000], logits[3, 4000] = 0.0, -0.0  # -0.0 == 0.0: argmax takes the first
+    logits[3] = torch.where(logits[3] > 0, -logits[3], logits[3])
+    logits[4, 50256] = 50.0  # the last id, in the last, partial chunk
+    logits = logits.to(device)
+    keys = fastgen_triton._greedy_keys(logits)
+    assert keys.shape == (5, 13)
+    best = keys.max(-1).values
+    assert torch.equal(best, fastgen_triton.argmax_keys(logits))
+    assert (
+        (50256 - (best & 0xFFFFFFFF)).tolist()
+        == logits.argmax(-1).tolist()
+        == [logits[0].argmax().item(), 100, 0, 4000, 50256]
+    )
 
 
 @pytest.mark.gpu
