@@ -173,6 +173,8 @@ class BatchedGPT2Engine:
         self._is_fused = self._decode_step is not decode_step
         with torch.inference_mode():
             self._state: DecodeState = allocate_state(self._weights, max_batch_size, max_seq)
+            self._prefill_input = torch.zeros((1, max_seq), dtype=torch.long, device=device)
+            self._prefill_slot = torch.zeros(1, dtype=torch.long, device=device)
         # Graphs are captured per window bucket; the fused step reads each row's length on the device,
         # so its graphs serve every window. Eager shapes cost nothing to vary.
         self._bucket = WINDOW_BUCKET if self._use_graphs else 1
@@ -185,6 +187,8 @@ class BatchedGPT2Engine:
         self._steps = 0  # decode steps launched so far
         self._features: tuple[str, bool, int] | None = None  # cached until the set of jobs changes
         self._graphs: dict[StepPlan, torch.cuda.CUDAGraph] = {}
+        self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # length bucket → one-job prefill
+
         self._graph_pool: Any = torch.cuda.graph_pool_handle() if self._use_graphs else None
         self._host_out: torch.Tensor | None = None
         self._events: list[torch.cuda.Event] = []
@@ -302,8 +306,39 @@ class BatchedGPT2Engine:
         prefix = max(len(p) for p in prompts) - 1
         if prefix > 0:
             length = min(self._max_seq, _round_up(prefix, self._prefill_bucket))
-            ids = _right_padded([p[:-1] for p in prompts], length).to(self._device, non_blocking=True)
-            prefill(self._weights, self._state, ids, first_slot)
+            ids = _right_padded([p[:-1] for p in prompts], length)
+            if self._use_graphs and len(chunk) == 1:
+                self._prefill_one(ids, first_slot)
+            else:
+                slots = torch.arange(first_slot, first_slot + len(chunk))
+                prefill(self._weights, self._state, self._on_device(ids), self._on_device(slots))
+
+    def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self._device, non_blocking=True)
+
+    def _prefill_one(self, ids: torch.Tensor, slot: int) -> None:
+        """One job's prefill as a CUDA-graph replay (one graph per length bucket). Eagerly, a lone
+        256-token prefill is ~170 launches: 4.3 ms of host time on an H100 host for ~0.3 ms of GPU work."""
+        length = ids.shape[1]
+        self._prefill_input[:, :length].copy_(self._on_device(ids))
+        self._prefill_slot.fill_(slot)
+        graph = self._prefill_graphs.get(length)
+        if graph is None:
+            graph = self._prefill_graphs[length] = self._capture_prefill(length)
+        graph.replay()
+
+    def _capture_prefill(self, length: int) -> torch.cuda.CUDAGraph:
+        ids, slot = self._prefill_input[:, :length], self._prefill_slot
+        side = torch.cuda.Stream(self._device)
+        side.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(side):  # warm-up: writes the same keys/values the replay writes
+            prefill(self._weights, self._state, ids, slot)
+        torch.cuda.current_stream(self._device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+            prefill(self._weights, self._state, ids, slot)
+        log.info("captured a prefill graph for %d positions", length)
+        return graph
 
     # ---- reading results, retiring jobs ----
 

@@ -198,29 +198,35 @@ def allocate_state(weights: GPT2Weights, max_batch: int, max_seq: int) -> Decode
 # prefill: fill a new job's cache slots (eager; shapes vary with prompt length)
 
 
-def prefill(weights: GPT2Weights, state: DecodeState, ids: torch.Tensor, first_slot: int) -> None:
-    """Write keys/values of ids [P, L] (right-padded prompts minus their last token) into slots
-    [first_slot, first_slot + P). Padding lands after each prompt, so causal attention never sees it,
-    and the decode step overwrites those cache positions before any mask exposes them."""
-    n_rows, length = ids.shape
+def prefill(weights: GPT2Weights, state: DecodeState, ids: torch.Tensor, slots: torch.Tensor) -> None:
+    """Write keys/values of ids [P, L] (right-padded prompts minus their last token) into the cache
+    slots listed in `slots` [P] (a device tensor, so a CUDA graph of this serves any slot). Padding
+    lands after each prompt, so causal attention never sees it, and the decode step overwrites those
+    cache positions before any mask exposes them."""
+    length = ids.shape[1]
     x = F.embedding(ids, weights.wte) + F.embedding(state.arange[:length], weights.wpe)  # [P, L, C]
     last = len(weights.layers) - 1
     for index, layer in enumerate(weights.layers):
-        kv = state.kv[index, :, first_slot : first_slot + n_rows, :, :length]  # [2, P, H, L, D]
+        cache = state.kv[index, :, :, :, :length]  # [2, max_batch, H, L, D]
         # The last block's output feeds nothing that is cached: only its keys and values are needed.
-        x = _prefill_block(weights, layer, kv, x, need_output=index < last)
+        x = _prefill_block(weights, layer, cache, slots, x, need_output=index < last)
 
 
 def _prefill_block(
-    weights: GPT2Weights, layer: LayerWeights, kv: torch.Tensor, x: torch.Tensor, need_output: bool
+    weights: GPT2Weights,
+    layer: LayerWeights,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    x: torch.Tensor,
+    need_output: bool,
 ) -> torch.Tensor:
     n_rows, length, width = x.shape
     head_dim = width // weights.n_head
     h = F.layer_norm(x, (width,), *layer.ln_1, weights.eps)
     qkv = torch.addmm(layer.attn_b, h.view(-1, width), layer.attn_w)
     q, k, v = qkv.view(n_rows, length, 3, weights.n_head, head_dim).unbind(2)  # each [P, L, H, D]
-    kv[0].copy_(k.transpose(1, 2))
-    kv[1].copy_(v.transpose(1, 2))
+    cache[0].index_copy_(0, slots, k.transpose(1, 2))
+    cache[1].index_copy_(0, slots, v.transpose(1, 2))
     if not need_output:
         return x
     y = F.scaled_dot_product_attention(

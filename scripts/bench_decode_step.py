@@ -49,7 +49,7 @@ def build(rows: int) -> tuple[GPT2Weights, DecodeState]:
         stop_index=torch.full((rows, 1), 50257),
         uniforms=torch.rand(rows, MAX_SEQ + 1),
     )  # fmt: skip
-    fastgen_ops.prefill(weights, state, prompts[:, :-1].cuda(), 0)
+    fastgen_ops.prefill(weights, state, prompts[:, :-1].cuda(), torch.arange(rows, device="cuda"))
     return weights, state
 
 
@@ -115,7 +115,7 @@ def time_prefill(rows: int) -> float:
     for _ in range(7):
         torch.cuda.synchronize()
         started = time.perf_counter()
-        fastgen_ops.prefill(weights, state, ids, 0)
+        fastgen_ops.prefill(weights, state, ids, torch.arange(rows, device="cuda"))
         torch.cuda.synchronize()
         samples.append(1000 * (time.perf_counter() - started))
     return statistics.median(samples[2:])
