@@ -213,12 +213,18 @@ class _Encoder:
             return [_encode(self.tokenizer, text) for text in texts]
         return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
 
-    def offsets(self, text: str) -> list[tuple[int, int]]:
-        """Each token's (start, end) character offsets in `text`; fast tokenizers only."""
-        if self.rust is not None:
-            return list(self.rust.encode_batch([text], add_special_tokens=False)[0].offsets)
+    def last_tokens_start(self, text: str, keep_tokens: int) -> int | None:
+        """The character where the last `keep_tokens` tokens of `text` start (None: it has no more).
+
+        Fast tokenizers only: they have offsets.
+        """
+        if self.rust is not None:  # one token's offsets, not a Python list of them all
+            encoding = self.rust.encode_batch([text], add_special_tokens=False)[0]
+            count = len(encoding)
+            return None if count <= keep_tokens else encoding.token_to_chars(count - keep_tokens)[0]
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return list(encoded["offset_mapping"])
+        offsets = encoded["offset_mapping"]
+        return None if len(offsets) <= keep_tokens else offsets[len(offsets) - keep_tokens][0]
 
 
 @dataclass(frozen=True)
@@ -256,10 +262,8 @@ def _keep_last_tokens(encoder: _Encoder, text: str, keep_tokens: int) -> str:
     if keep_tokens <= 0:
         return ""
     if encoder.tokenizer.is_fast:
-        offsets = encoder.offsets(text)
-        if len(offsets) <= keep_tokens:
-            return text
-        return text[offsets[len(offsets) - keep_tokens][0] :].lstrip()
+        start = encoder.last_tokens_start(text, keep_tokens)
+        return text if start is None else text[start:].lstrip()
     return _keep_last_tokens_by_search(encoder.tokenizer, text, keep_tokens)
 
 
