@@ -58,6 +58,13 @@ CANDIDATE_CHUNK = 4096  # vocabulary entries per argmax program (13 chunks for G
 MODE_GIVEN, MODE_ARGMAX, MODE_SAMPLE = range(3)  # how sample_append_kernel chooses the token
 ATTENTION_PROGRAMS = 256  # split the cache until (rows × heads × splits) reaches this (2 waves on an H100)
 NUM_WARPS = 4
+# Up to LINEAR_MAX_ROWS rows the matrix products are linear_kernel (weights read once, norms and
+# epilogues fused); above, cuBLAS. Outputs up to LINEAR_NARROW wide get half-width blocks.
+LINEAR_MAX_ROWS = 16
+LINEAR_BLOCK_N = 32
+LINEAR_BLOCK_K = 128
+LINEAR_NARROW = 1024
+LINEAR_WARPS = 4
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -92,6 +99,57 @@ def norm_kernel(  # Triton kernel: untyped, many arguments
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=is_col, other=0.0).to(tl.float32)
         tl.store(resid_ptr + row * width + cols, (x + bias).to(resid_ptr.dtype.element_ty), mask=is_col)
+    elif EMBED:
+        tl.store(resid_ptr + row * width + cols, x.to(resid_ptr.dtype.element_ty), mask=is_col)
+
+
+@triton.jit
+def linear_kernel(  # Triton kernel: untyped, many arguments
+    x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, eps, rows,
+    K: tl.constexpr, N: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
+):  # fmt: skip
+    """out[:rows, block] = act(ln?(x) · W + b) (+ out when RESIDUAL: the residual add in place) for a
+    few rows: each program reads its [K, BLOCK_N] slab of W once. With NORM the layer norm of each x
+    row is computed here (statistics in a first pass over K), so it needs no kernel of its own."""
+    r = tl.arange(0, ROWS)
+    is_row = r < rows
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    is_col = cols < N
+    if NORM:
+        total = tl.zeros([ROWS], tl.float32)
+        squares = tl.zeros([ROWS], tl.float32)
+        for start in tl.static_range(0, K, BLOCK_K):
+            ks = start + tl.arange(0, BLOCK_K)
+            mask = is_row[:, None] & (ks < K)[None, :]
+            x = tl.load(x_ptr + r[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+            total += tl.sum(x, 1)
+            squares += tl.sum(x * x, 1)
+        mean = total / K
+        rstd = 1.0 / tl.sqrt(tl.maximum(squares / K - mean * mean, 0.0) + eps)
+    acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+    for start in tl.static_range(0, K, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        is_k = ks < K
+        x = tl.load(x_ptr + r[:, None] * K + ks[None, :], mask=is_row[:, None] & is_k[None, :], other=0.0)
+        if NORM:
+            gain = tl.load(ln_w_ptr + ks, mask=is_k, other=0.0).to(tl.float32)
+            shift = tl.load(ln_b_ptr + ks, mask=is_k, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * gain[None, :] + shift[None, :]
+        w = tl.load(w_ptr + ks[:, None] * N + cols[None, :], mask=is_k[:, None] & is_col[None, :], other=0.0)
+        if w.dtype == tl.float32:
+            acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")  # not TF32: fp32 stays exact-ish
+        else:
+            acc += tl.dot(x.to(w.dtype), w)
+    acc += tl.load(b_ptr + cols, mask=is_col, other=0.0).to(tl.float32)[None, :]
+    if GELU:  # GELU's tanh approximation (GPT-2's gelu_new)
+        inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+        acc = 0.5 * acc * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
+    out = out_ptr + r[:, None] * N + cols[None, :]
+    both = is_row[:, None] & is_col[None, :]
+    if RESIDUAL:
+        acc += tl.load(out, mask=both, other=0.0).to(tl.float32)
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=both)
 
 
 @triton.jit
@@ -242,7 +300,8 @@ def sample_append_kernel(  # Triton kernel: untyped, many arguments
         slots = tl.arange(0, BLOCK_KEYS)
         lowest = tl.full([BLOCK_KEYS], -2147483648, tl.int32).to(tl.int64) << 32  # below every key
         keys = tl.load(given_ptr + row * n_keys + slots, mask=slots < n_keys, other=lowest)
-        token = vocab - 1 - (tl.max(keys, 0) & 0xFFFFFFFF)
+        best = tl.max(keys, 0)
+        token = vocab - 1 - (best - ((best >> 32) << 32))  # the low half: vocab - 1 - id
     else:
         rank = tl.arange(0, K)
         values = tl.load(top_values_ptr + row * K + rank)
@@ -318,6 +377,58 @@ def _scratch(state: DecodeState) -> DecodeState:
 
 def decode_logits(weights: GPT2Weights, state: DecodeState, batch: int) -> torch.Tensor:
     """float32 logits [B, V] for each row's token at its own position, caching its key/value."""
+    if batch <= LINEAR_MAX_ROWS:
+        normed = _small_batch_hidden(weights, state, batch)
+    else:
+        normed = _hidden(weights, state, batch)
+    # HF upcasts the last logits before its processors; the kernels want rows V apart (the padded LM
+    # head's logits are a view with longer rows).
+    return weights.logits(normed).float().contiguous()
+
+
+def _small_batch_hidden(weights: GPT2Weights, state: DecodeState, batch: int) -> torch.Tensor:
+    """ln_f of the last block's output [B, C], for a few rows: layer norms, biases, GELU and residual
+    adds all ride inside linear_kernel, so a layer is 4 of those plus attention."""
+    resid = torch.empty((batch, weights.width), dtype=weights.wte.dtype, device=state.tokens.device)
+    normed = torch.empty_like(resid)
+    _norm(resid, weights.ln_f, None, normed, weights.eps, embed_from=(state, weights))  # resid = x
+    for index, layer in enumerate(weights.layers):
+        qkv = _linear(resid, layer.attn_w, layer.attn_b, norm=layer.ln_1, eps=weights.eps)
+        _linear(_attention(weights, state, index, qkv), layer.proj_w, layer.proj_b, residual=resid)
+        if weights.is_tanh_gelu:
+            hidden = _linear(resid, layer.fc_w, layer.fc_b, norm=layer.ln_2, eps=weights.eps, gelu=True)
+        else:
+            hidden = weights.act(_linear(resid, layer.fc_w, layer.fc_b, norm=layer.ln_2, eps=weights.eps))
+        _linear(hidden, layer.out_w, layer.out_b, residual=resid)
+    _norm(resid, weights.ln_f, None, normed, weights.eps)
+    return normed
+
+
+def _linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    norm: tuple[torch.Tensor, torch.Tensor] | None = None,
+    eps: float = 0.0,
+    gelu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """linear_kernel: act(ln?(x) · w + b), written into `residual` (added to it) or a new tensor."""
+    rows, (k, n) = x.shape[0], w.shape
+    out = residual if residual is not None else torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    block_n = LINEAR_BLOCK_N if n > LINEAR_NARROW else LINEAR_BLOCK_N // 2  # more programs for 768 wide
+    ln_w, ln_b = norm if norm is not None else (b, b)
+    linear_kernel[(triton.cdiv(n, block_n),)](
+        x, w, b, out, ln_w, ln_b, eps, rows, K=k, N=n, ROWS=LINEAR_MAX_ROWS, BLOCK_N=block_n,
+        BLOCK_K=LINEAR_BLOCK_K, NORM=norm is not None, GELU=gelu, RESIDUAL=residual is not None,
+        num_warps=LINEAR_WARPS,
+    )  # fmt: skip
+    return out
+
+
+def _hidden(weights: GPT2Weights, state: DecodeState, batch: int) -> torch.Tensor:
+    """ln_f of the last block's output [B, C], with cuBLAS matrix products (larger batches)."""
     device, width = state.tokens.device, weights.width
     resid = torch.empty((batch, width), dtype=weights.wte.dtype, device=device)
     normed = torch.empty_like(resid)
@@ -334,7 +445,7 @@ def decode_logits(weights: GPT2Weights, state: DecodeState, batch: int) -> torch
             _norm(resid, following.ln_1, following.proj_b, normed, weights.eps)
         else:
             _norm(resid, weights.ln_f, None, normed, weights.eps)
-    return weights.logits(normed).float()  # HF upcasts the last logits before its processors
+    return normed
 
 
 def _feed_forward(weights: GPT2Weights, layer: LayerWeights, normed: torch.Tensor) -> torch.Tensor:

@@ -119,3 +119,26 @@ def test_gpu_fused_step_samples_what_the_plain_step_samples(tiny_model_dir: Path
             engine.admit(job(i, random_prompt(5 + 20 * i, seed=i), params))
         runs.append({i: r.token_ids for i, r in drain(engine).items()})
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("linear_rows", [16, 0], ids=["fused linear", "cuBLAS"])
+def test_fused_logits_equal_the_plain_steps(
+    tiny_model_dir: Path, linear_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fastgen_triton, "LINEAR_MAX_ROWS", linear_rows)
+    device = device_under_test()
+    model = GPT2LMHeadModel.from_pretrained(tiny_model_dir).to(device).eval()
+    weights = fastgen_ops.weights_from_hf(model, fast_activation=False)
+    state = fastgen_ops.allocate_state(weights, max_batch=3, max_seq=64)
+    prompts = torch.randint(0, 50257, (3, 20), generator=torch.Generator().manual_seed(2))
+    settings = torch.tensor(
+        [[19, 0, 10, 0, 0], [9, 0, 10, 0, 0], [0, 0, 10, 0, 0]]
+    )  # rows at 20, 10, 1 tokens
+    fastgen_ops.install_rows(
+        state, 0, prompts, settings, torch.ones(3, 3), torch.full((3, 1), 50257), torch.zeros(3, 11)
+    )
+    with torch.inference_mode():
+        fastgen_ops.prefill(weights, state, prompts[:, :19].to(device), torch.arange(3, device=device))
+        expected = fastgen_ops.decode_logits(weights, state, batch=3, window=64)
+        logits = fastgen_triton.decode_logits(weights, state, batch=3)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
