@@ -11,7 +11,6 @@ generate tokens 257..304, as a 48-token reply does. Each figure is the median ov
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import sys
 import time
@@ -19,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import triton
 from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
@@ -123,43 +121,13 @@ def time_prefill(rows: int) -> float:
     return statistics.median(samples[2:])
 
 
-def linear_sweep() -> None:
-    """linear_kernel tile shapes against cuBLAS on GPT-2 124M's four products, 1 and 8 rows (µs)."""
-    shapes = {"qkv": (768, 2304), "attn proj": (768, 768), "fc + gelu": (768, 3072), "mlp proj": (3072, 768)}
-    print("| rows | product | cuBLAS | " + " | ".join(f"N{n}/K{k}/w{w}" for n, k, w in LINEAR_TILES) + " |")
-    for rows in (1, 8):
-        for name, (k, n) in shapes.items():
-            x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
-            w = torch.randn(k, n, device="cuda", dtype=torch.float16) / k**0.5
-            b = torch.randn(n, device="cuda", dtype=torch.float16)
-            cells = [triton.testing.do_bench_cudagraph(functools.partial(torch.addmm, b, x, w)) * 1000]
-            for block_n, block_k, warps in LINEAR_TILES:
-                fastgen_triton.LINEAR_BLOCK_N, fastgen_triton.LINEAR_BLOCK_K = block_n, block_k
-                fastgen_triton.LINEAR_WARPS = warps
-                torch.testing.assert_close(
-                    fastgen_triton._linear(x, w, b), torch.addmm(b, x, w), rtol=2e-2, atol=2e-2
-                )
-                cells.append(
-                    triton.testing.do_bench_cudagraph(functools.partial(fastgen_triton._linear, x, w, b))
-                    * 1000
-                )
-            print(f"| {rows} | {name} | " + " | ".join(f"{us:.1f}" for us in cells) + " |", flush=True)
-
-
-LINEAR_TILES = [(32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 256, 8), (128, 128, 8)]
-
-
 def main() -> int:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--profile", type=int, nargs="*", default=[], help="profile the fused step (rows)")
     parser.add_argument("--attention-blocks", type=int, nargs="*", default=[], help="also try these")
-    parser.add_argument("--linear-sweep", action="store_true", help="time linear_kernel tiles first")
     args = parser.parse_args()
-    if args.linear_sweep:
-        linear_sweep()
-        fastgen_triton.LINEAR_BLOCK_N, fastgen_triton.LINEAR_BLOCK_K, fastgen_triton.LINEAR_WARPS = 32, 128, 4
     print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · fp16 · GPT-2 124M shape")
     print("| rows | greedy: plain (ms) | greedy: fused (ms) | sampling: plain (ms) | sampling: fused (ms) |")
     print("|---:|---:|---:|---:|---:|")

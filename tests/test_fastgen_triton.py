@@ -71,17 +71,17 @@ def test_attention_matches_softmax_and_writes_the_new_key_value(
         )
 
 
-def test_layer_norm_kernel_adds_the_next_bias(tiny_model_dir: Path) -> None:
+def test_layer_norm_kernel_adds_the_delta_and_the_next_bias(tiny_model_dir: Path) -> None:
     device = device_under_test()
     model = GPT2LMHeadModel.from_pretrained(tiny_model_dir).to(device).eval()
     layer = fastgen_ops.weights_from_hf(model, fast_activation=False).layers[0]
     resid = torch.randn(3, model.config.n_embd, device=device)
+    delta = torch.randn_like(resid)
     before, out = resid.clone(), torch.empty_like(resid)
-    fastgen_triton._norm(resid, layer.ln_2, layer.out_b, out, 1e-5)
-    torch.testing.assert_close(
-        out, torch.nn.functional.layer_norm(before, (before.shape[1],), *layer.ln_2, 1e-5)
-    )
-    torch.testing.assert_close(resid, before + layer.out_b)
+    fastgen_triton._norm(resid, layer.ln_2, out, 1e-5, delta=delta, store=True, bias=layer.out_b)
+    x = before + delta
+    torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (x.shape[1],), *layer.ln_2, 1e-5))
+    torch.testing.assert_close(resid, x + layer.out_b)
 
 
 def test_argmax_keys_break_ties_like_argmax() -> None:
@@ -121,11 +121,7 @@ def test_gpu_fused_step_samples_what_the_plain_step_samples(tiny_model_dir: Path
     assert runs[0] == runs[1]
 
 
-@pytest.mark.parametrize("linear_rows", [16, 0], ids=["fused linear", "cuBLAS"])
-def test_fused_logits_equal_the_plain_steps(
-    tiny_model_dir: Path, linear_rows: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(fastgen_triton, "LINEAR_MAX_ROWS", linear_rows)
+def test_fused_logits_equal_the_plain_steps(tiny_model_dir: Path) -> None:
     device = device_under_test()
     model = GPT2LMHeadModel.from_pretrained(tiny_model_dir).to(device).eval()
     weights = fastgen_ops.weights_from_hf(model, fast_activation=False)
