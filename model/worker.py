@@ -22,7 +22,6 @@ import itertools
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 import traceback
@@ -74,9 +73,6 @@ log = logging.getLogger(__name__)
 FATAL_EXIT_CODE = 70  # EX_SOFTWARE: the supervisor restarts the process
 THREAD_STOP_TIMEOUT_SECONDS = 30.0  # after the grace period, how long close() waits for the thread
 MAX_PROMPT_THREADS = 4  # prompt builders: enough to keep a batched GPU engine fed
-# Python hands the GIL over every 5 ms by default, so while prompt builders run Python, the GPU thread can
-# wait that long between decode steps of ~0.5 ms. The worker lowers the interval for the process.
-GIL_SWITCH_SECONDS = 0.001
 ADMIT_WAVE_SECONDS = 0.05  # the longest a built prompt waits for the others of its burst
 
 InboxItem = GenerateJob | ReloadJob | Stop | Wake
@@ -121,7 +117,6 @@ class ModelWorker:
         engine_factory: Callable[[LoadedModel], DecodeEngine] | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
         prompt_threads: int | None = None,
-        gil_switch_seconds: float | None = GIL_SWITCH_SECONDS,
     ) -> None:
         self._source = source
         self._queue_size = queue_size
@@ -132,7 +127,6 @@ class ModelWorker:
         self._built: deque[BuiltPrompt] = deque()  # appended by the prompt builders, read by the thread
         self._prompt_threads = prompt_threads or min(MAX_PROMPT_THREADS, os.cpu_count() or 1)
         self._builders = PromptBuilders(self._prompt_threads, self._deliver_prompt)
-        self._gil_switch_seconds = gil_switch_seconds  # None: leave the process's setting alone
         self._serving: Serving | None = None  # written by the thread only; read anywhere
         self._closing_flag = threading.Event()
         self._abort_flag = threading.Event()
@@ -158,9 +152,6 @@ class ModelWorker:
         """Start the thread and load the model there (never on the loop); raise the load error if any."""
         assert self._thread is None, "start() is called once"
         self._loop = asyncio.get_running_loop()
-        if self._gil_switch_seconds is not None and sys.getswitchinterval() > self._gil_switch_seconds:
-            log.info("Python's thread switch interval: %.1f ms", 1000 * self._gil_switch_seconds)
-            sys.setswitchinterval(self._gil_switch_seconds)
         started: asyncio.Future[ModelInfo] = self._loop.create_future()
         self._thread = threading.Thread(target=self._run, args=(started,), name="model-worker", daemon=True)
         self._thread.start()

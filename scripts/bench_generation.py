@@ -39,7 +39,7 @@ from model.generation import generation_config
 from model.loading import LoadedModel, bundled_tokenizer_dir, count_parameters, load_tokenizer
 from model.prompt import Turn, build_prompt
 from model.sampling import SamplingParams
-from model.worker import GIL_SWITCH_SECONDS, ModelWorker
+from model.worker import ModelWorker
 
 log = logging.getLogger("bench_generation")
 
@@ -57,7 +57,6 @@ class Options:
     singles: int
     prompt_tokens: int
     new_tokens: int
-    gil_switch_seconds: float | None  # what the worker sets Python's thread switch interval to
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,10 +243,7 @@ async def bench_worker(loaded: LoadedModel, request: ReplyRequest, options: Opti
         return ExactLengthEngine(made[-1])
 
     # queue_size must cover the largest burst, or the worker would answer WorkerBusy.
-    worker = ModelWorker(
-        "bench", queue_size=largest, loader=lambda _: loaded, engine_factory=engine_factory,
-        gil_switch_seconds=options.gil_switch_seconds,
-    )  # fmt: skip
+    worker = ModelWorker("bench", queue_size=largest, loader=lambda _: loaded, engine_factory=engine_factory)
     async with worker:
 
         async def reply() -> int:
@@ -346,8 +342,7 @@ def describe(options: Options, loaded: LoadedModel) -> str:
         f"random init) · {str(options.dtype).removeprefix('torch.')} · "
         f"prompt {options.prompt_tokens} tokens, "
         f"exactly {options.new_tokens} new tokens, default sampling (T 0.8, top-k 50, top-p 0.9, "
-        f"repetition penalty 1.15, no-repeat 3-grams) · GIL switch interval "
-        f"{1000 * (options.gil_switch_seconds or sys.getswitchinterval()):g} ms"
+        f"repetition penalty 1.15, no-repeat 3-grams)"
     )
 
 
@@ -375,9 +370,6 @@ def parse_options(argv: list[str] | None) -> tuple[Options, Path | None]:
     parser.add_argument("--baseline-max-count", type=int, help="project the baseline above this (8 / 4)")
     parser.add_argument("--singles", type=int, help="sequential single replies to time (20 / 5)")
     parser.add_argument("--out", type=Path, help="also write the runs as JSON here")
-    parser.add_argument(
-        "--keep-switch-interval", action="store_true", help="the worker leaves Python's 5 ms GIL interval"
-    )
     args = parser.parse_args(argv)
     is_cuda = args.device == "cuda"
     if is_cuda and not torch.cuda.is_available():
@@ -392,7 +384,6 @@ def parse_options(argv: list[str] | None) -> tuple[Options, Path | None]:
         singles=args.singles or (20 if is_cuda else 5),
         prompt_tokens=256,
         new_tokens=48,
-        gil_switch_seconds=None if args.keep_switch_interval else GIL_SWITCH_SECONDS,
     )
     return options, args.out
 
