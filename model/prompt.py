@@ -11,8 +11,9 @@ Turn text is folded onto one line, so user text can never start a line and so ne
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
@@ -317,20 +318,6 @@ def _first_turns(
     return turns + _next_chunk(newest_first, renderer, guess_tokens)
 
 
-def _encode_first(
-    encoder: _Encoder, persona: str, renderer: _Renderer, turns: list[Turn]
-) -> tuple[_Frame, list[_Line]]:
-    """The frame and the lines of `turns`, encoded in one pass."""
-    head = render_dialogue(persona, [], renderer.bot_name, open_bot_turn=False)  # the persona line, or ""
-    tail = f"{_bot_tag(renderer.bot_name)}:"
-    apart = encoder.joins_lines and all(_joins_cleanly(piece) for piece in (head, tail) if piece)
-    frame_texts = [head, tail] if apart else [head + tail]
-    texts = [renderer.line(turn) for turn in turns]
-    encoded = encoder.encode_many(frame_texts + texts)
-    frame = _Frame(head, tail, encoded[: len(frame_texts)])
-    return frame, [_Line(*line) for line in zip(turns, texts, encoded[len(frame_texts) :], strict=True)]
-
-
 def _encode_lines(encoder: _Encoder, renderer: _Renderer, turns: list[Turn]) -> list[_Line]:
     """The lines of `turns` (cleaned), encoded in one pass."""
     if not turns:
@@ -433,6 +420,70 @@ def _verified(
             newest, newest_truncated = _shorten(encoder, newest, over_tokens), True
 
 
+@dataclass(frozen=True)
+class PromptRequest:
+    """build_prompt's arguments but the tokenizer: one prompt of a batch (build_prompts)."""
+
+    persona: str
+    history: Sequence[Turn]
+    bot_name: str
+    max_new_tokens: int
+    n_positions: int
+
+
+class _Build:
+    """One build split at its first pass, so that builds can share one call: `texts`, then `finish`."""
+
+    def __init__(self, encoder: _Encoder, specials: list[str], request: PromptRequest) -> None:
+        self.encoder = encoder
+        self.persona = sanitize_text(request.persona, specials)
+        self.renderer = renderer = _Renderer(specials, sanitize_text(request.bot_name, specials))
+        self.max_new_tokens, self.n_positions = request.max_new_tokens, request.n_positions
+        self.budget_tokens = request.n_positions - request.max_new_tokens
+        self.newest_first = reversed(request.history)  # no copy of a long history
+        self.turns = _first_turns(self.newest_first, renderer, self.persona, self.budget_tokens)
+        self.head = render_dialogue(self.persona, [], renderer.bot_name, open_bot_turn=False)  # or ""
+        self.tail = f"{_bot_tag(renderer.bot_name)}:"
+        apart = encoder.joins_lines and all(
+            _joins_cleanly(piece) for piece in (self.head, self.tail) if piece
+        )
+        self.frame_texts = [self.head, self.tail] if apart else [self.head + self.tail]
+        # The first pass: the frame, the newest line and the first older lines.
+        self.texts = [*self.frame_texts, *map(renderer.line, self.turns)]
+
+    def finish(self, encoded: list[list[int]]) -> Prompt:
+        """The prompt from the ids of `texts`; tokenises more only where the first pass was not enough."""
+        encoder, bot_name, budget_tokens = self.encoder, self.renderer.bot_name, self.budget_tokens
+        frame_parts = len(self.frame_texts)
+        frame = _Frame(self.head, self.tail, encoded[:frame_parts])
+        if self.max_new_tokens < 1 or frame.tokens > budget_tokens:
+            raise PromptTooLong(
+                f"persona + open bot turn ({frame.tokens} tokens) + max_new_tokens ({self.max_new_tokens}) "
+                f"exceed the context window of {self.n_positions} tokens: "
+                "shorten the persona or max_new_tokens"
+            )
+        if not self.turns:
+            return Prompt(tuple(encoder.encode(frame.text)), frame.text, 0, False)
+        lines = [
+            _Line(*line)
+            for line in zip(self.turns, self.texts[frame_parts:], encoded[frame_parts:], strict=True)
+        ]
+        newest_line, truncated = _fit_newest(encoder, lines[0], bot_name, budget_tokens - frame.tokens)
+        available_tokens = budget_tokens - frame.tokens - len(newest_line.ids)
+        older = _fit_older(encoder, self.renderer, lines[1:], self.newest_first, available_tokens)
+        joined = _joined(frame, [*older, newest_line], budget_tokens, truncated)
+        if joined is not None:
+            return joined
+        turns = ([line.turn for line in older], newest_line.turn)
+        return _verified(encoder, self.persona, turns, bot_name, budget_tokens, truncated)
+
+
+def _build_one(tokenizer: PreTrainedTokenizerBase, request: PromptRequest) -> Prompt:
+    encoder = _Encoder.of(tokenizer)
+    build = _Build(encoder, _special_strings(tokenizer), request)
+    return build.finish(encoder.encode_many(build.texts))
+
+
 def build_prompt(
     tokenizer: PreTrainedTokenizerBase,
     persona: str,
@@ -447,25 +498,33 @@ def build_prompt(
     stay (an over-long newest turn keeps its end). Raises PromptTooLong when even the persona and the
     open bot turn cannot fit next to max_new_tokens.
     """
-    specials = _special_strings(tokenizer)
-    persona, bot_name = sanitize_text(persona, specials), sanitize_text(bot_name, specials)
-    budget_tokens = n_positions - max_new_tokens
-    encoder, renderer = _Encoder.of(tokenizer), _Renderer(specials, bot_name)
-    newest_first = reversed(history)  # no copy of a long history
-    turns = _first_turns(newest_first, renderer, persona, budget_tokens)
-    frame, lines = _encode_first(encoder, persona, renderer, turns)  # one pass: frame, newest, first older
-    if max_new_tokens < 1 or frame.tokens > budget_tokens:
-        raise PromptTooLong(
-            f"persona + open bot turn ({frame.tokens} tokens) + max_new_tokens ({max_new_tokens}) "
-            f"exceed the context window of {n_positions} tokens: shorten the persona or max_new_tokens"
-        )
-    if not lines:
-        return Prompt(tuple(encoder.encode(frame.text)), frame.text, 0, False)
-    newest_line, truncated = _fit_newest(encoder, lines[0], bot_name, budget_tokens - frame.tokens)
-    available_tokens = budget_tokens - frame.tokens - len(newest_line.ids)
-    lines = [*_fit_older(encoder, renderer, lines[1:], newest_first, available_tokens), newest_line]
-    joined = _joined(frame, lines, budget_tokens, truncated)
-    if joined is not None:
-        return joined
-    older = [line.turn for line in lines[:-1]]
-    return _verified(encoder, persona, (older, newest_line.turn), bot_name, budget_tokens, truncated)
+    return _build_one(tokenizer, PromptRequest(persona, history, bot_name, max_new_tokens, n_positions))
+
+
+def build_prompts(
+    tokenizer: PreTrainedTokenizerBase, requests: Sequence[PromptRequest]
+) -> list[Prompt | PromptTooLong]:
+    """What build_prompt returns (or raises: PromptTooLong) for each request, first passes in one call.
+
+    A typical GPT-2 build is its first pass alone, so a burst costs one Rust call for all its prompts,
+    which the tokenizers' thread pool may spread over the cores, GIL released. Builds that need more
+    (long histories, an over-long newest turn) make their further calls alone, as build_prompt does.
+    Batched only where the Rust tokenizer is called directly: then each text's ids do not depend on the
+    rest of the batch (no padding); other tokenizers build one by one. Other errors propagate.
+    """
+    encoder, specials = _Encoder.of(tokenizer), _special_strings(tokenizer)
+    if encoder.rust is None:
+        finishers = [partial(_build_one, tokenizer, request) for request in requests]
+    else:
+        builds = [_Build(encoder, specials, request) for request in requests]
+        distinct = list(dict.fromkeys(chain.from_iterable(build.texts for build in builds)))  # persona once
+        ids = dict(zip(distinct, encoder.encode_many(distinct), strict=True))
+        finishers = [partial(build.finish, [ids[text] for text in build.texts]) for build in builds]
+    return [_outcome(finish) for finish in finishers]
+
+
+def _outcome(finish: Callable[[], Prompt]) -> Prompt | PromptTooLong:
+    try:
+        return finish()
+    except PromptTooLong as exc:
+        return exc

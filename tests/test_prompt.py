@@ -13,11 +13,13 @@ from hypothesis import strategies as st
 
 from model.prompt import (
     Prompt,
+    PromptRequest,
     PromptTooLong,
     Turn,
     _Encoder,
     _joins_cleanly,
     build_prompt,
+    build_prompts,
     encodes_newline,
     render_dialogue,
     sanitize_speaker,
@@ -530,3 +532,71 @@ def test_property_sentencepiece_fast_path_builds_what_the_transformers_call_buil
     assert outcome(japanese_tokenizer, persona, history, bot_name, budget) == expected
     if isinstance(expected, Prompt):
         assert list(expected.input_ids) == encode(japanese_tokenizer, expected.text)
+
+
+# --- many prompts at once: build_prompts ---------------------------------------------------------
+
+requests = st.builds(
+    PromptRequest, personas, histories, bot_names, st.integers(1, 300), st.sampled_from([64, 256, 1024])
+)
+# Some requests repeated: texts that several builds need are encoded once in the batch.
+request_batches = st.lists(requests, max_size=8).flatmap(
+    lambda batch: st.lists(st.sampled_from(batch), max_size=4).map(batch.__add__) if batch else st.just(batch)
+)
+
+
+def one_by_one(tokenizer: Any, batch: list[PromptRequest]) -> list[Prompt | str]:
+    return [
+        outcome(tokenizer, r.persona, list(r.history), r.bot_name, (r.n_positions, r.max_new_tokens))
+        for r in batch
+    ]
+
+
+def batched(tokenizer: Any, batch: list[PromptRequest]) -> list[Prompt | str]:
+    return [
+        result if isinstance(result, Prompt) else str(result) for result in build_prompts(tokenizer, batch)
+    ]
+
+
+@HYPOTHESIS
+@given(batch=request_batches)
+def test_property_build_prompts_builds_what_build_prompt_builds(
+    gpt2_tokenizer: Any, batch: list[PromptRequest]
+) -> None:
+    results = build_prompts(gpt2_tokenizer, batch)
+    assert all(isinstance(result, (Prompt, PromptTooLong)) for result in results)
+    assert batched(gpt2_tokenizer, batch) == one_by_one(gpt2_tokenizer, batch)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=request_batches, is_fast=st.booleans())
+def test_property_build_prompts_through_the_transformers_call_builds_one_by_one(
+    gpt2_tokenizer: Any, batch: list[PromptRequest], is_fast: bool
+) -> None:
+    tokenizer = WrapperOnly(gpt2_tokenizer, is_fast=is_fast)
+    assert batched(tokenizer, batch) == one_by_one(tokenizer, batch)
+
+
+@HYPOTHESIS
+@given(batch=request_batches)
+def test_property_build_prompts_with_sentencepiece(
+    japanese_tokenizer: Any, batch: list[PromptRequest]
+) -> None:
+    assert batched(japanese_tokenizer, batch) == one_by_one(japanese_tokenizer, batch)
+
+
+def test_a_burst_of_gpt2_prompts_is_encoded_in_one_pass(gpt2_tokenizer: Any) -> None:
+    """Every first pass in one call, the persona line once; a long newest turn makes its own calls."""
+    tokenizer, counting = counting_copy(gpt2_tokenizer)
+    batch = [
+        PromptRequest("Persona.", (Turn("Alice", f"hello {i} " * 100),), "Bot", 60, 1024) for i in range(20)
+    ]
+    prompts = [prompt for prompt in build_prompts(tokenizer, batch) if isinstance(prompt, Prompt)]
+    frame_characters = len("Persona.\nBot:")
+    lines_characters = sum(len(prompt.text) - frame_characters for prompt in prompts)
+    assert (counting.calls, counting.characters) == (1, frame_characters + lines_characters)
+    counting.calls = 0
+    long_one = PromptRequest("Persona.", (Turn("Alice", "word " * 2000),), "Bot", 60, 1024)
+    prompts = build_prompts(tokenizer, [*batch, long_one])
+    assert counting.calls > 1 and prompts[:-1] == build_prompts(gpt2_tokenizer, batch)
+    assert prompts[-1] == build_prompt(gpt2_tokenizer, "Persona.", long_one.history, "Bot", 60, 1024)
