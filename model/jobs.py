@@ -7,6 +7,7 @@ Split out of model/worker.py to keep it readable. `PromptBuilders` runs its own 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import gc
 import logging
@@ -24,7 +25,15 @@ import torch
 from model.api import GenerationFailed, ModelInfo, Reply, ReplyRequest
 from model.engine import DecodeEngine, EngineJob
 from model.generation import HFGenerateEngine, is_repeat, stop_token_ids
-from model.prompt import Prompt, PromptTooLong, build_prompt, encodes_newline, sanitize_speaker
+from model.prompt import (
+    Prompt,
+    PromptRequest,
+    PromptTooLong,
+    build_prompt,
+    build_prompts,
+    encodes_newline,
+    sanitize_speaker,
+)
 from model.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -35,6 +44,8 @@ log = logging.getLogger(__name__)
 SMOKE_PROMPT = "User: Hello!\nBot:"
 SMOKE_PARAMS = SamplingParams(max_new_tokens=4, temperature=0.0)
 SMOKE_TIME_LIMIT_SECONDS = 60.0
+# The most prompts one builder thread builds together. TODO: measured below.
+MAX_PROMPT_BATCH = 64
 
 
 class Claim:
@@ -148,45 +159,96 @@ class ActiveJob:
 class PromptBuilders:
     """A small thread pool that builds prompts off the GPU thread, each thread with its own tokenizer copy.
 
+    Jobs wait in one queue; a thread takes every job waiting there (up to `max_batch`) and builds them
+    together (model.prompt.build_prompts: one Rust call for the lot), so a burst costs a few calls,
+    not one a job. A lone job is built at once, alone.
+
     Fast tokenizers must not be shared across threads ("Already borrowed"), so each thread deep-copies the
     serving tokenizer the first time it builds for a serving generation; after a reload the new one is used.
     """
 
-    def __init__(self, threads: int, deliver: Callable[[BuiltPrompt], None]) -> None:
+    def __init__(
+        self, threads: int, deliver: Callable[[BuiltPrompt], None], max_batch: int = MAX_PROMPT_BATCH
+    ) -> None:
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="prompt-builder")
+        self._waiting: queue.SimpleQueue[tuple[GenerateJob, Serving, int]] = queue.SimpleQueue()
         self._local = threading.local()
         self._deliver = deliver
+        self._max_batch = max_batch
 
     def submit(self, job: GenerateJob, serving: Serving, generation: int) -> None:
         """Build `job`'s prompt with `serving`'s tokenizer on a pool thread; `deliver` gets the result."""
-        self._executor.submit(self._build, job, serving, generation)
+        self._waiting.put((job, serving, generation))
+        # One pool task a job, so some thread always wakes for it; a task that finds the queue empty
+        # (an earlier one took its job into a batch) ends at once.
+        self._executor.submit(self._build_waiting)
 
     def shutdown(self) -> None:
         """Drop prompts not yet started; the ones being built finish and are delivered to nobody."""
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _build(self, job: GenerateJob, serving: Serving, generation: int) -> None:
-        request, loaded = job.request, serving.loaded
+    def _build_waiting(self) -> None:
+        batch = self._take_waiting()
+        for generation in dict.fromkeys(generation for _, _, generation in batch):  # one unless a reload
+            group = [(job, serving) for job, serving, built_for in batch if built_for == generation]
+            self._build_batch([job for job, _ in group], group[0][1], generation)
+
+    def _take_waiting(self) -> list[tuple[GenerateJob, Serving, int]]:
+        batch: list[tuple[GenerateJob, Serving, int]] = []
+        with contextlib.suppress(queue.Empty):
+            while len(batch) < self._max_batch:
+                batch.append(self._waiting.get_nowait())
+        return batch
+
+    def _build_batch(self, jobs: list[GenerateJob], serving: Serving, generation: int) -> None:
+        try:
+            tokenizer = self._tokenizer(serving, generation)
+            requests = [prompt_request(job.request, serving.loaded.n_positions) for job in jobs]
+            outcomes = build_prompts(tokenizer, requests)
+            built = [
+                built_prompt(job, generation, outcome) for job, outcome in zip(jobs, outcomes, strict=True)
+            ]
+        except Exception:  # a bug, not a long prompt: build them one by one, so it fails only its own job
+            log.exception("building %d prompts together failed", len(jobs))
+            built = [self._build_one(job, serving, generation) for job in jobs]
+        for one in built:
+            self._deliver(one)
+
+    def _build_one(self, job: GenerateJob, serving: Serving, generation: int) -> BuiltPrompt:
+        request = job.request
         try:
             tokenizer = self._tokenizer(serving, generation)
             prompt = build_prompt(
                 tokenizer, request.persona, request.history, request.bot_name,
-                request.params.max_new_tokens, loaded.n_positions,
+                request.params.max_new_tokens, serving.loaded.n_positions,
             )  # fmt: skip
-            built = BuiltPrompt(job, generation, prompt, speaker_names(request))
+            return built_prompt(job, generation, prompt)
         except PromptTooLong as exc:
-            built = BuiltPrompt(job, generation, None, error=GenerationFailed(f"prompt too long: {exc}"))
+            return built_prompt(job, generation, exc)
         except Exception as exc:
             log.exception("building a prompt failed")
             error = GenerationFailed(f"prompt building failed: {type(exc).__name__}")
-            built = BuiltPrompt(job, generation, None, error=error)
-        self._deliver(built)
+            return BuiltPrompt(job, generation, None, error=error)
 
     def _tokenizer(self, serving: Serving, generation: int) -> Any:
         cached = getattr(self._local, "tokenizer", None)
         if cached is None or cached[0] != generation:
             self._local.tokenizer = (generation, serving.tokenizer_copy())
         return self._local.tokenizer[1]
+
+
+def prompt_request(request: ReplyRequest, n_positions: int) -> PromptRequest:
+    """What build_prompts needs of a reply request."""
+    return PromptRequest(
+        request.persona, request.history, request.bot_name, request.params.max_new_tokens, n_positions
+    )
+
+
+def built_prompt(job: GenerateJob, generation: int, outcome: Prompt | PromptTooLong) -> BuiltPrompt:
+    """The BuiltPrompt for a build's outcome: a too-long prompt fails its job with GenerationFailed."""
+    if isinstance(outcome, PromptTooLong):
+        return BuiltPrompt(job, generation, None, error=GenerationFailed(f"prompt too long: {outcome}"))
+    return BuiltPrompt(job, generation, outcome, speaker_names(job.request))
 
 
 def thread_copy(tokenizer: Any) -> Any:
