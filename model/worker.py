@@ -74,8 +74,10 @@ FATAL_EXIT_CODE = 70  # EX_SOFTWARE: the supervisor restarts the process
 THREAD_STOP_TIMEOUT_SECONDS = 30.0  # after the grace period, how long close() waits for the thread
 # Prompt builders. More threads are slower: each build hands the GIL back and forth around its Rust
 # tokenizer calls, and the hand-offs convoy. A burst of 256 distinct 256-token prompts on a 16-core H100
-# host (scripts/bench_prompt_builders.py): 1 thread 196 ms, 2 threads 92 ms, 4 threads 214 ms, 8 threads
-# 774 ms (without the tokenizers' Rust thread pool; with it 132 ms at 2 threads).
+# host (scripts/bench_prompt_builders.py), built one job a call: 1 thread 196 ms, 2 threads 92 ms,
+# 4 threads 214 ms, 8 threads 774 ms (without the tokenizers' Rust thread pool; with it 132 ms at 2
+# threads). Now a thread builds every job waiting together, in one Rust call (model.jobs.PromptBuilders):
+# two threads let one batch's Python (GIL held) overlap the other's tokenizing.
 MAX_PROMPT_THREADS = 2
 ADMIT_WAVE_SECONDS = 0.05  # the longest a built prompt waits for the others of its burst
 
@@ -131,8 +133,12 @@ class ModelWorker:
         self._built: deque[BuiltPrompt] = deque()  # appended by the prompt builders, read by the thread
         self._prompt_threads = prompt_threads or min(MAX_PROMPT_THREADS, os.cpu_count() or 1)
         self._builders = PromptBuilders(self._prompt_threads, self._deliver_prompt)
-        # The builders encode a few texts per call; a Rust thread pool per call only adds hand-offs.
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # The tokenizers' Rust thread pool: a burst's prompts are tokenised in one call (build_prompts), which
+        # the pool spreads over every core without the GIL; without it that call runs on one core, so two
+        # builder threads would use two. On 2 cores a 256-prompt burst takes about as long either way
+        # (~40 ms; bench_prompt_builders) and a lone prompt too (~0.3 ms); it is more cores that it buys.
+        # (One job a call it was slower: 132 ms against 92 on the H100 host, so it was off then.)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
         self._serving: Serving | None = None  # written by the thread only; read anywhere
         self._closing_flag = threading.Event()
         self._abort_flag = threading.Event()

@@ -6,7 +6,8 @@ build_prompts), the burst submitted at once as the worker's thread does, timed u
 is delivered. B = 1 builds one job at a time, as the per-job builders did.
 
     python scripts/bench_prompt_builders.py --threads 1 2 4 --max-batch 1 16 64 256
-    TOKENIZERS_PARALLELISM=true python scripts/bench_prompt_builders.py   # with the Rust thread pool
+    TOKENIZERS_PARALLELISM=true python scripts/bench_prompt_builders.py   # as the worker sets it
+    TOKENIZERS_PARALLELISM=false python scripts/bench_prompt_builders.py  # no Rust thread pool
 """
 
 from __future__ import annotations
