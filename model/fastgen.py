@@ -3,10 +3,12 @@
 A job's life (every call comes from the worker thread, so nothing here locks):
 - `admit()` gives the job the next slot; slots [0, n) are always the occupied ones.
 - `step()` prefills every newly admitted job together (prompt minus its last token, right-padded to a
-  bucketed length), reads the outputs of earlier steps that the GPU has finished, retires jobs that
-  finished or passed their deadline (the last slots move into the holes), then launches one decode step
-  over all rows: a CUDA-graph replay on the GPU (one graph per batch bucket × window bucket × sampling
-  features), the same Python eagerly on the CPU.
+  bucketed length; a lone job's prefill is a CUDA-graph replay), reads the outputs of earlier steps that
+  the GPU has finished, retires jobs that finished or passed their deadline (the last slots move into the
+  holes), then launches one decode step over all rows: a CUDA-graph replay on the GPU, the same Python
+  eagerly on the CPU. On CUDA with Triton installed the step is the fused one (model/fastgen_triton.py),
+  whose graphs serve every window: one per batch bucket × sampling features; the plain step
+  (model/fastgen_ops.py) needs one per window bucket too.
 - The host never waits for the step it just launched. Each step's tokens and finish reasons are copied
   to pinned host memory behind an event and read when ready; the host waits only when it is
   MAX_STEPS_AHEAD steps ahead. A row that finishes freezes on the GPU until the host has seen it.
@@ -188,7 +190,6 @@ class BatchedGPT2Engine:
         self._features: tuple[str, bool, int] | None = None  # cached until the set of jobs changes
         self._graphs: dict[StepPlan, torch.cuda.CUDAGraph] = {}
         self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # length bucket → one-job prefill
-
         self._graph_pool: Any = torch.cuda.graph_pool_handle() if self._use_graphs else None
         self._host_out: torch.Tensor | None = None
         self._events: list[torch.cuda.Event] = []

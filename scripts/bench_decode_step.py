@@ -2,7 +2,8 @@
 
 GPT-2 124M's shape with random fp16 weights; every row holds a 256-token prompt and the timed replays
 generate tokens 257..304, as a 48-token reply does. Each figure is the median over repeats of
-(48 replays timed with CUDA events) / 48, after restoring the rows between repeats. Prints one table.
+(48 replays timed with CUDA events) / 48, after restoring the rows between repeats. Prints a table of step
+times, then eager prefill times (and, with --profile, the fused step's kernels).
 
     python scripts/bench_decode_step.py                 # rows 1, 8, 64, 256
     python scripts/bench_decode_step.py --profile 1     # also the fused step's kernels at 1 row
@@ -23,7 +24,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from model import fastgen_ops, fastgen_triton
-from model.fastgen import _step_features
 from model.fastgen_ops import DecodeState, GPT2Weights, StepPlan
 from model.sampling import SamplingParams
 
@@ -54,10 +54,12 @@ def build(rows: int) -> tuple[GPT2Weights, DecodeState]:
 
 
 def plan_for(rows: int, greedy: bool) -> StepPlan:
-    params = SamplingParams(temperature=0.0) if greedy else SamplingParams()
-    sampling, use_penalty, span = _step_features([params])
+    """The plan the engine makes for `rows` rows of greedy jobs or of the bot's default sampling
+    (top-k 50 within the cap, repetition penalty, 3-gram ban: span 4)."""
     window = -(-(PROMPT_TOKENS + NEW_TOKENS) // 32) * 32
-    return StepPlan(rows, window, sampling, use_penalty, span)
+    if greedy:
+        return StepPlan(rows, window, "greedy", use_penalty=False, ngram_span=0)
+    return StepPlan(rows, window, "top_k", use_penalty=True, ngram_span=4)
 
 
 def time_step(step: Callable[..., None], weights: GPT2Weights, state: DecodeState, plan: StepPlan) -> float:
@@ -109,8 +111,7 @@ def profile(rows: int) -> None:
 def time_prefill(rows: int) -> float:
     """Wall ms of one eager prefill of `rows` 255-token prompt prefixes (GPU synchronised)."""
     weights, state = build(rows)
-    ids = torch.randint(0, 50256, (rows, PROMPT_TOKENS - 1 + 1)).cuda()[:, : PROMPT_TOKENS - 1]
-    ids = torch.nn.functional.pad(ids, (0, 1), value=0)  # right-padded to the 64-token bucket
+    ids = torch.randint(0, 50256, (rows, PROMPT_TOKENS)).cuda()  # 255 prompt tokens, padded to the bucket
     samples = []
     for _ in range(7):
         torch.cuda.synchronize()
@@ -126,7 +127,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--profile", type=int, nargs="*", default=[], help="profile the fused step (rows)")
-    parser.add_argument("--attention-blocks", type=int, nargs="*", default=[], help="also try these")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · fp16 · GPT-2 124M shape")
     print("| rows | greedy: plain (ms) | greedy: fused (ms) | sampling: plain (ms) | sampling: fused (ms) |")
@@ -143,12 +143,6 @@ def main() -> int:
             del weights, state
             torch.cuda.empty_cache()
     with torch.inference_mode():
-        for block in args.attention_blocks:
-            fastgen_triton.ATTENTION_BLOCK = block
-            for rows in (1, 64, 256):
-                weights, state = build(rows)
-                ms = time_step(fastgen_triton.decode_step, weights, state, plan_for(rows, greedy=False))
-                print(f"fused step, attention block {block}, {rows} rows: {ms:.3f} ms", flush=True)
         for rows in (1, 64, 256):
             print(f"eager prefill of {rows} × 256 tokens: {time_prefill(rows):.2f} ms", flush=True)
     for rows in args.profile:

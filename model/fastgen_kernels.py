@@ -1,0 +1,240 @@
+"""Triton kernels of the fused decode step (model/fastgen_triton.py launches them).
+
+Each kernel works on one row (or one row × head × cache split) of the batch, in float32 whatever the
+model dtype, and reads each row's position from DecodeState.rows on the device, so one CUDA graph serves
+every row length. Kernels are compiled on first use; with TRITON_INTERPRET=1 they run in Triton's
+interpreter on CPU tensors (the tests).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def norm_kernel(  # Triton kernel: untyped, many arguments
+    resid_ptr, delta_ptr, w_ptr, b_ptr, bias_ptr, out_ptr, eps, width,
+    tokens_ptr, tokens_stride, rows_ptr, rows_stride, wte_ptr, wpe_ptr,
+    BLOCK_C: tl.constexpr, EMBED: tl.constexpr, HAS_DELTA: tl.constexpr, STORE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, POS_COL: tl.constexpr,
+):  # fmt: skip
+    """Row r: x = resid (+ delta), or with EMBED the embedding of the row's token at its position
+    (wte[token] + wpe[pos]); out = ln(x); with STORE, resid = x (+ bias, the next projection's)."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    is_col = cols < width
+    dtype = resid_ptr.dtype.element_ty
+    if EMBED:
+        pos = tl.load(rows_ptr + row * rows_stride + POS_COL)
+        token = tl.load(tokens_ptr + row * tokens_stride + pos)
+        x = tl.load(wte_ptr + token * width + cols, mask=is_col, other=0.0).to(tl.float32)
+        x += tl.load(wpe_ptr + pos * width + cols, mask=is_col, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(resid_ptr + row * width + cols, mask=is_col, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        x += tl.load(delta_ptr + row * width + cols, mask=is_col, other=0.0).to(tl.float32)
+    x = x.to(dtype).to(tl.float32)  # HF adds in the model dtype: the residual stream is rounded there
+    mean = tl.sum(x, 0) / width
+    centred = tl.where(is_col, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 0) / width + eps)
+    w = tl.load(w_ptr + cols, mask=is_col, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=is_col, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * width + cols, (centred * rstd * w + b).to(out_ptr.dtype.element_ty), mask=is_col)
+    if STORE:
+        if HAS_BIAS:
+            x += tl.load(bias_ptr + cols, mask=is_col, other=0.0).to(tl.float32)
+        tl.store(resid_ptr + row * width + cols, x.to(dtype), mask=is_col)
+
+
+@triton.jit
+def attention_kernel(  # Triton kernel: untyped, many arguments
+    qkv_ptr, cache_ptr, rows_ptr, rows_stride, y_ptr, partial_ptr, scale, width, head_dim,
+    kv_stride, row_stride, head_stride,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, CHUNK: tl.constexpr,
+    POS_COL: tl.constexpr,
+):  # fmt: skip
+    """Row r, head h, split s: attend over cache positions [s·CHUNK, (s+1)·CHUNK) ∩ [0, pos); split 0
+    also writes this token's key/value at pos and counts it. One split writes y; several write their
+    running (max, sum, weighted values) to `partial` for combine_kernel (flash-decoding)."""
+    row, head, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)  # 64-bit offsets
+    pos = tl.load(rows_ptr + row * rows_stride + POS_COL)
+    dims = tl.arange(0, BLOCK_D)
+    is_dim = dims < head_dim
+    here = qkv_ptr + row * 3 * width + head * head_dim + dims
+    q = tl.load(here, mask=is_dim, other=0.0).to(tl.float32)
+    k_new = tl.load(here + width, mask=is_dim, other=0.0)
+    v_new = tl.load(here + 2 * width, mask=is_dim, other=0.0)
+    keys = cache_ptr + row * row_stride + head * head_stride
+    values = keys + kv_stride
+    is_first = split == 0
+    tl.store(keys + pos * head_dim + dims, k_new, mask=is_dim & is_first)
+    tl.store(values + pos * head_dim + dims, v_new, mask=is_dim & is_first)
+    # The new position comes from registers (nothing here reads what this kernel wrote); the online
+    # softmax starts from it in split 0 and folds in cached positions block by block.
+    score_new = tl.sum(q * k_new.to(tl.float32), 0) * scale
+    best = tl.where(is_first, score_new, float("-inf"))
+    total = tl.where(is_first, 1.0, 0.0)
+    acc = tl.where(is_first, v_new.to(tl.float32), 0.0)
+    start = split * CHUNK + pos * 0
+    end = tl.minimum(start + CHUNK, pos)
+    while start < end:  # a while loop: Triton's interpreter cannot take a loaded value as range() bound
+        positions = start + tl.arange(0, BLOCK_N)
+        is_seen = positions < end
+        offsets = positions[:, None] * head_dim + dims[None, :]
+        both = is_seen[:, None] & is_dim[None, :]
+        k = tl.load(keys + offsets, mask=both, other=0.0).to(tl.float32)
+        v = tl.load(values + offsets, mask=both, other=0.0).to(tl.float32)
+        scores = tl.where(is_seen, tl.sum(k * q[None, :], 1) * scale, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, 0))
+        rescale = tl.exp(best - new_best)
+        weights = tl.exp(scores - new_best)
+        acc = acc * rescale + tl.sum(weights[:, None] * v, 0)
+        total = total * rescale + tl.sum(weights, 0)
+        best = new_best
+        start += BLOCK_N
+    if SPLITS == 1:
+        out = (acc / total).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + row * width + head * head_dim + dims, out, mask=is_dim)
+    else:
+        slot = partial_ptr + ((row * tl.num_programs(1) + head) * SPLITS + split) * (BLOCK_D + 2)
+        tl.store(slot + dims, acc)
+        tl.store(slot + BLOCK_D, best)
+        tl.store(slot + BLOCK_D + 1, total)
+
+
+@triton.jit
+def combine_kernel(  # Triton kernel: untyped, many arguments
+    partial_ptr, y_ptr, width, head_dim, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr
+):
+    """Row r, head h: merge the splits' softmax states into y (splits past the row's end hold -inf)."""
+    row, head = tl.program_id(0), tl.program_id(1)
+    splits = tl.arange(0, SPLITS)
+    dims = tl.arange(0, BLOCK_D)
+    slots = partial_ptr + ((row * tl.num_programs(1) + head) * SPLITS + splits) * (BLOCK_D + 2)
+    best = tl.load(slots + BLOCK_D)
+    total = tl.load(slots + BLOCK_D + 1)
+    acc = tl.load(slots[:, None] + dims[None, :])
+    scale = tl.exp(best - tl.max(best, 0))  # split 0 always holds the new token: the max is finite
+    out = tl.sum(acc * scale[:, None], 0) / tl.sum(total * scale, 0)
+    tl.store(
+        y_ptr + row * width + head * head_dim + dims, out.to(y_ptr.dtype.element_ty), mask=dims < head_dim
+    )
+
+
+@triton.jit
+def process_kernel(  # Triton kernel: untyped, many arguments
+    logits_ptr, vocab, tokens_ptr, tokens_stride, rows_ptr, rows_stride, floats_ptr, floats_stride,
+    BLOCK_S: tl.constexpr, USE_PENALTY: tl.constexpr, SPAN: tl.constexpr,
+    POS_COL: tl.constexpr, NGRAM_COL: tl.constexpr, PENALTY_COL: tl.constexpr,
+):  # fmt: skip
+    """HF's repetition penalty, then its n-gram ban, on row r's logits in place (see fastgen_sampling)."""
+    row = tl.program_id(0)
+    pos = tl.load(rows_ptr + row * rows_stride + POS_COL)
+    ends = tl.arange(0, BLOCK_S)
+    is_seen = ends <= pos
+    history = tokens_ptr + row * tokens_stride
+    ids = tl.load(history + ends, mask=is_seen, other=0)
+    logits = logits_ptr + row * vocab
+    if USE_PENALTY:
+        # An id seen twice is penalised once, as in HF: all gathers, a barrier, then the stores.
+        penalty = tl.load(floats_ptr + row * floats_stride + PENALTY_COL)
+        scores = tl.load(logits + ids, mask=is_seen, other=0.0)
+        tl.debug_barrier()  # every thread has gathered before any scatters: HF's gather → scatter
+        tl.store(logits + ids, tl.where(scores < 0, scores * penalty, scores / penalty), mask=is_seen)
+        tl.debug_barrier()  # the ban below may hit the same ids from other threads
+    if SPAN > 0:
+        # End position e bans ids[e] when the n-1 tokens before it equal the row's last n-1 tokens.
+        n = tl.load(rows_ptr + row * rows_stride + NGRAM_COL)
+        is_banned = is_seen & (ends >= n - 1) & (n > 0)
+        for back in tl.static_range(1, SPAN):
+            before = tl.load(history + ends - back, mask=is_seen & (ends >= back), other=-1)
+            suffix = tl.load(history + pos + 1 - back, mask=pos + 1 >= back, other=-2)
+            is_banned &= (before == suffix) | (back > n - 1)
+        tl.store(logits + ids, tl.full([BLOCK_S], float("-inf"), tl.float32), mask=is_banned)
+
+
+@triton.jit
+def _pack(values, ids, vocab):  # Triton helper: untyped
+    """(float32 value, id) → int64 keys that sort by value, then by smaller id (argmax's tie-break)."""
+    bits = tl.where(values == 0, 0.0, values).to(tl.int32, bitcast=True)  # -0.0 ties with 0.0
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats count down: now signed order = value order
+    return (ordered.to(tl.int64) << 32) | tl.where(ids < vocab, vocab - 1 - ids, 0).to(tl.int64)
+
+
+@triton.jit
+def chunk_max_kernel(  # Triton kernel: untyped, many arguments
+    logits_ptr, vocab, keys_ptr, CHUNK: tl.constexpr
+):
+    """Row r, chunk c: the best (value, id) key of logits[r, c·CHUNK:(c+1)·CHUNK]."""
+    row, chunk = tl.program_id(0), tl.program_id(1)
+    ids = chunk * CHUNK + tl.arange(0, CHUNK)
+    values = tl.load(logits_ptr + row * vocab + ids, mask=ids < vocab, other=float("-inf"))
+    tl.store(keys_ptr + row * tl.num_programs(1) + chunk, tl.max(_pack(values, ids, vocab), 0))
+
+
+@triton.jit
+def sample_append_kernel(  # Triton kernel: untyped, many arguments
+    given_ptr, top_values_ptr, top_ids_ptr, n_keys, vocab, tokens_ptr, tokens_stride, rows_ptr,
+    rows_stride, floats_ptr, floats_stride, uniforms_ptr, uniforms_stride, done_ptr, stop_ptr,
+    stop_stride, out_ptr, batch, max_seq,
+    MODE: tl.constexpr, GIVEN: tl.constexpr, ARGMAX: tl.constexpr, K: tl.constexpr,
+    BLOCK_KEYS: tl.constexpr, POS_COL: tl.constexpr,
+    GEN_COL: tl.constexpr, MAX_NEW_COL: tl.constexpr, TOP_K_COL: tl.constexpr,
+    TEMPERATURE_COL: tl.constexpr, TOP_P_COL: tl.constexpr, IDLE: tl.constexpr, RUNNING: tl.constexpr,
+    STOP: tl.constexpr, MAX_NEW_REASON: tl.constexpr, MAX_SEQ_REASON: tl.constexpr,
+):  # fmt: skip
+    """Row r: choose the next token, append it, decide whether the row finished and publish token and
+    reason in out (see append_tokens). MODE GIVEN: the token is given[r]; ARGMAX: the best of the
+    row's chunk keys in given; otherwise from the row's top-K (values, ids), best first: greedy for
+    temperature 0, else temperature → top-k → top-p → inverse CDF with its next uniform. One kernel,
+    not three, because each launch costs more than this whole kernel's work at small batches."""
+    row = tl.program_id(0)
+    settings = rows_ptr + row * rows_stride
+    pos, gen = tl.load(settings + POS_COL), tl.load(settings + GEN_COL)
+    if MODE == GIVEN:
+        token = tl.load(given_ptr + row)
+    elif MODE == ARGMAX:
+        slots = tl.arange(0, BLOCK_KEYS)
+        lowest = tl.full([BLOCK_KEYS], -2147483648, tl.int32).to(tl.int64) << 32  # below every key
+        keys = tl.load(given_ptr + row * n_keys + slots, mask=slots < n_keys, other=lowest)
+        best = tl.max(keys, 0)
+        token = vocab - 1 - (best - ((best >> 32) << 32))  # the low half: vocab - 1 - id
+    else:
+        rank = tl.arange(0, K)
+        values = tl.load(top_values_ptr + row * K + rank)
+        ids = tl.load(top_ids_ptr + row * K + rank)
+        # argmax's tie-break: the smallest id among the best values (topk orders ties arbitrarily)
+        greedy = tl.min(tl.where(values == tl.max(values, 0), ids, vocab), 0)
+        temperature = tl.load(floats_ptr + row * floats_stride + TEMPERATURE_COL)
+        top_p = tl.load(floats_ptr + row * floats_stride + TOP_P_COL)
+        top_k = tl.load(settings + TOP_K_COL)
+        values = values / tl.where(temperature > 0, temperature, 1.0)
+        limit = tl.where((top_k > 0) & (top_k < K), top_k, K)
+        values = tl.where(rank < limit, values, float("-inf"))
+        probs = tl.exp(values - tl.max(values, 0))
+        probs = probs / tl.sum(probs, 0)
+        cumulative = tl.cumsum(probs, 0)
+        probs = tl.where(cumulative - probs >= top_p, 0.0, probs)
+        cumulative = tl.cumsum(probs, 0)
+        target = tl.load(uniforms_ptr + row * uniforms_stride + gen) * tl.sum(probs, 0)
+        choice = tl.minimum(tl.sum((cumulative < target).to(tl.int32), 0), K - 1)
+        sampled = tl.sum(tl.where(rank == choice, ids, 0), 0)
+        token = tl.where(temperature > 0, sampled, greedy)
+    is_active = tl.load(done_ptr + row) == 0
+    new_pos = pos + 1
+    tl.store(tokens_ptr + row * tokens_stride + new_pos, token)  # frozen rows too: branch-free, own slot
+    gen += is_active.to(tl.int64)
+    reason = tl.where(
+        tl.load(stop_ptr + row * stop_stride + token) != 0,
+        STOP,
+        tl.where(gen >= tl.load(settings + MAX_NEW_COL), MAX_NEW_REASON,
+                 tl.where(new_pos >= max_seq - 1, MAX_SEQ_REASON, RUNNING)),
+    )  # fmt: skip
+    reason = tl.where(is_active, reason, IDLE)
+    is_finished = reason > RUNNING
+    tl.store(settings + GEN_COL, gen)
+    tl.store(settings + POS_COL, pos + (is_active & ~is_finished).to(tl.int64))
+    tl.store(done_ptr + row, ((~is_active) | is_finished).to(tl.int1))
+    tl.store(out_ptr + row, token)
+    tl.store(out_ptr + batch + row, reason.to(tl.int64))
