@@ -454,20 +454,9 @@ class _Build:
     def finish(self, encoded: list[list[int]]) -> Prompt:
         """The prompt from the ids of `texts`; tokenises more only where the first pass was not enough."""
         encoder, bot_name, budget_tokens = self.encoder, self.renderer.bot_name, self.budget_tokens
-        frame_parts = len(self.frame_texts)
-        frame = _Frame(self.head, self.tail, encoded[:frame_parts])
-        if self.max_new_tokens < 1 or frame.tokens > budget_tokens:
-            raise PromptTooLong(
-                f"persona + open bot turn ({frame.tokens} tokens) + max_new_tokens ({self.max_new_tokens}) "
-                f"exceed the context window of {self.n_positions} tokens: "
-                "shorten the persona or max_new_tokens"
-            )
-        if not self.turns:
+        frame, lines = self._first_pass(encoded)
+        if not lines:
             return Prompt(tuple(encoder.encode(frame.text)), frame.text, 0, False)
-        lines = [
-            _Line(*line)
-            for line in zip(self.turns, self.texts[frame_parts:], encoded[frame_parts:], strict=True)
-        ]
         newest_line, truncated = _fit_newest(encoder, lines[0], bot_name, budget_tokens - frame.tokens)
         available_tokens = budget_tokens - frame.tokens - len(newest_line.ids)
         older = _fit_older(encoder, self.renderer, lines[1:], self.newest_first, available_tokens)
@@ -476,6 +465,19 @@ class _Build:
             return joined
         turns = ([line.turn for line in older], newest_line.turn)
         return _verified(encoder, self.persona, turns, bot_name, budget_tokens, truncated)
+
+    def _first_pass(self, encoded: list[list[int]]) -> tuple[_Frame, list[_Line]]:
+        """The frame and the first lines with their ids; PromptTooLong when the frame alone cannot fit."""
+        frame_parts = len(self.frame_texts)
+        frame = _Frame(self.head, self.tail, encoded[:frame_parts])
+        if self.max_new_tokens < 1 or frame.tokens > self.budget_tokens:
+            raise PromptTooLong(
+                f"persona + open bot turn ({frame.tokens} tokens) + max_new_tokens ({self.max_new_tokens}) "
+                f"exceed the context window of {self.n_positions} tokens: "
+                "shorten the persona or max_new_tokens"
+            )
+        lines = zip(self.turns, self.texts[frame_parts:], encoded[frame_parts:], strict=True)
+        return frame, [_Line(*line) for line in lines]
 
 
 def _build_one(tokenizer: PreTrainedTokenizerBase, request: PromptRequest) -> Prompt:
@@ -510,7 +512,9 @@ def build_prompts(
     which the tokenizers' thread pool may spread over the cores, GIL released. Builds that need more
     (long histories, an over-long newest turn) make their further calls alone, as build_prompt does.
     Batched only where the Rust tokenizer is called directly: then each text's ids do not depend on the
-    rest of the batch (no padding); other tokenizers build one by one. Other errors propagate.
+    rest of the batch (no padding), and no build changes the tokenizer's settings on the way (only the
+    transformers call does), so one _Encoder serves them all; other tokenizers build one by one.
+    Other errors than PromptTooLong propagate.
     """
     encoder, specials = _Encoder.of(tokenizer), _special_strings(tokenizer)
     if encoder.rust is None:
