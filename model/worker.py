@@ -133,12 +133,11 @@ class ModelWorker:
         self._built: deque[BuiltPrompt] = deque()  # appended by the prompt builders, read by the thread
         self._prompt_threads = prompt_threads or min(MAX_PROMPT_THREADS, os.cpu_count() or 1)
         self._builders = PromptBuilders(self._prompt_threads, self._deliver_prompt)
-        # The tokenizers' Rust thread pool: a burst's prompts are tokenised in one call (build_prompts), which
-        # the pool spreads over every core without the GIL; without it that call runs on one core, so two
-        # builder threads would use two. On 2 cores a 256-prompt burst takes about as long either way
-        # (~40 ms; bench_prompt_builders) and a lone prompt too (~0.3 ms); it is more cores that it buys.
-        # (One job a call it was slower: 132 ms against 92 on the H100 host, so it was off then.)
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+        # The tokenizers' Rust thread pool stays off: every measurement so far favours it. On the 16-core
+        # H100 host, one job a call, a 256-prompt burst took 92 ms on 2 builders without it and 132 ms with
+        # it; on the 2-core machine, batched (build_prompts, 64 a call), 37 ms without and 61 ms with it
+        # (scripts/bench_prompt_builders.py). Batched calls on many cores might gain from it: unmeasured.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self._serving: Serving | None = None  # written by the thread only; read anywhere
         self._closing_flag = threading.Event()
         self._abort_flag = threading.Event()
