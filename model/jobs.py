@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from model.api import GenerationFailed, ModelInfo, Reply, ReplyRequest
+from model.encoding import encodes_newline
 from model.engine import DecodeEngine, EngineJob
 from model.generation import HFGenerateEngine, is_repeat, stop_token_ids
 from model.prompt import (
@@ -31,7 +32,6 @@ from model.prompt import (
     PromptTooLong,
     build_prompt,
     build_prompts,
-    encodes_newline,
     sanitize_speaker,
 )
 from model.sampling import SamplingParams

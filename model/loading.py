@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from model.prompt import encodes_newline
+from model.encoding import encodes_newline
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase

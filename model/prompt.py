@@ -15,10 +15,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import chain
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from model.encoding import Encoder, count_tokens, joins_cleanly
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
 
 MAX_SPEAKER_CHARS = 32
 DEFAULT_SPEAKER = "User"
@@ -113,121 +116,6 @@ def _special_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return [str(token) for token in tokenizer.all_special_tokens]
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    # No BOS/EOS: sentencepiece tokenizers (T5Tokenizer) would append </s> and end the prompt early.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _count(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
-    return len(_encode(tokenizer, text))
-
-
-def encodes_newline(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Whether `\\n` survives encode → decode (sentencepiece models often fold it into a space)."""
-    return "\n" in tokenizer.decode(_encode(tokenizer, "a\nb"))
-
-
-def _rust_tokenizer(tokenizer: PreTrainedTokenizerBase) -> Any | None:
-    """The Rust tokenizer, when calling it directly gives exactly `tokenizer(text, add_special_tokens=False)`.
-
-    transformers 5 answers that call by turning truncation and padding off, setting encode_special_tokens
-    and calling the Rust `encode_batch`, then copies the ids into a BatchEncoding in Python, GIL held. So
-    the Rust tokenizer gives the same ids when it is in that state already and the class changes nothing on
-    the way; slow tokenizers, transformers 4 and subclasses with their own `_encode_plus` keep the wrapper.
-    """
-    if not tokenizer.is_fast:
-        return None
-    try:
-        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-        from transformers.tokenization_utils_tokenizers import TokenizersBackend
-    except ImportError:  # transformers 4 builds the call differently
-        return None
-    cls = type(tokenizer)
-    is_plain = (
-        cls.__call__ is PreTrainedTokenizerBase.__call__
-        and getattr(cls, "_encode_plus", None) is TokenizersBackend._encode_plus
-        and not hasattr(cls, "_switch_to_input_mode")  # seq2seq tokenizers swap templates per call
-    )
-    rust = tokenizer.backend_tokenizer if is_plain else None
-    if rust is None or rust.truncation is not None or rust.padding is not None:
-        return None
-    return rust if rust.encode_special_tokens == tokenizer.split_special_tokens else None
-
-
-def _joins_lines(rust: Any) -> bool:
-    """Whether the ids of lines that pass _joins_cleanly, encoded apart and concatenated, are their join's.
-
-    True for byte-level BPE (GPT-2) with no normaliser and no added token that holds a "\\n" or strips
-    whitespace. Added tokens then never match across a line end, and ByteLevel's regex splits "…x\\ny…"
-    (x, y not whitespace) into "…x", "\\n", "y…" exactly as it splits "…x\\n" and "y…" apart: only its
-    whitespace alternatives take "\\n", `\\s+(?!\\S)` cannot before y so `\\s+` takes it alone, and no
-    alternative looks behind. BPE merges only inside those pieces. tests/test_prompt.py checks the regex's
-    whitespace against str.isspace over every code point, and joined ids against the wrapper's.
-    """
-    from tokenizers import models, pre_tokenizers, processors
-
-    pre_tokenizer, model = rust.pre_tokenizer, rust.model
-    if rust.normalizer is not None or not isinstance(pre_tokenizer, pre_tokenizers.ByteLevel):
-        return False
-    if pre_tokenizer.add_prefix_space or not pre_tokenizer.use_regex:
-        return False
-    if not isinstance(model, models.BPE) or model.dropout:
-        return False
-    if not isinstance(rust.post_processor, (type(None), processors.ByteLevel, processors.TemplateProcessing)):
-        return False
-    added = rust.get_added_tokens_decoder().values()
-    return all("\n" not in token.content and not (token.lstrip or token.rstrip) for token in added)
-
-
-def _joins_cleanly(piece: str) -> bool:
-    """A line, or the open bot turn, that starts and ends (newline aside) with non-whitespace."""
-    text = piece.removesuffix("\n")
-    return bool(text) and not text[0].isspace() and not text[-1].isspace()
-
-
-@dataclass(frozen=True)
-class _Encoder:
-    """How one build tokenises: the Rust tokenizer directly wherever that is exact, else the wrapper."""
-
-    tokenizer: PreTrainedTokenizerBase
-    rust: Any | None  # see _rust_tokenizer
-    joins_lines: bool  # see _joins_lines
-
-    @classmethod
-    def of(cls, tokenizer: PreTrainedTokenizerBase) -> _Encoder:
-        rust = _rust_tokenizer(tokenizer)
-        return cls(tokenizer, rust, rust is not None and _joins_lines(rust))
-
-    def encode(self, text: str) -> list[int]:
-        """Exactly `tokenizer(text, add_special_tokens=False)["input_ids"]`."""
-        if self.rust is None:
-            return _encode(self.tokenizer, text)
-        # The batch call, not `encode`: only it releases the GIL. `_fast` skips the offsets.
-        return self.rust.encode_batch_fast([text], add_special_tokens=False)[0].ids
-
-    def encode_many(self, texts: list[str]) -> list[list[int]]:
-        """The ids of each text, for counting: one batched pass for fast tokenizers (Rust, no GIL)."""
-        if self.rust is not None:
-            return [encoding.ids for encoding in self.rust.encode_batch_fast(texts, add_special_tokens=False)]
-        backend = getattr(self.tokenizer, "backend_tokenizer", None) if self.tokenizer.is_fast else None
-        if backend is None or not texts:
-            return [_encode(self.tokenizer, text) for text in texts]
-        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
-
-    def last_tokens_start(self, text: str, keep_tokens: int) -> int | None:
-        """The character where the last `keep_tokens` tokens of `text` start (None: it has no more).
-
-        Fast tokenizers only: they have offsets.
-        """
-        if self.rust is not None:  # one token's offsets, not a Python list of them all
-            encoding = self.rust.encode_batch([text], add_special_tokens=False)[0]
-            count = len(encoding)
-            return None if count <= keep_tokens else encoding.token_to_chars(count - keep_tokens)[0]
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = encoded["offset_mapping"]
-        return None if len(offsets) <= keep_tokens else offsets[len(offsets) - keep_tokens][0]
-
-
 @dataclass(frozen=True)
 class _Line:
     """One turn as its prompt line ("\\n" included) and that line's ids, encoded alone."""
@@ -258,7 +146,7 @@ def _clean_turn(turn: Turn, specials: list[str]) -> Turn:
     return Turn(sanitize_text(turn.speaker, specials), sanitize_text(turn.text, specials), turn.is_bot)
 
 
-def _keep_last_tokens(encoder: _Encoder, text: str, keep_tokens: int) -> str:
+def _keep_last_tokens(encoder: Encoder, text: str, keep_tokens: int) -> str:
     """The longest suffix of `text` (cut at a token boundary) that is about `keep_tokens` tokens long."""
     if keep_tokens <= 0:
         return ""
@@ -273,7 +161,7 @@ def _keep_last_tokens_by_search(tokenizer: PreTrainedTokenizerBase, text: str, k
     low, high = 0, len(text)
     while low < high:
         middle = (low + high) // 2
-        if _count(tokenizer, text[middle:]) <= keep_tokens:
+        if count_tokens(tokenizer, text[middle:]) <= keep_tokens:
             high = middle
         else:
             low = middle + 1
@@ -318,7 +206,7 @@ def _first_turns(
     return turns + _next_chunk(newest_first, renderer, guess_tokens)
 
 
-def _encode_lines(encoder: _Encoder, renderer: _Renderer, turns: list[Turn]) -> list[_Line]:
+def _encode_lines(encoder: Encoder, renderer: _Renderer, turns: list[Turn]) -> list[_Line]:
     """The lines of `turns` (cleaned), encoded in one pass."""
     if not turns:
         return []
@@ -326,7 +214,7 @@ def _encode_lines(encoder: _Encoder, renderer: _Renderer, turns: list[Turn]) -> 
     return [_Line(*line) for line in zip(turns, texts, encoder.encode_many(texts), strict=True)]
 
 
-def _fit_newest(encoder: _Encoder, newest: _Line, bot_name: str, available_tokens: int) -> tuple[_Line, bool]:
+def _fit_newest(encoder: Encoder, newest: _Line, bot_name: str, available_tokens: int) -> tuple[_Line, bool]:
     """The newest line (its text cut from the left when longer than `available_tokens`) and whether cut."""
     if len(newest.ids) <= available_tokens:
         return newest, False
@@ -341,7 +229,7 @@ def _fit_newest(encoder: _Encoder, newest: _Line, bot_name: str, available_token
 
 
 def _fit_older(
-    encoder: _Encoder,
+    encoder: Encoder,
     renderer: _Renderer,
     chunk: list[_Line],
     newest_first: Iterator[Turn],
@@ -377,8 +265,8 @@ def _next_chunk(newest_first: Iterator[Turn], renderer: _Renderer, budget_tokens
 
 
 def _joined(frame: _Frame, lines: list[_Line], budget_tokens: int, newest_truncated: bool) -> Prompt | None:
-    """The prompt from the ids in hand, when they join exactly as the text does (_joins_lines) and fit."""
-    if len(frame.parts_ids) != 2 or not all(_joins_cleanly(line.text) for line in lines):
+    """The prompt from the ids in hand, when they join exactly as the text does (joins_lines) and fit."""
+    if len(frame.parts_ids) != 2 or not all(joins_cleanly(line.text) for line in lines):
         return None  # the encoder does not join lines, or a line ends (or starts) with whitespace
     head_ids, tail_ids = frame.parts_ids
     input_ids = (*head_ids, *chain.from_iterable(line.ids for line in lines), *tail_ids)
@@ -388,7 +276,7 @@ def _joined(frame: _Frame, lines: list[_Line], budget_tokens: int, newest_trunca
     return Prompt(input_ids, text, len(lines), newest_truncated)
 
 
-def _shorten(encoder: _Encoder, newest: Turn, over_tokens: int) -> Turn:
+def _shorten(encoder: Encoder, newest: Turn, over_tokens: int) -> Turn:
     if not newest.text:
         raise PromptTooLong("the prompt does not fit even with the newest turn emptied")
     keep_tokens = len(encoder.encode(newest.text)) - over_tokens
@@ -399,7 +287,7 @@ def _shorten(encoder: _Encoder, newest: Turn, over_tokens: int) -> Turn:
 
 
 def _verified(
-    encoder: _Encoder,
+    encoder: Encoder,
     persona: str,
     turns: tuple[list[Turn], Turn],
     bot_name: str,
@@ -434,7 +322,7 @@ class PromptRequest:
 class _Build:
     """One build split at its first pass, so that builds can share one call: `texts`, then `finish`."""
 
-    def __init__(self, encoder: _Encoder, specials: list[str], request: PromptRequest) -> None:
+    def __init__(self, encoder: Encoder, specials: list[str], request: PromptRequest) -> None:
         self.encoder = encoder
         self.persona = sanitize_text(request.persona, specials)
         self.renderer = renderer = _Renderer(specials, sanitize_text(request.bot_name, specials))
@@ -444,9 +332,7 @@ class _Build:
         self.turns = _first_turns(self.newest_first, renderer, self.persona, self.budget_tokens)
         self.head = render_dialogue(self.persona, [], renderer.bot_name, open_bot_turn=False)  # or ""
         self.tail = f"{_bot_tag(renderer.bot_name)}:"
-        apart = encoder.joins_lines and all(
-            _joins_cleanly(piece) for piece in (self.head, self.tail) if piece
-        )
+        apart = encoder.joins_lines and all(joins_cleanly(piece) for piece in (self.head, self.tail) if piece)
         self.frame_texts = [self.head, self.tail] if apart else [self.head + self.tail]
         # The first pass: the frame, the newest line and the first older lines.
         self.texts = [*self.frame_texts, *map(renderer.line, self.turns)]
@@ -481,7 +367,7 @@ class _Build:
 
 
 def _build_one(tokenizer: PreTrainedTokenizerBase, request: PromptRequest) -> Prompt:
-    encoder = _Encoder.of(tokenizer)
+    encoder = Encoder.of(tokenizer)
     build = _Build(encoder, _special_strings(tokenizer), request)
     return build.finish(encoder.encode_many(build.texts))
 
@@ -513,10 +399,10 @@ def build_prompts(
     (long histories, an over-long newest turn) make their further calls alone, as build_prompt does.
     Batched only where the Rust tokenizer is called directly: then each text's ids do not depend on the
     rest of the batch (no padding), and no build changes the tokenizer's settings on the way (only the
-    transformers call does), so one _Encoder serves them all; other tokenizers build one by one.
+    transformers call does), so one Encoder serves them all; other tokenizers build one by one.
     Other errors than PromptTooLong propagate.
     """
-    encoder, specials = _Encoder.of(tokenizer), _special_strings(tokenizer)
+    encoder, specials = Encoder.of(tokenizer), _special_strings(tokenizer)
     if encoder.rust is None:
         finishers = [partial(_build_one, tokenizer, request) for request in requests]
     else:

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 import torch
 
+from model.encoding import encodes_newline
 from model.loading import load_model, set_seed
-from model.prompt import Turn, build_prompt, encodes_newline
+from model.prompt import Turn, build_prompt
 
 JAPANESE = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")  # hiragana, katakana, CJK ideographs
 TOKENIZER_CONFIG = {

@@ -11,16 +11,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from model.encoding import Encoder, encodes_newline, joins_cleanly
 from model.prompt import (
     Prompt,
     PromptRequest,
     PromptTooLong,
     Turn,
-    _Encoder,
-    _joins_cleanly,
     build_prompt,
     build_prompts,
-    encodes_newline,
     render_dialogue,
     sanitize_speaker,
     sanitize_text,
@@ -415,24 +413,24 @@ def encode_apart(tokenizer: Any, pieces: list[str]) -> list[int]:
 
 
 @HYPOTHESIS
-@given(lines=st.lists(clean_lines.filter(_joins_cleanly), max_size=8), tail=st.sampled_from(["Bot:", "ボ:"]))
+@given(lines=st.lists(clean_lines.filter(joins_cleanly), max_size=8), tail=st.sampled_from(["Bot:", "ボ:"]))
 def test_property_gpt2_line_ids_join_as_the_lines_do(
     gpt2_tokenizer: Any, lines: list[str], tail: str
 ) -> None:
-    assert _Encoder.of(gpt2_tokenizer).joins_lines
+    assert Encoder.of(gpt2_tokenizer).joins_lines
     assert encode_apart(gpt2_tokenizer, [*lines, tail]) == encode(gpt2_tokenizer, "".join(lines) + tail)
 
 
 def test_lines_that_end_in_whitespace_are_not_joined(gpt2_tokenizer: Any) -> None:
     lines = ["a\n\n", "b"]  # apart, "\n\n" is one token; joined, the regex splits it before "b"
     assert encode_apart(gpt2_tokenizer, lines) != encode(gpt2_tokenizer, "".join(lines))
-    assert not _joins_cleanly(lines[0])
-    assert not _joins_cleanly("Alice: \n") and _joins_cleanly("Alice: hi\n") and _joins_cleanly("Bot:")
+    assert not joins_cleanly(lines[0])
+    assert not joins_cleanly("Alice: \n") and joins_cleanly("Alice: hi\n") and joins_cleanly("Bot:")
 
 
 @pytest.mark.slow
 def test_byte_level_regex_keeps_every_non_space_character_apart_from_a_newline(gpt2_tokenizer: Any) -> None:
-    """The premise of _joins_lines, for every code point: str.isspace covers the regex's whitespace (~3 s)."""
+    """The premise of joins_lines, for every code point: str.isspace covers the regex's whitespace (~3 s)."""
     from tokenizers import Tokenizer, models
 
     splitter = Tokenizer(models.WordLevel({"?": 0}, unk_token="?"))  # one token per pre-tokenized piece
@@ -495,7 +493,7 @@ VARIANT_HISTORIES = [
 @pytest.mark.parametrize("change", VARIANTS)
 def test_tokenizer_variants_take_only_the_fast_paths_that_are_exact(gpt2_tokenizer: Any, change: str) -> None:
     tokenizer, reference = (tokenizer_variant(gpt2_tokenizer, change) for _ in range(2))
-    encoder = _Encoder.of(tokenizer)
+    encoder = Encoder.of(tokenizer)
     assert (encoder.rust is not None, encoder.joins_lines) == VARIANTS[change]
     for history in VARIANT_HISTORIES:
         for budget in [(1024, 60), (96, 30)]:
@@ -511,7 +509,7 @@ def test_tokenizer_variants_take_only_the_fast_paths_that_are_exact(gpt2_tokeniz
 def test_a_split_special_tokens_mismatch_keeps_the_wrapper(gpt2_tokenizer: Any) -> None:
     tokenizer = tokenizer_variant(gpt2_tokenizer, "as shipped")
     tokenizer.backend_tokenizer.encode_special_tokens = True  # the transformers call would set it back
-    assert _Encoder.of(tokenizer).rust is None
+    assert Encoder.of(tokenizer).rust is None
 
 
 @pytest.fixture(scope="module")
@@ -527,7 +525,7 @@ def japanese_tokenizer(request: pytest.FixtureRequest) -> Any:
 def test_property_sentencepiece_fast_path_builds_what_the_transformers_call_builds(
     japanese_tokenizer: Any, persona: str, history: list[Turn], bot_name: str, budget: tuple[int, int]
 ) -> None:
-    assert _Encoder.of(japanese_tokenizer).rust is not None
+    assert Encoder.of(japanese_tokenizer).rust is not None
     expected = outcome(WrapperOnly(japanese_tokenizer), persona, history, bot_name, budget)
     assert outcome(japanese_tokenizer, persona, history, bot_name, budget) == expected
     if isinstance(expected, Prompt):

@@ -1,0 +1,130 @@
+"""Exact and fast tokenizer calls for prompt building: the Rust tokenizer directly wherever that gives
+exactly what `tokenizer(text, add_special_tokens=False)` gives, and when per-line ids may be joined.
+
+Split out of model/prompt.py, which decides what goes into a prompt; this decides how it is tokenised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """The ids of `text` through the transformers call, without special tokens."""
+    # No BOS/EOS: sentencepiece tokenizers (T5Tokenizer) would append </s> and end the prompt early.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def count_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    """How many tokens `text` is (the transformers call)."""
+    return len(encode_text(tokenizer, text))
+
+
+def encodes_newline(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether `\\n` survives encode → decode (sentencepiece models often fold it into a space)."""
+    return "\n" in tokenizer.decode(encode_text(tokenizer, "a\nb"))
+
+
+def rust_tokenizer(tokenizer: PreTrainedTokenizerBase) -> Any | None:
+    """The Rust tokenizer, when calling it directly gives exactly `tokenizer(text, add_special_tokens=False)`.
+
+    transformers 5 answers that call by turning truncation and padding off, setting encode_special_tokens
+    and calling the Rust `encode_batch`, then copies the ids into a BatchEncoding in Python, GIL held. So
+    the Rust tokenizer gives the same ids when it is in that state already and the class changes nothing on
+    the way; slow tokenizers, transformers 4 and subclasses with their own `_encode_plus` keep the wrapper.
+    """
+    if not tokenizer.is_fast:
+        return None
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # transformers 4 builds the call differently
+        return None
+    cls = type(tokenizer)
+    is_plain = (
+        cls.__call__ is PreTrainedTokenizerBase.__call__
+        and getattr(cls, "_encode_plus", None) is TokenizersBackend._encode_plus
+        and not hasattr(cls, "_switch_to_input_mode")  # seq2seq tokenizers swap templates per call
+    )
+    rust = tokenizer.backend_tokenizer if is_plain else None
+    if rust is None or rust.truncation is not None or rust.padding is not None:
+        return None
+    return rust if rust.encode_special_tokens == tokenizer.split_special_tokens else None
+
+
+def joins_lines(rust: Any) -> bool:
+    """Whether the ids of lines that pass joins_cleanly, encoded apart and concatenated, are their join's.
+
+    True for byte-level BPE (GPT-2) with no normaliser and no added token that holds a "\\n" or strips
+    whitespace. Added tokens then never match across a line end, and ByteLevel's regex splits "…x\\ny…"
+    (x, y not whitespace) into "…x", "\\n", "y…" exactly as it splits "…x\\n" and "y…" apart: only its
+    whitespace alternatives take "\\n", `\\s+(?!\\S)` cannot before y so `\\s+` takes it alone, and no
+    alternative looks behind. BPE merges only inside those pieces. tests/test_prompt.py checks the regex's
+    whitespace against str.isspace over every code point, and joined ids against the wrapper's.
+    """
+    from tokenizers import models, pre_tokenizers, processors
+
+    pre_tokenizer, model = rust.pre_tokenizer, rust.model
+    if rust.normalizer is not None or not isinstance(pre_tokenizer, pre_tokenizers.ByteLevel):
+        return False
+    if pre_tokenizer.add_prefix_space or not pre_tokenizer.use_regex:
+        return False
+    if not isinstance(model, models.BPE) or model.dropout:
+        return False
+    if not isinstance(rust.post_processor, (type(None), processors.ByteLevel, processors.TemplateProcessing)):
+        return False
+    added = rust.get_added_tokens_decoder().values()
+    return all("\n" not in token.content and not (token.lstrip or token.rstrip) for token in added)
+
+
+def joins_cleanly(piece: str) -> bool:
+    """A line, or the open bot turn, that starts and ends (newline aside) with non-whitespace."""
+    text = piece.removesuffix("\n")
+    return bool(text) and not text[0].isspace() and not text[-1].isspace()
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """How one build tokenises: the Rust tokenizer directly wherever that is exact, else the wrapper."""
+
+    tokenizer: PreTrainedTokenizerBase
+    rust: Any | None  # see rust_tokenizer
+    joins_lines: bool  # see joins_lines
+
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerBase) -> Encoder:
+        rust = rust_tokenizer(tokenizer)
+        return cls(tokenizer, rust, rust is not None and joins_lines(rust))
+
+    def encode(self, text: str) -> list[int]:
+        """Exactly `tokenizer(text, add_special_tokens=False)["input_ids"]`."""
+        if self.rust is None:
+            return encode_text(self.tokenizer, text)
+        # The batch call, not `encode`: only it releases the GIL. `_fast` skips the offsets.
+        return self.rust.encode_batch_fast([text], add_special_tokens=False)[0].ids
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """The ids of each text, for counting: one batched pass for fast tokenizers (Rust, no GIL)."""
+        if self.rust is not None:
+            return [encoding.ids for encoding in self.rust.encode_batch_fast(texts, add_special_tokens=False)]
+        backend = getattr(self.tokenizer, "backend_tokenizer", None) if self.tokenizer.is_fast else None
+        if backend is None or not texts:
+            return [encode_text(self.tokenizer, text) for text in texts]
+        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+
+    def last_tokens_start(self, text: str, keep_tokens: int) -> int | None:
+        """The character where the last `keep_tokens` tokens of `text` start (None: it has no more).
+
+        Fast tokenizers only: they have offsets.
+        """
+        if self.rust is not None:  # one token's offsets, not a Python list of them all
+            encoding = self.rust.encode_batch([text], add_special_tokens=False)[0]
+            count = len(encoding)
+            return None if count <= keep_tokens else encoding.token_to_chars(count - keep_tokens)[0]
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = encoded["offset_mapping"]
+        return None if len(offsets) <= keep_tokens else offsets[len(offsets) - keep_tokens][0]
