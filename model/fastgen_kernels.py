@@ -68,8 +68,9 @@ def attention_kernel(  # Triton kernel: untyped, many arguments
     keys = cache_ptr + row * row_stride + head * head_stride
     values = keys + kv_stride
     is_first = split == 0
-    tl.store(keys + pos * head_dim + dims, k_new, mask=is_dim & is_first)
-    tl.store(values + pos * head_dim + dims, v_new, mask=is_dim & is_first)
+    is_written = is_dim & (dims * 0 + split == 0)  # a block mask: Triton 3.9's interpreter wants one
+    tl.store(keys + pos * head_dim + dims, k_new, mask=is_written)
+    tl.store(values + pos * head_dim + dims, v_new, mask=is_written)
     # The new position comes from registers (nothing here reads what this kernel wrote); the online
     # softmax starts from it in split 0 and folds in cached positions block by block.
     score_new = tl.sum(q * k_new.to(tl.float32), 0) * scale
@@ -145,12 +146,15 @@ def process_kernel(  # Triton kernel: untyped, many arguments
         tl.debug_barrier()  # the ban below may hit the same ids from other threads
     if SPAN > 0:
         # End position e bans ids[e] when the n-1 tokens before it equal the row's last n-1 tokens.
-        n = tl.load(rows_ptr + row * rows_stride + NGRAM_COL)
+        # Row scalars broadcast over the block: Triton 3.9's interpreter refuses masks that mix a
+        # scalar condition into a block one.
+        n = ends * 0 + tl.load(rows_ptr + row * rows_stride + NGRAM_COL)
         is_banned = is_seen & (ends >= n - 1) & (n > 0)
         for back in tl.static_range(1, SPAN):
             before = tl.load(history + ends - back, mask=is_seen & (ends >= back), other=-1)
-            suffix = tl.load(history + pos + 1 - back, mask=pos + 1 >= back, other=-2)
-            is_banned &= (before == suffix) | (back > n - 1)
+            at = ends * 0 + pos + 1 - back  # the row's token `back` before its end
+            suffix = tl.load(history + at, mask=at >= 0, other=-2)
+            is_banned &= (before == suffix) | (n - 1 < back)
         tl.store(logits + ids, tl.full([BLOCK_S], float("-inf"), tl.float32), mask=is_banned)
 
 
