@@ -217,6 +217,7 @@ class PromptBuilders:
             self._deliver(one)
 
     def _build_one(self, job: GenerateJob, serving: Serving, generation: int) -> BuiltPrompt:
+        # build_prompt, not build_prompts: the fallback must not go through the path that just failed.
         request = job.request
         try:
             tokenizer = self._tokenizer(serving, generation)

@@ -107,18 +107,18 @@ def make_request(loaded: LoadedModel, options: Options) -> ReplyRequest:
     for words in range(1, 2 * options.prompt_tokens):
         history = (Turn("Alice", " ".join(["hello"] * words)),)
         request = ReplyRequest("A friendly chat.", history, params=params, time_limit_seconds=600.0)
-        if prompt_ids(loaded, request) >= options.prompt_tokens:
+        if len(prompt_ids(loaded, request)) >= options.prompt_tokens:
             break
-    assert prompt_ids(loaded, request) == options.prompt_tokens, "adjust the filler word"
+    assert len(prompt_ids(loaded, request)) == options.prompt_tokens, "adjust the filler word"
     return request
 
 
-def prompt_ids(loaded: LoadedModel, request: ReplyRequest) -> int:
-    prompt = build_prompt(
+def prompt_ids(loaded: LoadedModel, request: ReplyRequest) -> tuple[int, ...]:
+    """The request's prompt ids, built as the worker builds them."""
+    return build_prompt(
         loaded.tokenizer, request.persona, request.history, request.bot_name,
         request.params.max_new_tokens, loaded.n_positions,
-    )  # fmt: skip
-    return len(prompt.input_ids)
+    ).input_ids  # fmt: skip
 
 
 class ExactLengthEngine:
@@ -157,11 +157,7 @@ class SerialGenerate:
     @torch.inference_mode()
     def _generate(self, request: ReplyRequest) -> int:
         loaded = self._loaded
-        prompt = build_prompt(
-            loaded.tokenizer, request.persona, request.history, request.bot_name,
-            request.params.max_new_tokens, loaded.n_positions,
-        )  # fmt: skip
-        ids = torch.tensor([prompt.input_ids], device=loaded.device)
+        ids = torch.tensor([prompt_ids(loaded, request)], device=loaded.device)
         config = generation_config(request.params, frozenset(), loaded.tokenizer.pad_token_id)
         mask = torch.ones_like(ids)
         output = loaded.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
@@ -275,11 +271,7 @@ def _engine_run(engine: BatchedGPT2Engine, ids: tuple[int, ...], params: Samplin
 def bench_engine(loaded: LoadedModel, request: ReplyRequest, options: Options) -> dict[str, Run]:
     """The same cases with BatchedGPT2Engine driven directly on this thread (no worker, no event loop)."""
     engine = BatchedGPT2Engine(loaded.model, loaded.tokenizer, max_batch_size=max(options.counts))
-    prompt = build_prompt(
-        loaded.tokenizer, request.persona, request.history, request.bot_name,
-        request.params.max_new_tokens, loaded.n_positions,
-    )  # fmt: skip
-    run = functools.partial(_engine_run, engine, prompt.input_ids, request.params)
+    run = functools.partial(_engine_run, engine, prompt_ids(loaded, request), request.params)
     for count in (1, *options.counts):
         run(count)  # warm-up
     singles = [run(1) for _ in range(options.singles)]

@@ -27,6 +27,7 @@ from model.generation import HFGenerateEngine
 from model.loading import LoadedModel, load_model
 from model.prompt import Turn
 from model.worker import ModelWorker
+from tests.test_generation import force_next_token as force_model_next_token
 
 THE_ID = 262  # " the": never ends a turn
 SMOKE_JOB_ID = 0  # the worker's own smoke generation: scripted engines pass it straight through
@@ -227,13 +228,8 @@ def scripted(**kwargs: Any) -> tuple[Callable[[LoadedModel], ScriptedEngine], li
 
 @torch.no_grad()
 def force_next_token(loaded: LoadedModel, token_id: int) -> LoadedModel:
-    """Make a GPT-2 predict `token_id` at every position (see tests/test_generation.py)."""
-    model = loaded.model
-    model.transformer.ln_f.weight.zero_()
-    model.transformer.ln_f.bias.zero_()
-    model.transformer.ln_f.bias[0] = 1.0
-    model.transformer.wte.weight[:, 0] = 0.0
-    model.transformer.wte.weight[token_id, 0] = 100.0
+    """Make a loaded GPT-2 predict `token_id` at every position (tests/test_generation.py says how)."""
+    force_model_next_token(loaded.model, token_id)
     return loaded
 
 
