@@ -48,4 +48,5 @@ def create_worker(settings: Settings) -> ModelWorker:
         dtype=settings.dtype,
         allow_pickle=settings.allow_pickle,
         models_dir=settings.models_dir,
+        sampling=settings.sampling(),
     )

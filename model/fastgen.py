@@ -22,6 +22,8 @@ greedy decoding (temperature 0) gives exactly the tokens `generate` gives (tests
 
 from __future__ import annotations
 
+import array
+import itertools
 import logging
 import time
 from collections import deque
@@ -123,8 +125,13 @@ def _step_function(device: torch.device, want_fused: bool, is_required: bool) ->
 
 def _right_padded(sequences: Sequence[Sequence[int]], width: int) -> torch.Tensor:
     """[len(sequences), width] int64; each row padded with its own last id (0 for an empty row)."""
-    rows = [list(s) + [s[-1] if s else 0] * (width - len(s)) for s in sequences]
-    return torch.tensor(rows, dtype=torch.long)
+    flat = array.array("q")  # a flat buffer: torch.tensor of nested lists costs 2× as long (256 × 256)
+    for sequence in sequences:
+        flat.extend(sequence)
+        flat.extend(itertools.repeat(sequence[-1] if sequence else 0, width - len(sequence)))
+    if not flat:
+        return torch.zeros((len(sequences), width), dtype=torch.long)
+    return torch.frombuffer(flat, dtype=torch.long).view(len(sequences), width)
 
 
 def _uniforms(params: SamplingParams, count: int) -> torch.Tensor:
@@ -153,6 +160,7 @@ class BatchedGPT2Engine:
         max_seq_len: int | None = None,
         use_cuda_graphs: bool | None = None,
         fused: bool | None = None,
+        warm_up: Sequence[SamplingParams] = (),
     ) -> None:
         if not self.supports(model):
             raise ValueError("BatchedGPT2Engine needs a GPT-2 model without cross-attention or layer scaling")
@@ -197,6 +205,8 @@ class BatchedGPT2Engine:
             ring_shape = (OUTPUT_RING_SIZE, 2 * max_batch_size)
             self._host_out = torch.zeros(ring_shape, dtype=torch.long, pin_memory=True)
             self._events = [torch.cuda.Event() for _ in range(OUTPUT_RING_SIZE)]
+        for params in warm_up:
+            self.capture_graphs(params)
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -208,6 +218,20 @@ class BatchedGPT2Engine:
             return False
         unsupported = ("add_cross_attention", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn")
         return not any(getattr(config, name, False) for name in unsupported)
+
+    def capture_graphs(self, params: SamplingParams) -> None:
+        """Capture now the decode graph of every batch size for jobs sampled with `params`.
+
+        Otherwise a graph is captured the first time its batch size comes up, in the middle of serving:
+        tens of ms with the GIL mostly held, which stalls the step loop and the event loop alike. Only
+        the fused step's graphs serve every window; the plain step's are left to capture on demand.
+        """
+        if not (self._use_graphs and self._fixed_window):
+            return
+        features = _step_features([params])
+        with torch.inference_mode():
+            for batch in self._batch_buckets:
+                self._graph(StepPlan(batch, self._fixed_window, *features))
 
     # ---- the DecodeEngine protocol ----
 
@@ -294,20 +318,25 @@ class BatchedGPT2Engine:
         stop_width = max(1, *(len(s) for s in stops))
         stop_index = torch.tensor([s + [vocab] * (stop_width - len(s)) for s in stops], dtype=torch.long)
         draws = max(r.max_steps for r in chunk) + 1
+        longest = max(len(p) for p in prompts)
+        # The last prompt token is fed by the first decode step, which also picks the first new token;
+        # the prefill writes the cache for the rest, `prefix` positions rounded up to a bucket.
+        prefix = longest - 1
+        length = min(self._max_seq, _round_up(prefix, self._prefill_bucket)) if prefix > 0 else 0
+        # One padded copy serves both: a prefill's input past a prompt's own prefix is padding, whose
+        # keys/values the decode steps overwrite before any row attends to them.
+        padded = _right_padded(prompts, max(longest, length))
         install_rows(
             self._state,
             first_slot,
-            tokens=_right_padded(prompts, max(len(p) for p in prompts)),
+            tokens=padded[:, :longest],
             rows=torch.tensor([ints for ints, _ in settings], dtype=torch.long),
             floats=torch.tensor([floats for _, floats in settings], dtype=torch.float32),
             stop_index=stop_index,
             uniforms=torch.stack([_uniforms(job.params, draws) for job in jobs]),
         )
-        # The last prompt token is fed by the first decode step, which also picks the first new token.
-        prefix = max(len(p) for p in prompts) - 1
-        if prefix > 0:
-            length = min(self._max_seq, _round_up(prefix, self._prefill_bucket))
-            ids = _right_padded([p[:-1] for p in prompts], length)
+        if length > 0:
+            ids = padded[:, :length]
             if self._use_graphs and len(chunk) == 1:
                 self._prefill_one(ids, first_slot)
             else:

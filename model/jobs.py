@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,30 +170,33 @@ class PromptBuilders:
     """
 
     def __init__(
-        self, threads: int, deliver: Callable[[BuiltPrompt], None], max_batch: int = MAX_PROMPT_BATCH
+        self, threads: int, deliver: Callable[[list[BuiltPrompt]], None], max_batch: int = MAX_PROMPT_BATCH
     ) -> None:
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="prompt-builder")
+        self._threads = threads
         self._waiting: queue.SimpleQueue[tuple[GenerateJob, Serving, int]] = queue.SimpleQueue()
         self._local = threading.local()
         self._deliver = deliver
         self._max_batch = max_batch
 
-    def submit(self, job: GenerateJob, serving: Serving, generation: int) -> None:
-        """Build `job`'s prompt with `serving`'s tokenizer on a pool thread; `deliver` gets the result."""
-        self._waiting.put((job, serving, generation))
-        # One pool task a job, so some thread always wakes for it; a task that finds the queue empty
-        # (an earlier one took its job into a batch) ends at once.
-        self._executor.submit(self._build_waiting)
+    def submit(self, jobs: Sequence[GenerateJob], serving: Serving, generation: int) -> None:
+        """Build the jobs' prompts with `serving`'s tokenizer on pool threads; `deliver` gets the results."""
+        for job in jobs:
+            self._waiting.put((job, serving, generation))
+        # A pool task per batch, up to one per thread; each builds batches until it finds the queue
+        # empty, so every job put before a submit() is taken by that call's tasks or an earlier one's.
+        for _ in range(min(self._threads, -(-len(jobs) // self._max_batch))):
+            self._executor.submit(self._build_waiting)
 
     def shutdown(self) -> None:
         """Drop prompts not yet started; the ones being built finish and are delivered to nobody."""
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _build_waiting(self) -> None:
-        batch = self._take_waiting()
-        for generation in dict.fromkeys(generation for _, _, generation in batch):  # one unless a reload
-            group = [(job, serving) for job, serving, built_for in batch if built_for == generation]
-            self._build_batch([job for job, _ in group], group[0][1], generation)
+        while batch := self._take_waiting():
+            for generation in dict.fromkeys(generation for _, _, generation in batch):  # one unless a reload
+                group = [(job, serving) for job, serving, built_for in batch if built_for == generation]
+                self._build_batch([job for job, _ in group], group[0][1], generation)
 
     def _take_waiting(self) -> list[tuple[GenerateJob, Serving, int]]:
         batch: list[tuple[GenerateJob, Serving, int]] = []
@@ -213,8 +216,7 @@ class PromptBuilders:
         except Exception:  # a bug, not a long prompt: build them one by one, so it fails only its own job
             log.exception("building %d prompts together failed", len(jobs))
             built = [self._build_one(job, serving, generation) for job in jobs]
-        for one in built:
-            self._deliver(one)
+        self._deliver(built)
 
     def _build_one(self, job: GenerateJob, serving: Serving, generation: int) -> BuiltPrompt:
         # build_prompt, not build_prompts: the fallback must not go through the path that just failed.
@@ -316,8 +318,16 @@ def _batch_slots(loaded: LoadedModel) -> int:
     return max(1, min(CUDA_MAX_BATCH, int(free_bytes * KV_CACHE_MEMORY_FRACTION) // slot_bytes))
 
 
-def default_engine_factory(loaded: LoadedModel, max_batch_size: int | None = None) -> DecodeEngine:
-    """BatchedGPT2Engine for GPT-2 architecture models, HFGenerateEngine for every other causal LM."""
+def default_engine_factory(
+    loaded: LoadedModel,
+    max_batch_size: int | None = None,
+    warm_up: Sequence[SamplingParams] = (SamplingParams(),),
+) -> DecodeEngine:
+    """BatchedGPT2Engine for GPT-2 architecture models, HFGenerateEngine for every other causal LM.
+
+    The batched engine captures its CUDA graphs for the `warm_up` settings (the bot's defaults) before
+    it serves, so no burst pays for a capture.
+    """
     from model.fastgen import BatchedGPT2Engine
 
     # The batched engine ends turns by token id only; a tokenizer with no newline token (many Japanese
@@ -326,7 +336,7 @@ def default_engine_factory(loaded: LoadedModel, max_batch_size: int | None = Non
         return HFGenerateEngine(loaded.model, loaded.tokenizer)
     if max_batch_size is None:
         max_batch_size = _batch_slots(loaded)
-    return BatchedGPT2Engine(loaded.model, loaded.tokenizer, max_batch_size=max_batch_size)
+    return BatchedGPT2Engine(loaded.model, loaded.tokenizer, max_batch_size=max_batch_size, warm_up=warm_up)
 
 
 def model_info(loaded: LoadedModel) -> ModelInfo:

@@ -386,3 +386,19 @@ def test_gpu_seeded_sampling_is_independent_of_the_batch(tiny_model_dir) -> None
         crowded.admit(job(i, random_prompt(10 * i, seed=i), sampled(seed=None, top_k=0)))
     crowded.admit(job(0, prompt, sampled(seed=5)))
     assert drain(crowded)[0].token_ids == drain(alone)[0].token_ids
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_warm_up_captures_every_batch_size_before_serving(tiny_model_dir) -> None:
+    """No burst pays for a capture: the graphs of every batch size exist before the first job."""
+    model = GPT2LMHeadModel.from_pretrained(tiny_model_dir).to("cuda", torch.float16).eval()
+    params = sampled(seed=3)
+    engine = make_engine(model, max_batch_size=8, fused=True, warm_up=(params,))
+    captured = set(engine._graphs)  # a test may peek
+    assert sorted(plan.batch for plan in captured) == [1, 2, 4, 8]
+    for count in (3, 8, 1, 5):
+        for i in range(count):
+            engine.admit(job(100 * count + i, random_prompt(5 + 7 * i, seed=i), params))
+        assert len(drain(engine)) == count
+    assert set(engine._graphs) == captured
