@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -46,6 +47,7 @@ from model.api import (
 from model.engine import DecodeEngine, EngineJob, EngineResult
 from model.generation import clean_reply, resample_params
 from model.jobs import (
+    MAX_PROMPT_BATCH,
     ActiveJob,
     BuiltPrompt,
     GenerateJob,
@@ -79,7 +81,11 @@ THREAD_STOP_TIMEOUT_SECONDS = 30.0  # after the grace period, how long close() w
 # threads). Now a thread builds every job waiting together, in one Rust call (model.jobs.PromptBuilders):
 # two threads let one batch's Python (GIL held) overlap the other's tokenizing.
 MAX_PROMPT_THREADS = 2
+MANY_CORES = 8  # from here on the tokenizers' thread pool is on (between 2 and 16 cores: unmeasured)
 ADMIT_WAVE_SECONDS = 0.05  # the longest a built prompt waits for the others of its burst
+# ...or until a builder batch of them is ready: a 256-burst then starts on the GPU while the rest is
+# built (H100, scripts/bench_generation.py's burst: 179 ms against 195 waiting for all 256).
+ADMIT_WAVE_JOBS = MAX_PROMPT_BATCH
 
 InboxItem = GenerateJob | ReloadJob | Stop | Wake
 
@@ -123,21 +129,26 @@ class ModelWorker:
         engine_factory: Callable[[LoadedModel], DecodeEngine] | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
         prompt_threads: int | None = None,
+        sampling: SamplingParams | None = None,
     ) -> None:
         self._source = source
         self._queue_size = queue_size
         self._loader = loader or default_loader(device, dtype, allow_pickle, models_dir)
-        self._engine_factory = engine_factory or default_engine_factory
+        # The default engine gets ready for the bot's own sampling settings (`sampling`) before it serves.
+        warm_up = (sampling or SamplingParams(),)
+        self._engine_factory = engine_factory or functools.partial(default_engine_factory, warm_up=warm_up)
         self._on_fatal = on_fatal or _exit_process
         self._inbox: queue.Queue[InboxItem] = queue.Queue()  # bounded by _outstanding
         self._built: deque[BuiltPrompt] = deque()  # appended by the prompt builders, read by the thread
         self._prompt_threads = prompt_threads or min(MAX_PROMPT_THREADS, os.cpu_count() or 1)
-        self._builders = PromptBuilders(self._prompt_threads, self._deliver_prompt)
-        # The tokenizers' Rust thread pool stays off: every measurement so far favours it. On the 16-core
-        # H100 host, one job a call, a 256-prompt burst took 92 ms on 2 builders without it and 132 ms with
-        # it; on the 2-core machine, batched (build_prompts, 64 a call), 37 ms without and 61 ms with it
-        # (scripts/bench_prompt_builders.py). Batched calls on many cores might gain from it: unmeasured.
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self._builders = PromptBuilders(self._prompt_threads, self._deliver_prompts)
+        # The tokenizers' Rust thread pool spreads each batched build over the cores: on many cores it
+        # wins, on few it fights the builders and the step loop for them. A burst of 256 distinct
+        # 256-token prompts, 2 builders, 64 a call (scripts/bench_prompt_builders.py): on the 16-core
+        # H100 host 22 ms with the pool and 51 ms without; on a 2-core machine 61 ms with, 37 without.
+        # A setting of the user's own wins.
+        is_many_cores = (os.cpu_count() or 1) >= MANY_CORES
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true" if is_many_cores else "false")
         self._serving: Serving | None = None  # written by the thread only; read anywhere
         self._closing_flag = threading.Event()
         self._abort_flag = threading.Event()
@@ -153,6 +164,7 @@ class ModelWorker:
         self._retries: deque[ActiveJob] = deque()
         self._ready: deque[BuiltPrompt] = deque()  # prompts built, waiting for room in the engine
         self._deferred: deque[InboxItem] = deque()  # taken from the inbox while a control job waits
+        self._to_build: list[GenerateJob] = []  # dispatched, not yet handed to the builders
         self._building = 0  # prompts handed to the builders and not yet collected
         self._generation = 0  # bumped by every swap: a prompt built for an older one is built again
         self._job_ids = itertools.count(1)
@@ -174,7 +186,10 @@ class ModelWorker:
             raise WorkerClosed("the model worker is not running")
         if len(self._outstanding) >= self._queue_size:
             raise WorkerBusy(f"{len(self._outstanding)} requests are already queued or running")
-        request = fit_to_context(request, self.info().n_positions)
+        serving = self._serving
+        if serving is None:
+            raise WorkerClosed("no model is loaded")
+        request = fit_to_context(request, serving.loaded.n_positions)
         job = GenerateJob(request, self._loop.create_future(), time.monotonic())
         self._outstanding.add(job)
         self._inbox.put(job)
@@ -267,6 +282,10 @@ class ModelWorker:
             self._is_reloading = False
         resolve_future(job.future, value, error)
 
+    def _settle_replies(self, replies: list[tuple[GenerateJob, Reply]]) -> None:
+        for job, reply in replies:
+            self._settle(job, reply, None)
+
     def _on_thread_exit(self) -> None:
         self._is_closing = True
         self._reject_queued()
@@ -346,6 +365,7 @@ class ModelWorker:
             for _ in range(self._inbox.qsize()):
                 control = self._accept(self._inbox.get_nowait(), control)
         self._collect_built()
+        self._send_to_builders()
         return control
 
     def _accept(self, item: InboxItem, control: ReloadJob | Stop | None) -> ReloadJob | Stop | None:
@@ -364,19 +384,26 @@ class ModelWorker:
         control: ReloadJob | Stop | None = None
         while self._deferred and control is None:
             control = self._accept(self._deferred.popleft(), None)
+        self._send_to_builders()
         return control
 
     def _dispatch(self, job: GenerateJob) -> None:
+        """Count the job as building; _send_to_builders hands the jobs dispatched together over at once."""
         if job.future.cancelled():  # a racy read is harmless: at worst a cancelled job runs
             self._post(self._settle, job, None, None)
             return
-        assert self._serving is not None
         self._building += 1
-        self._builders.submit(job, self._serving, self._generation)
+        self._to_build.append(job)
 
-    def _deliver_prompt(self, built: BuiltPrompt) -> None:
-        """Called on a builder thread: hand the prompt over and wake the GPU thread if it is waiting."""
-        self._built.append(built)
+    def _send_to_builders(self) -> None:
+        if self._to_build:
+            assert self._serving is not None
+            self._builders.submit(self._to_build, self._serving, self._generation)
+            self._to_build = []
+
+    def _deliver_prompts(self, built: list[BuiltPrompt]) -> None:
+        """Called on a builder thread: hand the prompts over and wake the GPU thread if it is waiting."""
+        self._built.extend(built)
         self._inbox.put(Wake())
 
     def _collect_built(self) -> None:
@@ -396,12 +423,17 @@ class ModelWorker:
             self._submit(active, resample_params(active.job.request.params))
 
     def _is_admissible(self) -> bool:
-        """Ready prompts join the engine as a wave: once the prompts being built are done, or after a while.
+        """Ready prompts join the engine as a wave: once the prompts being built are done, once a builder
+        batch of them is ready, or after a while.
 
-        Jobs that join together share one prefill and keep the set of batch shapes (each a CUDA graph)
-        the same from burst to burst; joining one by one would capture new graphs mid-run.
+        Jobs that join together share one prefill (one a job costs ~170 launches each) and step in
+        lockstep, so they finish together; joining one by one would spread a burst over more steps.
         """
-        return not self._building or time.monotonic() - self._ready[0].built_at >= ADMIT_WAVE_SECONDS
+        return (
+            not self._building
+            or len(self._ready) >= ADMIT_WAVE_JOBS
+            or time.monotonic() - self._ready[0].built_at >= ADMIT_WAVE_SECONDS
+        )
 
     def _admit_ready(self) -> None:
         if self._ready and self._is_admissible():
@@ -443,8 +475,9 @@ class ModelWorker:
         except Exception as exc:
             self._on_engine_error(exc, self._abort_engine())
             return
-        for result in results:
-            self._finish(result)
+        replies = [answer for result in results if (answer := self._finish(result)) is not None]
+        if replies:  # one hand-over per step: each wakes the event loop, which then wants the GIL
+            self._post(self._settle_replies, replies)
         if self._abort_flag.is_set():  # close() gave up waiting: drop what is still running
             self._fail(self._abort_engine(), WorkerClosed("the model worker is shutting down"))
             self._fail_active(WorkerClosed("the model worker is shutting down"))
@@ -456,7 +489,8 @@ class ModelWorker:
             log.exception("engine.abort_all failed; failing every active job")
             return list(self._active)
 
-    def _finish(self, result: EngineResult) -> None:
+    def _finish(self, result: EngineResult) -> tuple[GenerateJob, Reply] | None:
+        """The finished job's reply, or None when it goes back for a retry."""
         active = self._active.pop(result.job_id)
         active.completion_tokens += len(result.token_ids)
         assert self._serving is not None
@@ -466,9 +500,8 @@ class ModelWorker:
         if active.should_resample(text):
             active.attempts += 1
             self._retries.append(active)
-            return
-        reply = active.reply(text or FALLBACK_REPLY, result.stop_reason, self._serving.loaded)
-        self._post(self._settle, active.job, reply, None)
+            return None
+        return active.job, active.reply(text or FALLBACK_REPLY, result.stop_reason, self._serving.loaded)
 
     def _on_engine_error(self, exc: BaseException, job_ids: list[int]) -> None:
         """OOM fails only these jobs; another CUDA error is fatal; anything else fails these jobs.

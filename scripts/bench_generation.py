@@ -230,13 +230,14 @@ async def bench_system(
 
 
 async def bench_worker(loaded: LoadedModel, request: ReplyRequest, options: Options) -> dict[str, Run]:
-    largest = max(options.counts)
-
+    largest, warm_up = max(options.counts), (request.params,)
     made: list[BatchedGPT2Engine] = []
 
     def engine_factory(loaded: LoadedModel) -> DecodeEngine:
-        made.append(BatchedGPT2Engine(loaded.model, loaded.tokenizer, max_batch_size=largest))
-        return ExactLengthEngine(made[-1])
+        # Graphs captured up front for the request's settings, as the worker's default factory does.
+        engine = BatchedGPT2Engine(loaded.model, loaded.tokenizer, max_batch_size=largest, warm_up=warm_up)
+        made.append(engine)
+        return ExactLengthEngine(engine)
 
     # queue_size must cover the largest burst, or the worker would answer WorkerBusy.
     worker = ModelWorker("bench", queue_size=largest, loader=lambda _: loaded, engine_factory=engine_factory)
@@ -270,7 +271,9 @@ def _engine_run(engine: BatchedGPT2Engine, ids: tuple[int, ...], params: Samplin
 
 def bench_engine(loaded: LoadedModel, request: ReplyRequest, options: Options) -> dict[str, Run]:
     """The same cases with BatchedGPT2Engine driven directly on this thread (no worker, no event loop)."""
-    engine = BatchedGPT2Engine(loaded.model, loaded.tokenizer, max_batch_size=max(options.counts))
+    engine = BatchedGPT2Engine(
+        loaded.model, loaded.tokenizer, max_batch_size=max(options.counts), warm_up=(request.params,)
+    )
     run = functools.partial(_engine_run, engine, prompt_ids(loaded, request), request.params)
     for count in (1, *options.counts):
         run(count)  # warm-up

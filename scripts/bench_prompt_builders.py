@@ -6,8 +6,8 @@ build_prompts), the burst submitted at once as the worker's thread does, timed u
 is delivered. B = 1 builds one job at a time, as the per-job builders did.
 
     python scripts/bench_prompt_builders.py --threads 1 2 4 --max-batch 1 16 64 256
-    TOKENIZERS_PARALLELISM=true python scripts/bench_prompt_builders.py   # as the worker sets it
-    TOKENIZERS_PARALLELISM=false python scripts/bench_prompt_builders.py  # no Rust thread pool
+    TOKENIZERS_PARALLELISM=true python scripts/bench_prompt_builders.py   # the worker on ≥ 8 cores
+    TOKENIZERS_PARALLELISM=false python scripts/bench_prompt_builders.py  # the worker on fewer
 """
 
 from __future__ import annotations
@@ -74,10 +74,10 @@ class Delivered:
         self._left = count
         self._done.clear()
 
-    def __call__(self, built: BuiltPrompt) -> None:
-        assert built.prompt is not None, built.error
+    def __call__(self, built: list[BuiltPrompt]) -> None:
+        assert all(one.prompt is not None for one in built), [one.error for one in built]
         with self._lock:
-            self._left -= 1
+            self._left -= len(built)
             if self._left == 0:
                 self._done.set()
 
@@ -106,8 +106,7 @@ def builders_ms(
             ]
             delivered.expect(len(jobs))
             started = time.perf_counter()
-            for job in jobs:
-                builders.submit(job, serving, generation=1)
+            builders.submit(jobs, serving, generation=1)
             delivered.wait()
             walls.append(1000 * (time.perf_counter() - started))
     finally:

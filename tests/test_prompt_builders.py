@@ -42,18 +42,22 @@ def job(loop: asyncio.AbstractEventLoop, text: str, max_new_tokens: int = 16) ->
 
 
 class Deliveries:
-    """The deliver callback: records each BuiltPrompt; the first waits for `release` (holding its thread)."""
+    """The deliver callback: records each delivery; the first waits for `release` (holding its thread)."""
 
-    def __init__(self, expected: int) -> None:
+    def __init__(self, expected: int, hold: bool = True) -> None:
         self.built: list[BuiltPrompt] = []
+        self.sizes: list[int] = []  # BuiltPrompts per delivery: one delivery per batch built
         self.holding = threading.Event()  # the first delivery holds its thread
         self.release = threading.Event()
+        if not hold:
+            self.release.set()
         self._all = threading.Event()
         self._expected = expected
 
-    def __call__(self, built: BuiltPrompt) -> None:
-        self.built.append(built)
-        if len(self.built) == 1:
+    def __call__(self, built: list[BuiltPrompt]) -> None:
+        self.built += built
+        self.sizes.append(len(built))
+        if len(self.sizes) == 1:
             self.holding.set()
             self.release.wait(DELIVERY_TIMEOUT_SECONDS)
         if len(self.built) == self._expected:
@@ -68,10 +72,10 @@ def build_burst(serving: Serving, burst: list[GenerateJob], deliveries: Deliveri
     """Submit the first job, then the rest while its delivery holds the one builder thread."""
     builders = PromptBuilders(1, deliveries)
     try:
-        builders.submit(burst[0], serving, generation=1)
+        builders.submit(burst[:1], serving, generation=1)
         assert deliveries.holding.wait(DELIVERY_TIMEOUT_SECONDS)
-        for one in burst[1:]:
-            builders.submit(one, serving, generation=1)
+        for one in burst[1:]:  # as the worker hands them over when they arrive one by one
+            builders.submit([one], serving, generation=1)
         deliveries.release.set()
         return deliveries.wait()
     finally:
@@ -82,10 +86,11 @@ def test_jobs_waiting_together_are_built_in_one_call(gpt2_tokenizer: Any, loop: 
     tokenizer, counting = counting_copy(gpt2_tokenizer)
     burst = [job(loop, f"hello number {i} " * 20) for i in range(12)]
     burst.append(job(loop, "too long", max_new_tokens=N_POSITIONS))  # no room even for the open turn
-    built = build_burst(serving_with(tokenizer), burst, Deliveries(len(burst)))
+    deliveries = Deliveries(len(burst))
+    built = build_burst(serving_with(tokenizer), burst, deliveries)
     assert [one.job for one in built] == burst and {one.generation for one in built} == {1}
     # The first job alone (the thread was idle), then every job that waited meanwhile: two calls.
-    assert counting.calls == 2
+    assert counting.calls == 2 and deliveries.sizes == [1, len(burst) - 1]
     for one in built[:-1]:
         request = one.job.request
         expected = build_prompt(gpt2_tokenizer, "Persona.", request.history, "Bot", 16, N_POSITIONS)
@@ -122,12 +127,11 @@ def test_jobs_of_two_generations_are_built_with_their_own_tokenizers(gpt2_tokeni
     deliveries = Deliveries(4)
     builders = PromptBuilders(1, deliveries)
     try:
-        builders.submit(job(loop, "first"), serving_with(old), generation=1)
+        builders.submit([job(loop, "first")], serving_with(old), generation=1)
         assert deliveries.holding.wait(DELIVERY_TIMEOUT_SECONDS)
-        builders.submit(job(loop, "old"), serving_with(old), generation=1)
+        builders.submit([job(loop, "old")], serving_with(old), generation=1)
         new_serving = serving_with(new)
-        builders.submit(job(loop, "new"), new_serving, generation=2)
-        builders.submit(job(loop, "new too"), new_serving, generation=2)
+        builders.submit([job(loop, "new"), job(loop, "new too")], new_serving, generation=2)
         deliveries.release.set()
         built = deliveries.wait()
     finally:
@@ -137,3 +141,18 @@ def test_jobs_of_two_generations_are_built_with_their_own_tokenizers(gpt2_tokeni
         "Alice: first", "Alice: old", "Alice: new", "Alice: new too"
     ]  # fmt: skip
     assert (old_counting.calls, new_counting.calls) == (2, 1)
+
+
+def test_one_submit_of_many_jobs_is_built_batch_after_batch(gpt2_tokenizer: Any, loop: Any) -> None:
+    """One pool task takes batch after batch until the queue is empty: no job is left behind."""
+    tokenizer, counting = counting_copy(gpt2_tokenizer)
+    burst = [job(loop, f"hello {i}") for i in range(5)]
+    deliveries = Deliveries(len(burst), hold=False)
+    builders = PromptBuilders(1, deliveries, max_batch=2)
+    try:
+        builders.submit(burst, serving_with(tokenizer), generation=1)
+        built = deliveries.wait()
+    finally:
+        builders.shutdown()
+    assert [one.job for one in built] == burst and deliveries.sizes == [2, 2, 1]
+    assert counting.calls == 3 and all(one.prompt is not None for one in built)
