@@ -7,8 +7,9 @@ A job's life (every call comes from the worker thread, so nothing here locks):
   the GPU has finished, retires jobs that finished or passed their deadline (the last slots move into the
   holes), then launches one decode step over all rows: a CUDA-graph replay on the GPU, the same Python
   eagerly on the CPU. On CUDA with Triton installed the step is the fused one (model/fastgen_triton.py),
-  whose graphs serve every window: one per batch bucket × sampling features; the plain step
-  (model/fastgen_ops.py) needs one per window bucket too.
+  whose graphs serve every window: one per batch bucket × sampling features, captured up front for the
+  `warm_up` settings (capture_graphs); the plain step (model/fastgen_ops.py) needs one per window bucket
+  too, captured when first needed.
 - The host never waits for the step it just launched. Each step's tokens and finish reasons are copied
   to pinned host memory behind an event and read when ready; the host waits only when it is
   MAX_STEPS_AHEAD steps ahead. A row that finishes freezes on the GPU until the host has seen it.
