@@ -126,7 +126,8 @@ def _step_function(device: torch.device, want_fused: bool, is_required: bool) ->
 
 def _right_padded(sequences: Sequence[Sequence[int]], width: int) -> torch.Tensor:
     """[len(sequences), width] int64; each row padded with its own last id (0 for an empty row)."""
-    flat = array.array("q")  # a flat buffer: torch.tensor of nested lists costs 2× as long (256 × 256)
+    # A flat buffer: torch.tensor of 256 nested lists of 256 ids took ~5 ms (BENCHMARKS.md, Generation).
+    flat = array.array("q")
     for sequence in sequences:
         flat.extend(sequence)
         flat.extend(itertools.repeat(sequence[-1] if sequence else 0, width - len(sequence)))
@@ -223,8 +224,9 @@ class BatchedGPT2Engine:
     def capture_graphs(self, params: SamplingParams) -> None:
         """Capture now the decode graph of every batch size for jobs sampled with `params`.
 
-        Otherwise a graph is captured the first time its batch size comes up, in the middle of serving:
-        tens of ms with the GIL mostly held, which stalls the step loop and the event loop alike. Only
+        Otherwise a graph is captured the first time its batch size comes up, in the middle of serving,
+        with the GIL mostly held: on the H100 a 256-burst that met a new batch size stalled the event loop
+        72 ms and took 509 ms instead of 217 (BENCHMARKS.md, Generation). Only
         the fused step's graphs serve every window; the plain step's are left to capture on demand.
         """
         if not (self._use_graphs and self._fixed_window):

@@ -199,10 +199,10 @@ def allocate_state(weights: GPT2Weights, max_batch: int, max_seq: int) -> Decode
 
 
 def prefill(weights: GPT2Weights, state: DecodeState, ids: torch.Tensor, slots: torch.Tensor) -> None:
-    """Write keys/values of ids [P, L] (right-padded prompts minus their last token) into the cache
-    slots listed in `slots` [P] (a device tensor, so a CUDA graph of this serves any slot). Padding
-    lands after each prompt, so causal attention never sees it, and the decode step overwrites those
-    cache positions before any mask exposes them."""
+    """Write keys/values of ids [P, L] (right-padded prompts) into the cache slots listed in `slots` [P]
+    (a device tensor, so a CUDA graph of this serves any slot). A prompt's last token and the padding after
+    it are written too; causal attention never lets the prompt see them, and the decode steps overwrite
+    those cache positions (the first one feeds the last token) before any mask exposes them."""
     length = ids.shape[1]
     x = F.embedding(ids, weights.wte) + F.embedding(state.arange[:length], weights.wpe)  # [P, L, C]
     last = len(weights.layers) - 1

@@ -60,7 +60,7 @@ from model.fastgen_ops import (
 from model.fastgen_sampling import TOP_K_CAP, sample_top_k_top_p
 
 ATTENTION_BLOCK = 64  # cache positions per attention iteration
-ATTENTION_PROGRAMS = 2048  # split the cache until (rows × heads × splits) reaches this (H100 sweep below)
+ATTENTION_PROGRAMS = 2048  # split until rows × heads × splits reaches this (BENCHMARKS.md sweep)
 CANDIDATE_CHUNK = 4096  # vocabulary entries per argmax program (13 chunks for GPT-2's 50,257)
 MODE_GIVEN, MODE_ARGMAX, MODE_SAMPLE = range(3)  # how sample_append_kernel chooses the token
 NUM_WARPS = 4

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import gc
 import logging
+import math
 import queue
 import threading
 import time
@@ -25,7 +26,7 @@ import torch
 from model.api import GenerationFailed, ModelInfo, Reply, ReplyRequest
 from model.encoding import encodes_newline
 from model.engine import DecodeEngine, EngineJob
-from model.generation import HFGenerateEngine, is_repeat, stop_token_ids
+from model.generation import HFGenerateEngine, is_repeat, resample_params, stop_token_ids
 from model.prompt import (
     Prompt,
     PromptRequest,
@@ -174,6 +175,7 @@ class PromptBuilders:
     ) -> None:
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="prompt-builder")
         self._threads = threads
+        self._stopping = threading.Event()
         self._waiting: queue.SimpleQueue[tuple[GenerateJob, Serving, int]] = queue.SimpleQueue()
         self._local = threading.local()
         self._deliver = deliver
@@ -185,18 +187,24 @@ class PromptBuilders:
             self._waiting.put((job, serving, generation))
         # A pool task per batch, up to one per thread; each builds batches until it finds the queue
         # empty, so every job put before a submit() is taken by that call's tasks or an earlier one's.
-        for _ in range(min(self._threads, -(-len(jobs) // self._max_batch))):
+        for _ in range(min(self._threads, math.ceil(len(jobs) / self._max_batch))):
             self._executor.submit(self._build_waiting)
 
     def shutdown(self) -> None:
-        """Drop prompts not yet started; the ones being built finish and are delivered to nobody."""
+        """Drop prompts not yet started; the batches being built finish and are delivered to nobody."""
+        self._stopping.set()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _build_waiting(self) -> None:
-        while batch := self._take_waiting():
-            for generation in dict.fromkeys(generation for _, _, generation in batch):  # one unless a reload
-                group = [(job, serving) for job, serving, built_for in batch if built_for == generation]
-                self._build_batch([job for job, _ in group], group[0][1], generation)
+        try:
+            while not self._stopping.is_set() and (batch := self._take_waiting()):
+                for generation in dict.fromkeys(
+                    built_for for _, _, built_for in batch
+                ):  # one unless a reload
+                    group = [(job, serving) for job, serving, built_for in batch if built_for == generation]
+                    self._build_batch([job for job, _ in group], group[0][1], generation)
+        except Exception:  # the pool would swallow it: say so (_build_batch answers every job it took)
+            log.exception("a prompt builder failed")
 
     def _take_waiting(self) -> list[tuple[GenerateJob, Serving, int]]:
         batch: list[tuple[GenerateJob, Serving, int]] = []
@@ -321,12 +329,12 @@ def _batch_slots(loaded: LoadedModel) -> int:
 def default_engine_factory(
     loaded: LoadedModel,
     max_batch_size: int | None = None,
-    warm_up: Sequence[SamplingParams] = (SamplingParams(),),
+    sampling: SamplingParams | None = None,
 ) -> DecodeEngine:
     """BatchedGPT2Engine for GPT-2 architecture models, HFGenerateEngine for every other causal LM.
 
-    The batched engine captures its CUDA graphs for the `warm_up` settings (the bot's defaults) before
-    it serves, so no burst pays for a capture.
+    The batched engine captures its CUDA graphs for `sampling` (the bot's settings; SamplingParams()
+    when None) and for its repeat-guard retry before it serves, so no burst pays for a capture.
     """
     from model.fastgen import BatchedGPT2Engine
 
@@ -336,6 +344,8 @@ def default_engine_factory(
         return HFGenerateEngine(loaded.model, loaded.tokenizer)
     if max_batch_size is None:
         max_batch_size = _batch_slots(loaded)
+    sampling = sampling or SamplingParams()
+    warm_up = (sampling, resample_params(sampling))
     return BatchedGPT2Engine(loaded.model, loaded.tokenizer, max_batch_size=max_batch_size, warm_up=warm_up)
 
 

@@ -78,9 +78,10 @@ THREAD_STOP_TIMEOUT_SECONDS = 30.0  # after the grace period, how long close() w
 # host (scripts/bench_prompt_builders.py), built one job a call: 1 thread 196 ms, 2 threads 92 ms,
 # 4 threads 214 ms, 8 threads 774 ms (without the tokenizers' Rust thread pool; with it 132 ms at 2
 # threads). Now a thread builds every job waiting together, in one Rust call (model.jobs.PromptBuilders):
-# two threads let one batch's Python (GIL held) overlap the other's tokenizing.
+# two threads let one batch's Python (GIL held) overlap the other's tokenizing. Batched, 2 threads, the
+# same burst: 21.8 ms with the Rust pool on that host, 51.0 ms without (BENCHMARKS.md, Generation).
 MAX_PROMPT_THREADS = 2
-MANY_CORES = 8  # from here on the tokenizers' thread pool is on (between 2 and 16 cores: unmeasured)
+TOKENIZER_POOL_MIN_CORES = 8  # the tokenizers' thread pool is on from here (2 and 16 cores measured)
 ADMIT_WAVE_SECONDS = 0.05  # the longest a built prompt waits for the others of its burst
 
 InboxItem = GenerateJob | ReloadJob | Stop | Wake
@@ -131,8 +132,7 @@ class ModelWorker:
         self._queue_size = queue_size
         self._loader = loader or default_loader(device, dtype, allow_pickle, models_dir)
         # The default engine gets ready for the bot's own sampling settings (`sampling`) before it serves.
-        warm_up = (sampling or SamplingParams(),)
-        self._engine_factory = engine_factory or functools.partial(default_engine_factory, warm_up=warm_up)
+        self._engine_factory = engine_factory or functools.partial(default_engine_factory, sampling=sampling)
         self._on_fatal = on_fatal or _exit_process
         self._inbox: queue.Queue[InboxItem] = queue.Queue()  # bounded by _outstanding
         self._built: deque[BuiltPrompt] = deque()  # appended by the prompt builders, read by the thread
@@ -143,7 +143,7 @@ class ModelWorker:
         # 256-token prompts, 2 builders, 64 a call (scripts/bench_prompt_builders.py): on the 16-core
         # H100 host 22 ms with the pool and 51 ms without; on a 2-core machine 61 ms with, 37 without.
         # A setting of the user's own wins.
-        is_many_cores = (os.cpu_count() or 1) >= MANY_CORES
+        is_many_cores = (os.cpu_count() or 1) >= TOKENIZER_POOL_MIN_CORES
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "true" if is_many_cores else "false")
         self._serving: Serving | None = None  # written by the thread only; read anywhere
         self._closing_flag = threading.Event()
@@ -161,7 +161,7 @@ class ModelWorker:
         self._ready: deque[BuiltPrompt] = deque()  # prompts built, waiting for room in the engine
         self._deferred: deque[InboxItem] = deque()  # taken from the inbox while a control job waits
         self._to_build: list[GenerateJob] = []  # dispatched, not yet handed to the builders
-        self._building = 0  # prompts handed to the builders and not yet collected
+        self._building = 0  # prompts dispatched (in _to_build or with the builders) and not yet collected
         self._generation = 0  # bumped by every swap: a prompt built for an older one is built again
         self._job_ids = itertools.count(1)
 
@@ -468,9 +468,15 @@ class ModelWorker:
         except Exception as exc:
             self._on_engine_error(exc, self._abort_engine())
             return
-        replies = [answer for result in results if (answer := self._finish(result)) is not None]
-        if replies:  # one hand-over per step: each wakes the event loop, which then wants the GIL
-            self._post(self._settle_replies, replies)
+        replies: list[tuple[GenerateJob, Reply]] = []
+        try:
+            for result in results:
+                answer = self._finish(result)
+                if answer is not None:
+                    replies.append(answer)
+        finally:  # the replies finished before a failure still go out
+            if replies:  # one hand-over per step: each wakes the event loop, which then wants the GIL
+                self._post(self._settle_replies, replies)
         if self._abort_flag.is_set():  # close() gave up waiting: drop what is still running
             self._fail(self._abort_engine(), WorkerClosed("the model worker is shutting down"))
             self._fail_active(WorkerClosed("the model worker is shutting down"))

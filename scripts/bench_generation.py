@@ -230,7 +230,8 @@ async def bench_system(
 
 
 async def bench_worker(loaded: LoadedModel, request: ReplyRequest, options: Options) -> dict[str, Run]:
-    largest, warm_up = max(options.counts), (request.params,)
+    largest = max(options.counts)
+    warm_up = (request.params,)
     made: list[BatchedGPT2Engine] = []
 
     def engine_factory(loaded: LoadedModel) -> DecodeEngine:

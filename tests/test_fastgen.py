@@ -402,3 +402,10 @@ def test_gpu_warm_up_captures_every_batch_size_before_serving(tiny_model_dir) ->
             engine.admit(job(100 * count + i, random_prompt(5 + 7 * i, seed=i), params))
         assert len(drain(engine)) == count
     assert set(engine._graphs) == captured
+
+
+def test_right_padded_pads_each_row_with_its_own_last_id() -> None:
+    padded = fastgen._right_padded([(1, 2, 3), (7,), ()], width=4)
+    assert padded.tolist() == [[1, 2, 3, 3], [7, 7, 7, 7], [0, 0, 0, 0]]
+    assert fastgen._right_padded([(), ()], width=2).tolist() == [[0, 0], [0, 0]]
+    assert fastgen._right_padded([(5, 6)], width=2).tolist() == [[5, 6]]

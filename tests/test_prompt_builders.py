@@ -44,12 +44,12 @@ def job(loop: asyncio.AbstractEventLoop, text: str, max_new_tokens: int = 16) ->
 class Deliveries:
     """The deliver callback: records each delivery; the first waits for `release` (holding its thread)."""
 
-    def __init__(self, expected: int, hold: bool = True) -> None:
+    def __init__(self, expected: int, holds_first_delivery: bool = True) -> None:
         self.built: list[BuiltPrompt] = []
         self.sizes: list[int] = []  # BuiltPrompts per delivery: one delivery per batch built
         self.holding = threading.Event()  # the first delivery holds its thread
         self.release = threading.Event()
-        if not hold:
+        if not holds_first_delivery:
             self.release.set()
         self._all = threading.Event()
         self._expected = expected
@@ -147,7 +147,7 @@ def test_one_submit_of_many_jobs_is_built_batch_after_batch(gpt2_tokenizer: Any,
     """One pool task takes batch after batch until the queue is empty: no job is left behind."""
     tokenizer, counting = counting_copy(gpt2_tokenizer)
     burst = [job(loop, f"hello {i}") for i in range(5)]
-    deliveries = Deliveries(len(burst), hold=False)
+    deliveries = Deliveries(len(burst), holds_first_delivery=False)
     builders = PromptBuilders(1, deliveries, max_batch=2)
     try:
         builders.submit(burst, serving_with(tokenizer), generation=1)
@@ -156,3 +156,16 @@ def test_one_submit_of_many_jobs_is_built_batch_after_batch(gpt2_tokenizer: Any,
         builders.shutdown()
     assert [one.job for one in built] == burst and deliveries.sizes == [2, 2, 1]
     assert counting.calls == 3 and all(one.prompt is not None for one in built)
+
+
+def test_shutdown_drops_the_jobs_no_thread_has_taken(gpt2_tokenizer: Any, loop: Any) -> None:
+    """A pool task that is building when shutdown() comes finishes its batch and takes no more."""
+    burst = [job(loop, f"hello {i}") for i in range(5)]
+    deliveries = Deliveries(len(burst))
+    builders = PromptBuilders(1, deliveries, max_batch=1)
+    builders.submit(burst, serving_with(gpt2_tokenizer), generation=1)
+    assert deliveries.holding.wait(DELIVERY_TIMEOUT_SECONDS)  # the first batch is being delivered
+    builders.shutdown()
+    deliveries.release.set()
+    builders._executor.shutdown(wait=True)  # a test may peek: wait for the pool thread to end
+    assert deliveries.sizes == [1]
