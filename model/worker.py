@@ -182,10 +182,7 @@ class ModelWorker:
             raise WorkerClosed("the model worker is not running")
         if len(self._outstanding) >= self._queue_size:
             raise WorkerBusy(f"{len(self._outstanding)} requests are already queued or running")
-        serving = self._serving
-        if serving is None:
-            raise WorkerClosed("no model is loaded")
-        request = fit_to_context(request, serving.loaded.n_positions)
+        request = fit_to_context(request, self._loaded().n_positions)
         job = GenerateJob(request, self._loop.create_future(), time.monotonic())
         self._outstanding.add(job)
         self._inbox.put(job)
@@ -204,9 +201,13 @@ class ModelWorker:
 
     def info(self) -> ModelInfo:
         """What is serving now (the last model after close)."""
+        return model_info(self._loaded())
+
+    def _loaded(self) -> LoadedModel:
+        """The model serving now; WorkerClosed before the first load."""
         if self._serving is None:
             raise WorkerClosed("no model is loaded")
-        return model_info(self._serving.loaded)
+        return self._serving.loaded
 
     def queue_depth(self) -> int:
         """Generate jobs waiting + running."""
