@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import gc
 import logging
 import math
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from model.api import GenerationFailed, ModelInfo, Reply, ReplyRequest
-from model.encoding import encodes_newline
+from model.encoding import Decoder, encodes_newline
 from model.engine import DecodeEngine, EngineJob
 from model.generation import HFGenerateEngine, is_repeat, resample_params, stop_token_ids
 from model.prompt import (
@@ -118,6 +119,11 @@ class Serving:
     # One tokenizer copy per prompt builder, made with the model: a builder making its own on first use
     # would stall the event loop for ~100 ms on a busy 2-core machine.
     tokenizer_copies: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue, compare=False)
+
+    @functools.cached_property
+    def decoder(self) -> Decoder:
+        """Turns replies' ids into text (worker thread only); made on first use."""
+        return Decoder.of(self.loaded.tokenizer)
 
     def tokenizer_copy(self) -> Any:
         """A tokenizer copy that no other thread uses (made now if the prepared ones are taken)."""

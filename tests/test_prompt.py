@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model.encoding import Encoder, encodes_newline, joins_cleanly
+from model.encoding import Decoder, Encoder, encodes_newline, joins_cleanly
 from model.prompt import (
     Prompt,
     PromptRequest,
@@ -598,3 +598,35 @@ def test_a_burst_of_gpt2_prompts_is_encoded_in_one_pass(gpt2_tokenizer: Any) -> 
     prompts = build_prompts(tokenizer, [*batch, long_one])
     assert counting.calls > 1 and prompts[:-1] == build_prompts(gpt2_tokenizer, batch)
     assert prompts[-1] == build_prompt(gpt2_tokenizer, "Persona.", long_one.history, "Bot", 60, 1024)
+
+
+# --- decoding replies: Decoder -----------------------------------------------------------------------
+
+id_lists = st.lists(st.lists(st.integers(0, 50_256), max_size=60), max_size=8)
+
+
+@HYPOTHESIS
+@given(sequences=id_lists)
+def test_property_decoder_decodes_what_the_transformers_call_decodes(
+    gpt2_tokenizer: Any, sequences: list[list[int]]
+) -> None:
+    """Any ids, special ones and half characters included, in one batch as one by one."""
+    decoder = Decoder.of(gpt2_tokenizer)
+    assert decoder.rust is not None
+    expected = [gpt2_tokenizer.decode(ids, skip_special_tokens=True) for ids in sequences]
+    assert decoder.decode_many(sequences) == expected
+
+
+def test_decoder_on_sentencepiece_matches_the_transformers_call(japanese_tokenizer: Any) -> None:
+    decoder = Decoder.of(japanese_tokenizer)
+    texts = ["こんにちは、元気ですか？", "Bot: はい。", ""]
+    sequences = [[*encode(japanese_tokenizer, text), japanese_tokenizer.eos_token_id] for text in texts]
+    expected = [japanese_tokenizer.decode(ids, skip_special_tokens=True) for ids in sequences]
+    assert decoder.decode_many(sequences) == expected
+
+
+def test_decoder_keeps_the_transformers_call_where_it_cleans_up_spaces(gpt2_tokenizer: Any) -> None:
+    tokenizer = tokenizer_variant(gpt2_tokenizer, "as shipped")
+    tokenizer.clean_up_tokenization_spaces = True
+    assert Decoder.of(tokenizer).rust is None
+    assert Decoder.of(WrapperOnly(gpt2_tokenizer)).rust is None
