@@ -124,6 +124,15 @@ def _step_function(device: torch.device, want_fused: bool, is_required: bool) ->
     return fastgen_triton.decode_step
 
 
+def _prefill_function(is_fused: bool) -> Callable[..., None]:
+    """The prefill whose rounding matches the decode step's: the fused one goes with the fused step."""
+    if not is_fused:
+        return prefill
+    from model import fastgen_triton
+
+    return fastgen_triton.prefill
+
+
 def _right_padded(sequences: Sequence[Sequence[int]], width: int) -> torch.Tensor:
     """[len(sequences), width] int64; each row padded with its own last id (0 for an empty row)."""
     # A flat buffer: torch.tensor of 256 nested lists of 256 ids took ~5 ms (BENCHMARKS.md, Generation).
@@ -183,6 +192,7 @@ class BatchedGPT2Engine:
         want_fused = self._use_graphs if fused is None else fused
         self._decode_step = _step_function(device, want_fused, is_required=fused is True)
         self._is_fused = self._decode_step is not decode_step
+        self._prefill = _prefill_function(self._is_fused)
         with torch.inference_mode():
             self._state: DecodeState = allocate_state(self._weights, max_batch_size, max_seq)
             self._prefill_input = torch.zeros((1, max_seq), dtype=torch.long, device=device)
@@ -209,6 +219,8 @@ class BatchedGPT2Engine:
             self._events = [torch.cuda.Event() for _ in range(OUTPUT_RING_SIZE)]
         for params in warm_up:
             self.capture_graphs(params)
+        if warm_up and self._use_graphs:
+            self._capture_prefill_graphs()
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -235,6 +247,17 @@ class BatchedGPT2Engine:
         with torch.inference_mode():
             for batch in self._batch_buckets:
                 self._graph(StepPlan(batch, self._fixed_window, *features))
+
+    def _capture_prefill_graphs(self) -> None:
+        """Capture now a lone job's prefill graph for every prompt length bucket; captured on first use
+        instead, the first reply of each bucket waited ~0.9 s on an H100 (BENCHMARKS.md, Generation)."""
+        lengths = {
+            min(self._max_seq, _round_up(prefix, self._prefill_bucket)) for prefix in range(1, self._max_seq)
+        }
+        with torch.inference_mode():
+            for length in sorted(lengths):
+                if length not in self._prefill_graphs:
+                    self._prefill_graphs[length] = self._capture_prefill(length)
 
     # ---- the DecodeEngine protocol ----
 
@@ -344,7 +367,7 @@ class BatchedGPT2Engine:
                 self._prefill_one(ids, first_slot)
             else:
                 slots = torch.arange(first_slot, first_slot + len(chunk))
-                prefill(self._weights, self._state, self._on_device(ids), self._on_device(slots))
+                self._prefill(self._weights, self._state, self._on_device(ids), self._on_device(slots))
 
     def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self._device, non_blocking=True)
@@ -365,11 +388,11 @@ class BatchedGPT2Engine:
         side = torch.cuda.Stream(self._device)
         side.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(side):  # warm-up: writes the same keys/values the replay writes
-            prefill(self._weights, self._state, ids, slot)
+            self._prefill(self._weights, self._state, ids, slot)
         torch.cuda.current_stream(self._device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            prefill(self._weights, self._state, ids, slot)
+            self._prefill(self._weights, self._state, ids, slot)
         log.info("captured a prefill graph for %d positions", length)
         return graph
 

@@ -178,6 +178,66 @@ def chunk_max_kernel(  # Triton kernel: untyped, many arguments
 
 
 @triton.jit
+def _kth_largest(u, K: tl.constexpr):  # Triton helper: untyped
+    """The K-th largest of u (int64 values in [0, 2^32)), bit by bit from the top: 32 block counts."""
+    result = tl.full([], 0, tl.int64)
+    for bit in tl.static_range(31, -1, -1):
+        candidate = result | (1 << bit)
+        result = tl.where(tl.sum((u >= candidate).to(tl.int32), 0) >= K, candidate, result)
+    return result
+
+
+@triton.jit
+def _first_k(u, K: tl.constexpr):  # Triton helper: untyped
+    """Mask of exactly the K largest of u, ties to the earlier position, and each one's place 0..K-1
+    in block order."""
+    threshold = _kth_largest(u, K)
+    above = u > threshold
+    is_tie = u == threshold
+    tie_rank = tl.cumsum(is_tie.to(tl.int32), 0) - 1
+    chosen = above | (is_tie & (tie_rank < K - tl.sum(above.to(tl.int32), 0)))
+    return chosen, tl.cumsum(chosen.to(tl.int32), 0) - 1
+
+
+@triton.jit
+def top_candidates_kernel(  # Triton kernel: untyped, many arguments
+    logits_ptr, vocab, keys_ptr, K: tl.constexpr, SEGMENT: tl.constexpr
+):
+    """Row r, segment s: the keys (_pack order) of the K best entries of logits[r, s·SEGMENT:(s+1)·SEGMENT],
+    in id order; entries past the vocabulary fill up with the lowest key. The row's top K are among
+    its segments' (top_k_kernel picks them)."""
+    row, segment = tl.program_id(0), tl.program_id(1)
+    ids = segment * SEGMENT + tl.arange(0, SEGMENT)
+    is_id = ids < vocab
+    values = tl.load(logits_ptr + row * vocab + ids, mask=is_id, other=0.0)
+    keys = tl.where(is_id, _pack(values, ids, vocab), -9223372036854775808)
+    chosen, place = _first_k((keys >> 32) + 2147483648, K)  # by value; ties to the smaller id, as _pack
+    tl.store(keys_ptr + (row * tl.num_programs(1) + segment) * K + place, keys, mask=chosen)
+
+
+@triton.jit
+def top_k_kernel(  # Triton kernel: untyped, many arguments
+    keys_ptr, n_keys, logits_ptr, vocab, values_ptr, ids_ptr, K: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Row r: its K best (value, id) from its segments' candidate keys, best first (ties: smaller id),
+    as torch.topk(K) gives them up to the order of ties. ids_ptr doubles as scratch for the sort."""
+    row = tl.program_id(0)
+    slots = tl.arange(0, BLOCK)
+    keys = tl.load(keys_ptr + row * n_keys + slots, mask=slots < n_keys, other=-9223372036854775808)
+    # Candidates lie in id order, so "ties to the earlier position" keeps the larger keys.
+    chosen, place = _first_k((keys >> 32) + 2147483648, K)
+    tl.store(ids_ptr + row * K + place, keys, mask=chosen)
+    tl.debug_barrier()
+    rank = tl.arange(0, K)
+    best = tl.sort(tl.load(ids_ptr + row * K + rank), descending=True)
+    ids = vocab - 1 - (best & 0xFFFFFFFF)
+    values = tl.load(logits_ptr + row * vocab + ids)
+    tl.debug_barrier()  # every thread has read the scratch before any overwrites it
+    tl.store(values_ptr + row * K + rank, values)
+    tl.store(ids_ptr + row * K + rank, ids)
+
+
+@triton.jit
 def sample_append_kernel(  # Triton kernel: untyped, many arguments
     given_ptr, top_values_ptr, top_ids_ptr, n_keys, vocab, tokens_ptr, tokens_stride, rows_ptr,
     rows_stride, floats_ptr, floats_stride, uniforms_ptr, uniforms_stride, done_ptr, stop_ptr,

@@ -220,23 +220,37 @@ def _prefill_block(
     x: torch.Tensor,
     need_output: bool,
 ) -> torch.Tensor:
-    n_rows, length, width = x.shape
-    head_dim = width // weights.n_head
+    n_rows, _, width = x.shape
     h = F.layer_norm(x, (width,), *layer.ln_1, weights.eps)
     qkv = torch.addmm(layer.attn_b, h.view(-1, width), layer.attn_w)
-    q, k, v = qkv.view(n_rows, length, 3, weights.n_head, head_dim).unbind(2)  # each [P, L, H, D]
-    cache[0].index_copy_(0, slots, k.transpose(1, 2))
-    cache[1].index_copy_(0, slots, v.transpose(1, 2))
     if not need_output:
+        cache_prompt(weights, cache, slots, qkv, n_rows)
         return x
-    y = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=weights.attn_scale
-    )  # [P, H, L, D]
-    y = y.transpose(1, 2).reshape(-1, width)
+    y = attend_prompt(weights, *cache_prompt(weights, cache, slots, qkv, n_rows))
     x = torch.addmm(layer.proj_b, y, layer.proj_w).view_as(x) + x
     h = F.layer_norm(x, (width,), *layer.ln_2, weights.eps)
     h = weights.act(torch.addmm(layer.fc_b, h.view(-1, width), layer.fc_w))
     return x + torch.addmm(layer.out_b, h, layer.out_w).view_as(x)
+
+
+def cache_prompt(
+    weights: GPT2Weights, cache: torch.Tensor, slots: torch.Tensor, qkv: torch.Tensor, n_rows: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split one layer's qkv [P·L, 3C] of P prompts into q, k, v [P, L, H, D]; k and v go into the
+    cache slots listed in `slots`."""
+    head_dim = weights.width // weights.n_head
+    q, k, v = qkv.view(n_rows, -1, 3, weights.n_head, head_dim).unbind(2)
+    cache[0].index_copy_(0, slots, k.transpose(1, 2))
+    cache[1].index_copy_(0, slots, v.transpose(1, 2))
+    return q, k, v
+
+
+def attend_prompt(weights: GPT2Weights, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal self-attention within each prompt: [P, L, H, D] each → [P·L, C]."""
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=weights.attn_scale
+    )  # [P, H, L, D]
+    return y.transpose(1, 2).reshape(-1, weights.width)
 
 
 # ----------------------------------------------------------------------------------------------------

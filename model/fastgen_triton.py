@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 import triton
 
 from model.fastgen_kernels import (
@@ -37,6 +38,8 @@ from model.fastgen_kernels import (
     norm_kernel,
     process_kernel,
     sample_append_kernel,
+    top_candidates_kernel,
+    top_k_kernel,
 )
 from model.fastgen_ops import (
     GEN,
@@ -56,6 +59,8 @@ from model.fastgen_ops import (
     GPT2Weights,
     LayerWeights,
     StepPlan,
+    attend_prompt,
+    cache_prompt,
 )
 from model.fastgen_sampling import TOP_K_CAP, sample_top_k_top_p
 
@@ -64,6 +69,9 @@ ATTENTION_PROGRAMS = 2048  # split until rows × heads × splits reaches this (B
 CANDIDATE_CHUNK = 4096  # vocabulary entries per argmax program (13 chunks for GPT-2's 50,257)
 MODE_GIVEN, MODE_ARGMAX, MODE_SAMPLE = range(3)  # how sample_append_kernel chooses the token
 NUM_WARPS = 4
+TOP_K_TRITON_ROWS = 32  # batches up to this take _top_k; larger ones torch.topk
+TOP_K_SEGMENT = 2048  # vocabulary entries per top-k candidate program (H200 sweep: 2048-4096 best)
+TOP_K_WARPS = 8
 
 
 def can_run_on(device: torch.device) -> bool:
@@ -83,10 +91,11 @@ def decode_step(weights: GPT2Weights, state: DecodeState, plan: StepPlan, commit
     if plan.sampling == "greedy":
         _sample_append(state, plan.batch, MODE_ARGMAX, _greedy_keys(logits))
     elif plan.sampling == "top_k":
-        # torch.topk beat a Triton bitonic top-k (tl.topk per 4096-entry chunk, then a merge) on an
-        # H100: 45 µs against 71 at 1 row, and ~0.2 ms against 1.5 ms at 256 rows.
-        top = logits.topk(TOP_K_CAP, -1)  # sorted, largest first
-        _sample_append(state, plan.batch, MODE_SAMPLE, top.values, top.indices)
+        if plan.batch <= TOP_K_TRITON_ROWS:
+            values, ids = _top_k(logits)
+        else:  # torch.topk: as fast at 64 rows, faster from 256 (BENCHMARKS.md, the top-k sweep)
+            values, ids = logits.topk(TOP_K_CAP, -1)  # sorted, largest first
+        _sample_append(state, plan.batch, MODE_SAMPLE, values, ids)
     else:  # some row ranks the whole vocabulary: the plain sampler's full sort
         _sample_append(state, plan.batch, MODE_GIVEN, _full_sample(logits, state, plan.batch))
 
@@ -114,6 +123,29 @@ def decode_logits(weights: GPT2Weights, state: DecodeState, batch: int) -> torch
     # HF upcasts the last logits before its processors; the kernels want rows V apart (the padded LM
     # head's logits are a view with longer rows).
     return weights.logits(normed).float().contiguous()
+
+
+def prefill(weights: GPT2Weights, state: DecodeState, ids: torch.Tensor, slots: torch.Tensor) -> None:
+    """model.fastgen_ops.prefill with the decode step's fusions: the residual adds ride in the norm
+    kernel and the in-place product, GELU in cuBLAS's epilogue. The cache it writes rounds as the
+    decode steps that follow it round."""
+    n_rows, length = ids.shape
+    x = F.embedding(ids, weights.wte) + F.embedding(state.arange[:length], weights.wpe)  # [P, L, C]
+    resid = x.view(-1, weights.width)
+    normed = torch.empty_like(resid)
+    _norm(resid, weights.layers[0].ln_1, normed, weights.eps)
+    last = len(weights.layers) - 1
+    for index, layer in enumerate(weights.layers):
+        cache = state.kv[index, :, :, :, :length]  # [2, max_batch, H, L, D]
+        qkv = torch.addmm(layer.attn_b, normed, layer.attn_w)
+        if index == last:  # its output feeds nothing that is cached: only its keys and values are needed
+            cache_prompt(weights, cache, slots, qkv, n_rows)
+            return
+        attended = attend_prompt(weights, *cache_prompt(weights, cache, slots, qkv, n_rows))
+        attended = torch.addmm(layer.proj_b, attended, layer.proj_w)
+        _norm(resid, layer.ln_2, normed, weights.eps, delta=attended, store=True, bias=layer.out_b)
+        resid.addmm_(_feed_forward(weights, layer, normed), layer.out_w)
+        _norm(resid, weights.layers[index + 1].ln_1, normed, weights.eps)
 
 
 def _feed_forward(weights: GPT2Weights, layer: LayerWeights, normed: torch.Tensor) -> torch.Tensor:
@@ -196,6 +228,25 @@ def _greedy_keys(logits: torch.Tensor) -> torch.Tensor:
     keys = torch.empty((batch, chunks), dtype=torch.int64, device=logits.device)
     chunk_max_kernel[(batch, chunks)](logits, vocab, keys, CHUNK=CANDIDATE_CHUNK, num_warps=8)
     return keys
+
+
+def _top_k(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(logits, TOP_K_CAP) (values, ids), best first, in two kernels: each vocabulary
+    segment's TOP_K_CAP best by a bitwise search for the K-th largest value, then the best of those."""
+    batch, vocab = logits.shape
+    segments = triton.cdiv(vocab, TOP_K_SEGMENT)
+    n_keys = segments * TOP_K_CAP
+    keys = torch.empty((batch, n_keys), dtype=torch.int64, device=logits.device)
+    top_candidates_kernel[(batch, segments)](
+        logits, vocab, keys, K=TOP_K_CAP, SEGMENT=TOP_K_SEGMENT, num_warps=TOP_K_WARPS
+    )  # fmt: skip
+    values = torch.empty((batch, TOP_K_CAP), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((batch, TOP_K_CAP), dtype=torch.int64, device=logits.device)
+    top_k_kernel[(batch,)](
+        keys, n_keys, logits, vocab, values, ids, K=TOP_K_CAP, BLOCK=triton.next_power_of_2(n_keys),
+        num_warps=TOP_K_WARPS,
+    )  # fmt: skip
+    return values, ids
 
 
 def _full_sample(logits: torch.Tensor, state: DecodeState, batch: int) -> torch.Tensor:

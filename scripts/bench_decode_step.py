@@ -3,7 +3,7 @@
 GPT-2 124M's shape with random fp16 weights; every row holds a 256-token prompt and the timed replays
 generate tokens 257..304, as a 48-token reply does. Each figure is the median over repeats of
 (48 replays timed with CUDA events) / 48, after restoring the rows between repeats. Prints a table of step
-times, then eager prefill times (and, with --profile, the fused step's kernels).
+times, then eager prefill times, plain and fused (and, with --profile, the fused step's kernels).
 
     python scripts/bench_decode_step.py                 # rows 1, 8, 64, 256
     python scripts/bench_decode_step.py --profile 1     # also the fused step's kernels at 1 row
@@ -108,7 +108,7 @@ def profile(rows: int) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
 
 
-def time_prefill(rows: int) -> float:
+def time_prefill(rows: int, prefill: Callable[..., None]) -> float:
     """Wall ms of one eager prefill of `rows` 255-token prompt prefixes (GPU synchronised)."""
     weights, state = build(rows)
     ids = torch.randint(0, 50256, (rows, PROMPT_TOKENS)).cuda()  # 255 prompt tokens, padded to the bucket
@@ -116,7 +116,7 @@ def time_prefill(rows: int) -> float:
     for _ in range(7):
         torch.cuda.synchronize()
         started = time.perf_counter()
-        fastgen_ops.prefill(weights, state, ids, torch.arange(rows, device="cuda"))
+        prefill(weights, state, ids, torch.arange(rows, device="cuda"))
         torch.cuda.synchronize()
         samples.append(1000 * (time.perf_counter() - started))
     return statistics.median(samples[2:])
@@ -144,7 +144,8 @@ def main() -> int:
             torch.cuda.empty_cache()
     with torch.inference_mode():
         for rows in (1, 64, 256):
-            print(f"eager prefill of {rows} × 256 tokens: {time_prefill(rows):.2f} ms", flush=True)
+            plain, fused = (time_prefill(rows, p) for p in (fastgen_ops.prefill, fastgen_triton.prefill))
+            print(f"eager prefill of {rows} × 256 tokens: plain {plain:.2f} ms, fused {fused:.2f} ms")
     for rows in args.profile:
         profile(rows)
     return 0

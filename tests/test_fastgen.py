@@ -334,7 +334,7 @@ def test_out_of_memory_propagates_and_abort_all_recovers(tiny_model, monkeypatch
     def failing_prefill(*args: Any) -> None:
         raise oom
 
-    monkeypatch.setattr(fastgen, "prefill", failing_prefill)
+    monkeypatch.setattr(engine, "_prefill", failing_prefill)
     engine.admit(job(1, random_prompt(8, seed=2)))
     with pytest.raises(torch.cuda.OutOfMemoryError) as raised:
         engine.step()
@@ -397,11 +397,14 @@ def test_gpu_warm_up_captures_every_batch_size_before_serving(tiny_model_dir) ->
     engine = make_engine(model, max_batch_size=8, fused=True, warm_up=(params,))
     captured = set(engine._graphs)  # a test may peek
     assert sorted(plan.batch for plan in captured) == [1, 2, 4, 8]
-    for count in (3, 8, 1, 5):
+    prefills = set(engine._prefill_graphs)  # a lone job's prefill: one graph per 64-token bucket
+    assert sorted(prefills) == list(range(64, model.config.n_positions + 1, 64))
+    for count in (3, 8, 1, 5, 1):
         for i in range(count):
-            engine.admit(job(100 * count + i, random_prompt(5 + 7 * i, seed=i), params))
+            engine.admit(job(100 * count + i, random_prompt(5 + 70 * i + count, seed=i), params))
         assert len(drain(engine)) == count
     assert set(engine._graphs) == captured
+    assert set(engine._prefill_graphs) == prefills
 
 
 def test_right_padded_pads_each_row_with_its_own_last_id() -> None:

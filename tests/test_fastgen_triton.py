@@ -123,6 +123,26 @@ def test_argmax_keys_break_ties_like_argmax() -> None:
     )
 
 
+@pytest.mark.parametrize("vocab", [50257, 4096, 4097, 300])
+def test_top_k_gives_what_torch_topk_gives_ties_to_the_smaller_id(vocab: int) -> None:
+    device = device_under_test()
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(vocab))
+    logits[0, : vocab // 2] = logits[0, : vocab // 2].round(decimals=1)  # many ties, across segments
+    logits[1, 3:250] = float("-inf")  # banned ids: fewer finite values than K in the first segment
+    logits[2, 0], logits[2, 1] = 0.0, -0.0  # equal values
+    logits[2] = -logits[2].abs()
+    logits[3, vocab - 1] = 40.0  # the last id, in the last, partial segment
+    logits = logits.to(device)
+    values, ids = fastgen_triton._top_k(logits)
+    expected = logits.topk(fastgen_triton.TOP_K_CAP, -1)
+    assert torch.equal(values, expected.values)
+    assert torch.equal(logits.gather(1, ids), values)
+    assert ids[3, 0] == vocab - 1 and ids[2, :2].tolist() == [0, 1]
+    is_tie = values[:, 1:] == values[:, :-1]
+    assert bool((ids[:, 1:] > ids[:, :-1])[is_tie].all())  # equal values: the smaller id ranks first
+    assert all(len(set(row)) == fastgen_triton.TOP_K_CAP for row in ids.tolist())
+
+
 def test_fused_step_samples_what_the_plain_step_samples(tiny_model_dir: Path) -> None:
     from tests.test_fastgen import drain, job, make_engine, random_prompt, sampled
 
@@ -169,6 +189,20 @@ def test_fused_logits_equal_the_plain_steps(tiny_model_dir: Path, shape: str) ->
         expected = fastgen_ops.decode_logits(weights, state, batch=3, window=64)
         logits = fastgen_triton.decode_logits(weights, state, batch=3)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", ["tiny", "odd"])
+def test_fused_prefill_caches_what_the_plain_prefill_caches(tiny_model_dir: Path, shape: str) -> None:
+    device = device_under_test()
+    model = GPT2LMHeadModel.from_pretrained(tiny_model_dir) if shape == "tiny" else odd_model()
+    weights = fastgen_ops.weights_from_hf(model.to(device).eval(), fast_activation=False)
+    expected, _ = prefilled_state(weights, device)
+    state = fastgen_ops.allocate_state(weights, max_batch=3, max_seq=64)
+    prompts = torch.randint(0, 50257, (3, 20), generator=torch.Generator().manual_seed(2))  # prefilled_state's
+    with torch.inference_mode():
+        fastgen_triton.prefill(weights, state, prompts[:, :19].to(device), torch.arange(3, device=device))
+    torch.testing.assert_close(state.kv, expected.kv, rtol=1e-4, atol=1e-4)
+    assert bool(state.kv[:, :, :, :, :19].abs().sum(-1).gt(0).all())  # every layer, row, head, position
 
 
 @pytest.mark.gpu
