@@ -49,14 +49,14 @@ def norm_kernel(  # Triton kernel: untyped, many arguments
 
 @triton.jit
 def attention_kernel(  # Triton kernel: untyped, many arguments
-    qkv_ptr, cache_ptr, rows_ptr, rows_stride, y_ptr, partial_ptr, scale, width, head_dim,
+    qkv_ptr, cache_ptr, rows_ptr, rows_stride, y_ptr, partial_ptr, tickets_ptr, scale, width, head_dim,
     kv_stride, row_stride, head_stride,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, CHUNK: tl.constexpr,
     POS_COL: tl.constexpr,
 ):  # fmt: skip
     """Row r, head h, split s: attend over cache positions [s·CHUNK, (s+1)·CHUNK) ∩ [0, pos); split 0
     also writes this token's key/value at pos and counts it. One split writes y; several write their
-    running (max, sum, weighted values) to `partial` for combine_kernel (flash-decoding)."""
+    running (max, sum, weighted values) to `partial`, and the last to finish merges them (flash-decoding)."""
     row, head, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)  # 64-bit offsets
     pos = tl.load(rows_ptr + row * rows_stride + POS_COL)
     dims = tl.arange(0, BLOCK_D)
@@ -94,33 +94,36 @@ def attention_kernel(  # Triton kernel: untyped, many arguments
         total = total * rescale + tl.sum(weights, 0)
         best = new_best
         start += BLOCK_N
+    y = y_ptr + row * width + head * head_dim
     if SPLITS == 1:
-        out = (acc / total).to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + row * width + head * head_dim + dims, out, mask=is_dim)
+        tl.store(y + dims, (acc / total).to(y_ptr.dtype.element_ty), mask=is_dim)
     else:
-        slot = partial_ptr + ((row * tl.num_programs(1) + head) * SPLITS + split) * (BLOCK_D + 2)
-        tl.store(slot + dims, acc)
-        tl.store(slot + BLOCK_D, best)
-        tl.store(slot + BLOCK_D + 1, total)
+        pair = row * tl.num_programs(1) + head
+        slots = partial_ptr + pair * SPLITS * (BLOCK_D + 2)
+        tl.store(slots + split * (BLOCK_D + 2) + dims, acc)
+        tl.store(slots + split * (BLOCK_D + 2) + BLOCK_D, best)
+        tl.store(slots + split * (BLOCK_D + 2) + BLOCK_D + 1, total)
+        # The last split of this (row, head) to finish merges them all: a ticket count, which it resets.
+        # A separate merge kernel cost one more launch a layer, more than the merge itself at small batches.
+        tl.debug_barrier()  # every thread's partial is stored before the ticket is taken (release)
+        ticket = tickets_ptr + pair
+        if tl.atomic_add(ticket, 1, sem="acq_rel") == SPLITS - 1:
+            _merge_splits(slots, y, head_dim, BLOCK_D, SPLITS)
+            tl.store(ticket, 0)
 
 
 @triton.jit
-def combine_kernel(  # Triton kernel: untyped, many arguments
-    partial_ptr, y_ptr, width, head_dim, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr
-):
-    """Row r, head h: merge the splits' softmax states into y (splits past the row's end hold -inf)."""
-    row, head = tl.program_id(0), tl.program_id(1)
-    splits = tl.arange(0, SPLITS)
+def _merge_splits(slots, y, head_dim, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):  # Triton helper
+    """Merge the splits' softmax states (splits past the row's end hold -inf) into y. The loads bypass
+    L1 (.cg): other SMs wrote the partials."""
+    offsets = tl.arange(0, SPLITS) * (BLOCK_D + 2)
     dims = tl.arange(0, BLOCK_D)
-    slots = partial_ptr + ((row * tl.num_programs(1) + head) * SPLITS + splits) * (BLOCK_D + 2)
-    best = tl.load(slots + BLOCK_D)
-    total = tl.load(slots + BLOCK_D + 1)
-    acc = tl.load(slots[:, None] + dims[None, :])
+    best = tl.load(slots + offsets + BLOCK_D, cache_modifier=".cg")
+    total = tl.load(slots + offsets + BLOCK_D + 1, cache_modifier=".cg")
+    acc = tl.load(slots + offsets[:, None] + dims[None, :], cache_modifier=".cg")
     scale = tl.exp(best - tl.max(best, 0))  # split 0 always holds the new token: the max is finite
     out = tl.sum(acc * scale[:, None], 0) / tl.sum(total * scale, 0)
-    tl.store(
-        y_ptr + row * width + head * head_dim + dims, out.to(y_ptr.dtype.element_ty), mask=dims < head_dim
-    )
+    tl.store(y + dims, out.to(y.dtype.element_ty), mask=dims < head_dim)
 
 
 @triton.jit

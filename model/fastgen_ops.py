@@ -119,6 +119,7 @@ class DecodeState:
     uniforms: torch.Tensor  # [max_batch, S + 1] float32: one random number per generated token
     out: torch.Tensor  # [2 * max_batch] int64: the last step's tokens [0, B) then reasons [B, 2B)
     arange: torch.Tensor  # [max(S, max_batch)] int64: 0, 1, 2, ... (masks, row and position indices)
+    tickets: torch.Tensor  # [max_batch, H] int32, zero between steps: the fused attention's split count
 
     @property
     def max_seq(self) -> int:
@@ -191,6 +192,7 @@ def allocate_state(weights: GPT2Weights, max_batch: int, max_seq: int) -> Decode
         uniforms=torch.zeros((max_batch, max_seq + 1), dtype=torch.float32, device=device),
         out=torch.zeros(2 * max_batch, dtype=torch.long, device=device),
         arange=torch.arange(max(max_seq, max_batch), device=device),
+        tickets=torch.zeros((max_batch, n_head), dtype=torch.int32, device=device),
     )
 
 

@@ -2,15 +2,18 @@
 
 The plain step (model/fastgen_ops.py) launches 22 kernels per layer plus ~60 for the logits
 processors, the sampler and the append: at small batches kernel latency, not memory traffic, sets its
-time. This one launches 7-8 per layer and 4-13 after the LM head (model/fastgen_kernels.py has the
+time. This one launches 7 per layer and 4-13 after the LM head (model/fastgen_kernels.py has the
 Triton ones):
 
     embed + ln_1 (resid = x)
-    per layer:  qkv = addmm(b, ·, W)  →  attention (+ this token's K/V into the cache; + combine when
-                the cache is split)  →  a = addmm(b_proj, ·, W_proj)  →  ln_2 of x + a (resid = x + a +
-                b_out)  →  f = addmm + GELU epilogue  →  resid += f · W_out (in place, beta = 1)  →  next
-                ln_1 or ln_f
-    LM head → penalty + n-gram ban → top-k (torch) or chunked argmax → sample + append
+    per layer:  qkv = addmm(b, ·, W)  →  attention (+ this token's K/V into the cache; when the cache
+                is split, the last split to finish merges)  →  a = addmm(b_proj, ·, W_proj)  →  ln_2 of
+                x + a (resid = x + a + b_out)  →  f = addmm + GELU epilogue  →  resid += f · W_out (in
+                place, beta = 1)  →  next ln_1 or ln_f
+    LM head → penalty + n-gram ban → top-k (Triton up to 32 rows, torch above) or chunked argmax →
+    sample + append
+
+A prompt's prefill (`prefill`) uses the same fusions, so the cache it writes rounds as the steps do.
 
 The residual adds ride inside the layer-norm kernels and the in-place product, and the biases in cuBLAS
 epilogues. Attention reads each row's own cache length from the device, so one graph serves every
@@ -34,7 +37,6 @@ import triton
 from model.fastgen_kernels import (
     attention_kernel,
     chunk_max_kernel,
-    combine_kernel,
     norm_kernel,
     process_kernel,
     sample_append_kernel,
@@ -65,10 +67,12 @@ from model.fastgen_ops import (
 from model.fastgen_sampling import TOP_K_CAP, sample_top_k_top_p
 
 ATTENTION_BLOCK = 64  # cache positions per attention iteration
-ATTENTION_PROGRAMS = 2048  # split until rows × heads × splits reaches this (BENCHMARKS.md sweep)
+ATTENTION_PROGRAMS = 2048  # split until rows × heads × splits reaches this (BENCHMARKS.md sweeps)
+ATTENTION_UNSPLIT_FROM = 1024  # rows × heads from which the cache is not split (128 rows of GPT-2)
 CANDIDATE_CHUNK = 4096  # vocabulary entries per argmax program (13 chunks for GPT-2's 50,257)
 MODE_GIVEN, MODE_ARGMAX, MODE_SAMPLE = range(3)  # how sample_append_kernel chooses the token
 NUM_WARPS = 4
+ATTENTION_WARPS_UNSPLIT = 2  # large batches (one split): more programs per SM (BENCHMARKS.md sweep)
 TOP_K_TRITON_ROWS = 32  # batches up to this take _top_k; larger ones torch.topk
 TOP_K_SEGMENT = 2048  # vocabulary entries per top-k candidate program (H200 sweep: 2048-4096 best)
 TOP_K_WARPS = 8
@@ -191,24 +195,23 @@ def _attention(weights: GPT2Weights, state: DecodeState, index: int, qkv: torch.
     y = torch.empty((batch, width), dtype=qkv.dtype, device=qkv.device)
     partial = torch.empty((batch, n_head, splits, block_d + 2), dtype=torch.float32, device=qkv.device)
     attention_kernel[(batch, n_head, splits)](
-        qkv, cache, state.rows, state.rows.stride(0), y, partial, weights.attn_scale, width, head_dim,
+        qkv, cache, state.rows, state.rows.stride(0), y, partial, state.tickets, weights.attn_scale, width,
+        head_dim,
         cache.stride(0), cache.stride(1), cache.stride(2),
         BLOCK_D=block_d, BLOCK_N=ATTENTION_BLOCK, SPLITS=splits, CHUNK=chunk, POS_COL=POS,
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS if splits > 1 else ATTENTION_WARPS_UNSPLIT,
     )  # fmt: skip
-    if splits > 1:
-        combine_kernel[(batch, n_head)](
-            partial, y, width, head_dim, BLOCK_D=block_d, SPLITS=splits, num_warps=1
-        )  # fmt: skip
     return y
 
 
 def _attention_splits(programs: int, max_seq: int) -> int:
     """Cache splits per (row, head), a power of two: enough programs to fill the GPU at small batches
-    (B × H alone is 12 programs at one row of GPT-2), none when B × H already does."""
+    (B × H alone is 12 programs at one row of GPT-2), none from ATTENTION_UNSPLIT_FROM programs on."""
+    if programs >= ATTENTION_UNSPLIT_FROM:
+        return 1
     wanted = triton.next_power_of_2(max(1, -(-ATTENTION_PROGRAMS // programs)))
     most = max(1, max_seq // ATTENTION_BLOCK)
-    return min(wanted, 1 << (most.bit_length() - 1))  # combine_kernel needs a power of two
+    return min(wanted, 1 << (most.bit_length() - 1))  # the merge needs a power of two
 
 
 def _process(logits: torch.Tensor, state: DecodeState, plan: StepPlan) -> None:
