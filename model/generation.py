@@ -218,6 +218,8 @@ def clean_reply(text: str, speaker_names: Iterable[str] = (), *, has_ended_turn:
 
 def _cut_at_speaker_tag(text: str, speaker_names: Iterable[str]) -> str:
     """Cut where the model starts writing someone's turn inline ("… Alice: hi")."""
+    if not any(colon in text for colon in SPEAKER_COLONS):  # a tag needs a colon: skip the regex (~8 µs)
+        return text
     pattern = _speaker_tag_pattern(tuple(speaker_names))
     match = pattern.search(text) if pattern is not None else None
     return text[: match.start()] if match else text
