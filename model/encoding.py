@@ -1,5 +1,6 @@
 """Exact and fast tokenizer calls for prompt building: the Rust tokenizer directly wherever that gives
-exactly what `tokenizer(text, add_special_tokens=False)` gives, and when per-line ids may be joined.
+exactly what `tokenizer(text, add_special_tokens=False)` gives, and when per-line ids may be joined; and
+for decoding replies (Decoder), likewise exact to `tokenizer.decode(ids, skip_special_tokens=True)`.
 
 Split out of model/prompt.py, which decides what goes into a prompt; this decides how it is tokenised.
 """
@@ -161,6 +162,7 @@ class Decoder:
 
     @classmethod
     def of(cls, tokenizer: PreTrainedTokenizerBase) -> Decoder:
+        """The decoder for `tokenizer`: its Rust tokenizer where that is exact, else the wrapper."""
         return cls(tokenizer, rust_decoder(tokenizer))
 
     def decode_many(self, sequences: list[list[int]]) -> list[str]:

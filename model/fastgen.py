@@ -251,11 +251,9 @@ class BatchedGPT2Engine:
     def _capture_prefill_graphs(self) -> None:
         """Capture now a lone job's prefill graph for every prompt length bucket; captured on first use
         instead, the first reply of each bucket waited ~0.9 s on an H100 (BENCHMARKS.md, Generation)."""
-        lengths = {
-            min(self._max_seq, _round_up(prefix, self._prefill_bucket)) for prefix in range(1, self._max_seq)
-        }
+        lengths = dict.fromkeys(self._prefill_length(prefix) for prefix in range(1, self._max_seq))
         with torch.inference_mode():
-            for length in sorted(lengths):
+            for length in lengths:
                 if length not in self._prefill_graphs:
                     self._prefill_graphs[length] = self._capture_prefill(length)
 
@@ -348,7 +346,7 @@ class BatchedGPT2Engine:
         # The last prompt token is fed by the first decode step, which also picks the first new token;
         # the prefill writes the cache for the rest, `prefix` positions rounded up to a bucket.
         prefix = longest - 1
-        length = min(self._max_seq, _round_up(prefix, self._prefill_bucket)) if prefix > 0 else 0
+        length = self._prefill_length(prefix) if prefix > 0 else 0
         # One padded copy serves both: a prefill's input past a prompt's own prefix is padding, whose
         # keys/values the decode steps overwrite before any row attends to them.
         padded = _right_padded(prompts, max(longest, length))
@@ -368,6 +366,10 @@ class BatchedGPT2Engine:
             else:
                 slots = torch.arange(first_slot, first_slot + len(chunk))
                 self._prefill(self._weights, self._state, self._on_device(ids), self._on_device(slots))
+
+    def _prefill_length(self, prefix: int) -> int:
+        """The prefill's length for prompts whose longest prefix is `prefix` tokens: a bucket."""
+        return min(self._max_seq, _round_up(prefix, self._prefill_bucket))
 
     def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self._device, non_blocking=True)

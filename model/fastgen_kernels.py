@@ -1,8 +1,9 @@
-"""Triton kernels of the fused decode step (model/fastgen_triton.py launches them).
+"""Triton kernels of the fused decode step and prefill (model/fastgen_triton.py launches them).
 
-Each kernel works on one row (or one row × head × cache split) of the batch, in float32 whatever the
-model dtype, and reads each row's position from DecodeState.rows on the device, so one CUDA graph serves
-every row length. Kernels are compiled on first use; with TRITON_INTERPRET=1 they run in Triton's
+Each kernel works on one row (or one row × head × cache split, or one row × vocabulary segment) of the
+batch, in float32 whatever the model dtype; the step's kernels read each row's position from
+DecodeState.rows on the device, so one CUDA graph serves every row length (the prefill's norms get plain
+rows). Kernels are compiled on first use; with TRITON_INTERPRET=1 they run in Triton's
 interpreter on CPU tensors (the tests).
 """
 
@@ -100,12 +101,15 @@ def attention_kernel(  # Triton kernel: untyped, many arguments
     else:
         pair = row * tl.num_programs(1) + head
         slots = partial_ptr + pair * SPLITS * (BLOCK_D + 2)
-        tl.store(slots + split * (BLOCK_D + 2) + dims, acc)
-        tl.store(slots + split * (BLOCK_D + 2) + BLOCK_D, best)
-        tl.store(slots + split * (BLOCK_D + 2) + BLOCK_D + 1, total)
+        slot = slots + split * (BLOCK_D + 2)
+        tl.store(slot + dims, acc)
+        tl.store(slot + BLOCK_D, best)
+        tl.store(slot + BLOCK_D + 1, total)
         # The last split of this (row, head) to finish merges them all: a ticket count, which it resets.
         # A separate merge kernel cost one more launch a layer, more than the merge itself at small batches.
-        tl.debug_barrier()  # every thread's partial is stored before the ticket is taken (release)
+        # The barrier: every thread of this program has stored its part before one thread takes the ticket
+        # (the atomic's acq_rel publishes them to the merging program).
+        tl.debug_barrier()
         ticket = tickets_ptr + pair
         if tl.atomic_add(ticket, 1, sem="acq_rel") == SPLITS - 1:
             _merge_splits(slots, y, head_dim, BLOCK_D, SPLITS)
@@ -161,6 +165,9 @@ def process_kernel(  # Triton kernel: untyped, many arguments
         tl.store(logits + ids, tl.full([BLOCK_S], float("-inf"), tl.float32), mask=is_banned)
 
 
+LOWEST_KEY: tl.constexpr = tl.constexpr(-(2**63))  # below every key _pack makes
+
+
 @triton.jit
 def _pack(values, ids, vocab):  # Triton helper: untyped
     """(float32 value, id) → int64 keys that sort by value, then by smaller id (argmax's tie-break)."""
@@ -178,6 +185,12 @@ def chunk_max_kernel(  # Triton kernel: untyped, many arguments
     ids = chunk * CHUNK + tl.arange(0, CHUNK)
     values = tl.load(logits_ptr + row * vocab + ids, mask=ids < vocab, other=float("-inf"))
     tl.store(keys_ptr + row * tl.num_programs(1) + chunk, tl.max(_pack(values, ids, vocab), 0))
+
+
+@triton.jit
+def _value_rank(keys):  # Triton helper: untyped
+    """A key's value part (its high half) as an int64 in [0, 2^32), in value order."""
+    return (keys >> 32) + 2147483648
 
 
 @triton.jit
@@ -213,8 +226,8 @@ def top_candidates_kernel(  # Triton kernel: untyped, many arguments
     ids = segment * SEGMENT + tl.arange(0, SEGMENT)
     is_id = ids < vocab
     values = tl.load(logits_ptr + row * vocab + ids, mask=is_id, other=0.0)
-    keys = tl.where(is_id, _pack(values, ids, vocab), -9223372036854775808)
-    chosen, place = _first_k((keys >> 32) + 2147483648, K)  # by value; ties to the smaller id, as _pack
+    keys = tl.where(is_id, _pack(values, ids, vocab), LOWEST_KEY)
+    chosen, place = _first_k(_value_rank(keys), K)  # by value; ties to the smaller id, as _pack
     tl.store(keys_ptr + (row * tl.num_programs(1) + segment) * K + place, keys, mask=chosen)
 
 
@@ -226,11 +239,11 @@ def top_k_kernel(  # Triton kernel: untyped, many arguments
     as torch.topk(K) gives them up to the order of ties. ids_ptr doubles as scratch for the sort."""
     row = tl.program_id(0)
     slots = tl.arange(0, BLOCK)
-    keys = tl.load(keys_ptr + row * n_keys + slots, mask=slots < n_keys, other=-9223372036854775808)
+    keys = tl.load(keys_ptr + row * n_keys + slots, mask=slots < n_keys, other=LOWEST_KEY)
     # Candidates lie in id order, so "ties to the earlier position" keeps the larger keys.
-    chosen, place = _first_k((keys >> 32) + 2147483648, K)
+    chosen, place = _first_k(_value_rank(keys), K)
     tl.store(ids_ptr + row * K + place, keys, mask=chosen)
-    tl.debug_barrier()
+    tl.debug_barrier()  # the chosen keys, stored by many threads, are all in the scratch before it is read
     rank = tl.arange(0, K)
     best = tl.sort(tl.load(ids_ptr + row * K + rank), descending=True)
     ids = vocab - 1 - (best & 0xFFFFFFFF)
@@ -263,8 +276,7 @@ def sample_append_kernel(  # Triton kernel: untyped, many arguments
         token = tl.load(given_ptr + row)
     elif MODE == ARGMAX:
         slots = tl.arange(0, BLOCK_KEYS)
-        lowest = tl.full([BLOCK_KEYS], -2147483648, tl.int32).to(tl.int64) << 32  # below every key
-        keys = tl.load(given_ptr + row * n_keys + slots, mask=slots < n_keys, other=lowest)
+        keys = tl.load(given_ptr + row * n_keys + slots, mask=slots < n_keys, other=LOWEST_KEY)
         best = tl.max(keys, 0)
         token = vocab - 1 - (best - ((best >> 32) << 32))  # the low half: vocab - 1 - id
     else:

@@ -222,13 +222,13 @@ def _prefill_block(
     x: torch.Tensor,
     need_output: bool,
 ) -> torch.Tensor:
-    n_rows, _, width = x.shape
+    width = x.shape[-1]
     h = F.layer_norm(x, (width,), *layer.ln_1, weights.eps)
     qkv = torch.addmm(layer.attn_b, h.view(-1, width), layer.attn_w)
     if not need_output:
-        cache_prompt(weights, cache, slots, qkv, n_rows)
+        cache_prompt(weights, cache, slots, qkv)
         return x
-    y = attend_prompt(weights, *cache_prompt(weights, cache, slots, qkv, n_rows))
+    y = attend_prompt(weights, *cache_prompt(weights, cache, slots, qkv))
     x = torch.addmm(layer.proj_b, y, layer.proj_w).view_as(x) + x
     h = F.layer_norm(x, (width,), *layer.ln_2, weights.eps)
     h = weights.act(torch.addmm(layer.fc_b, h.view(-1, width), layer.fc_w))
@@ -236,12 +236,12 @@ def _prefill_block(
 
 
 def cache_prompt(
-    weights: GPT2Weights, cache: torch.Tensor, slots: torch.Tensor, qkv: torch.Tensor, n_rows: int
+    weights: GPT2Weights, cache: torch.Tensor, slots: torch.Tensor, qkv: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split one layer's qkv [P·L, 3C] of P prompts into q, k, v [P, L, H, D]; k and v go into the
-    cache slots listed in `slots`."""
+    cache slots listed in `slots` [P]."""
     head_dim = weights.width // weights.n_head
-    q, k, v = qkv.view(n_rows, -1, 3, weights.n_head, head_dim).unbind(2)
+    q, k, v = qkv.view(slots.shape[0], -1, 3, weights.n_head, head_dim).unbind(2)
     cache[0].index_copy_(0, slots, k.transpose(1, 2))
     cache[1].index_copy_(0, slots, v.transpose(1, 2))
     return q, k, v

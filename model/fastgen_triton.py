@@ -72,7 +72,7 @@ ATTENTION_UNSPLIT_FROM = 1024  # rows × heads from which the cache is not split
 CANDIDATE_CHUNK = 4096  # vocabulary entries per argmax program (13 chunks for GPT-2's 50,257)
 MODE_GIVEN, MODE_ARGMAX, MODE_SAMPLE = range(3)  # how sample_append_kernel chooses the token
 NUM_WARPS = 4
-ATTENTION_WARPS_UNSPLIT = 2  # large batches (one split): more programs per SM (BENCHMARKS.md sweep)
+ATTENTION_WARPS_UNSPLIT = 2  # from ATTENTION_UNSPLIT_FROM: more programs per SM (BENCHMARKS.md sweep)
 TOP_K_TRITON_ROWS = 32  # batches up to this take _top_k; larger ones torch.topk
 TOP_K_SEGMENT = 2048  # vocabulary entries per top-k candidate program (H200 sweep: 2048-4096 best)
 TOP_K_WARPS = 8
@@ -133,7 +133,7 @@ def prefill(weights: GPT2Weights, state: DecodeState, ids: torch.Tensor, slots: 
     """model.fastgen_ops.prefill with the decode step's fusions: the residual adds ride in the norm
     kernel and the in-place product, GELU in cuBLAS's epilogue. The cache it writes rounds as the
     decode steps that follow it round."""
-    n_rows, length = ids.shape
+    length = ids.shape[1]
     x = F.embedding(ids, weights.wte) + F.embedding(state.arange[:length], weights.wpe)  # [P, L, C]
     resid = x.view(-1, weights.width)
     normed = torch.empty_like(resid)
@@ -143,9 +143,9 @@ def prefill(weights: GPT2Weights, state: DecodeState, ids: torch.Tensor, slots: 
         cache = state.kv[index, :, :, :, :length]  # [2, max_batch, H, L, D]
         qkv = torch.addmm(layer.attn_b, normed, layer.attn_w)
         if index == last:  # its output feeds nothing that is cached: only its keys and values are needed
-            cache_prompt(weights, cache, slots, qkv, n_rows)
+            cache_prompt(weights, cache, slots, qkv)
             return
-        attended = attend_prompt(weights, *cache_prompt(weights, cache, slots, qkv, n_rows))
+        attended = attend_prompt(weights, *cache_prompt(weights, cache, slots, qkv))
         attended = torch.addmm(layer.proj_b, attended, layer.proj_w)
         _norm(resid, layer.ln_2, normed, weights.eps, delta=attended, store=True, bias=layer.out_b)
         resid.addmm_(_feed_forward(weights, layer, normed), layer.out_w)
@@ -199,7 +199,7 @@ def _attention(weights: GPT2Weights, state: DecodeState, index: int, qkv: torch.
         head_dim,
         cache.stride(0), cache.stride(1), cache.stride(2),
         BLOCK_D=block_d, BLOCK_N=ATTENTION_BLOCK, SPLITS=splits, CHUNK=chunk, POS_COL=POS,
-        num_warps=NUM_WARPS if splits > 1 else ATTENTION_WARPS_UNSPLIT,
+        num_warps=ATTENTION_WARPS_UNSPLIT if batch * n_head >= ATTENTION_UNSPLIT_FROM else NUM_WARPS,
     )  # fmt: skip
     return y
 
@@ -237,6 +237,8 @@ def _top_k(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.topk(logits, TOP_K_CAP) (values, ids), best first, in two kernels: each vocabulary
     segment's TOP_K_CAP best by a bitwise search for the K-th largest value, then the best of those."""
     batch, vocab = logits.shape
+    if vocab < TOP_K_CAP or not logits.is_contiguous():  # the kernels pad with the last id, rows V apart
+        raise ValueError(f"top-k needs contiguous rows of a vocabulary of at least {TOP_K_CAP}, got {vocab}")
     segments = triton.cdiv(vocab, TOP_K_SEGMENT)
     n_keys = segments * TOP_K_CAP
     keys = torch.empty((batch, n_keys), dtype=torch.int64, device=logits.device)

@@ -74,6 +74,13 @@ def test_attention_matches_softmax_and_writes_the_new_key_value(
         )
 
 
+def test_attention_splits_stop_from_the_unsplit_threshold() -> None:
+    unsplit_from = fastgen_triton.ATTENTION_UNSPLIT_FROM
+    assert fastgen_triton._attention_splits(unsplit_from, max_seq=1024) == 1
+    assert fastgen_triton._attention_splits(unsplit_from - 12, max_seq=1024) > 1
+    assert fastgen_triton._attention_splits(12, max_seq=1024) == 16  # one row of GPT-2: 16 blocks of 64
+
+
 def test_attention_splits_are_powers_of_two_that_cover_the_cache() -> None:
     for max_seq in (1, 40, 63, 64, 65, 200, 256, 1000, 1024, 2048):
         for programs in (1, 2, 12, 24, 96, 256, 3072):
@@ -125,23 +132,28 @@ def test_argmax_keys_break_ties_like_argmax() -> None:
 
 
 @pytest.mark.parametrize("vocab", [50257, 4096, 4097, 300])
-def test_top_k_gives_what_torch_topk_gives_ties_to_the_smaller_id(vocab: int) -> None:
+def test_top_k_gives_what_a_stable_sort_gives(vocab: int) -> None:
+    """torch.topk's values; equal values (-0.0 == 0.0 too) rank the smaller id first, as a stable sort."""
     device = device_under_test()
     logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(vocab))
     logits[0, : vocab // 2] = logits[0, : vocab // 2].round(decimals=1)  # many ties, across segments
-    logits[1, 3:250] = float("-inf")  # banned ids: fewer finite values than K in the first segment
-    logits[2, 0], logits[2, 1] = 0.0, -0.0  # equal values
+    logits[1, 3:250] = float("-inf")  # banned ids; at 300 fewer than 128 are finite, and -inf ties fill up
     logits[2] = -logits[2].abs()
+    logits[2, 0], logits[2, 1] = -0.0, 0.0  # the best two, equal
     logits[3, vocab - 1] = 40.0  # the last id, in the last, partial segment
     logits = logits.to(device)
     values, ids = fastgen_triton._top_k(logits)
-    expected = logits.topk(fastgen_triton.TOP_K_CAP, -1)
-    assert torch.equal(values, expected.values)
-    assert torch.equal(logits.gather(1, ids), values)
+    expected = logits.sort(dim=-1, descending=True, stable=True)
+    assert torch.equal(values, expected.values[:, : fastgen_triton.TOP_K_CAP])
+    assert torch.equal(ids, expected.indices[:, : fastgen_triton.TOP_K_CAP])
+    assert torch.equal(values, logits.topk(fastgen_triton.TOP_K_CAP, -1).values)
     assert ids[3, 0] == vocab - 1 and ids[2, :2].tolist() == [0, 1]
-    is_tie = values[:, 1:] == values[:, :-1]
-    assert bool((ids[:, 1:] > ids[:, :-1])[is_tie].all())  # equal values: the smaller id ranks first
-    assert all(len(set(row)) == fastgen_triton.TOP_K_CAP for row in ids.tolist())
+
+
+def test_top_k_refuses_a_vocabulary_smaller_than_k() -> None:
+    logits = torch.randn(2, fastgen_triton.TOP_K_CAP - 1, device=device_under_test())
+    with pytest.raises(ValueError, match="vocabulary"):
+        fastgen_triton._top_k(logits)
 
 
 def test_fused_step_samples_what_the_plain_step_samples(tiny_model_dir: Path) -> None:

@@ -619,14 +619,27 @@ def test_property_decoder_decodes_what_the_transformers_call_decodes(
 
 def test_decoder_on_sentencepiece_matches_the_transformers_call(japanese_tokenizer: Any) -> None:
     decoder = Decoder.of(japanese_tokenizer)
+    assert decoder.rust is not None
     texts = ["こんにちは、元気ですか？", "Bot: はい。", ""]
     sequences = [[*encode(japanese_tokenizer, text), japanese_tokenizer.eos_token_id] for text in texts]
     expected = [japanese_tokenizer.decode(ids, skip_special_tokens=True) for ids in sequences]
     assert decoder.decode_many(sequences) == expected
 
 
-def test_decoder_keeps_the_transformers_call_where_it_cleans_up_spaces(gpt2_tokenizer: Any) -> None:
+def test_decoder_keeps_the_transformers_call_where_it_may_differ(gpt2_tokenizer: Any) -> None:
+    """Space clean-up on, a class with its own decode, or no Rust tokenizer: the wrapper decodes."""
     tokenizer = tokenizer_variant(gpt2_tokenizer, "as shipped")
+    assert Decoder.of(tokenizer).rust is not None
     tokenizer.clean_up_tokenization_spaces = True
     assert Decoder.of(tokenizer).rust is None
+
+    class ShoutingDecode(type(gpt2_tokenizer)):
+        def _decode(self, *args: Any, **kwargs: Any) -> str:
+            return str(super()._decode(*args, **kwargs)).upper()
+
+    shouting = copy.copy(gpt2_tokenizer)
+    shouting.__class__ = ShoutingDecode
+    decoder = Decoder.of(shouting)
+    assert decoder.rust is None
+    assert decoder.decode_many([encode(gpt2_tokenizer, "hi there")]) == ["HI THERE"]
     assert Decoder.of(WrapperOnly(gpt2_tokenizer)).rust is None
