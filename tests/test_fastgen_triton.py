@@ -178,6 +178,12 @@ def odd_model() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=72, n_head=3, n_positions=128, vocab_size=50257))
 
 
+def shaped_weights(tiny_model_dir: Path, shape: str, device: torch.device) -> fastgen_ops.GPT2Weights:
+    """The fp32 weights of the tiny test model ("tiny") or of odd_model() ("odd") on `device`."""
+    model = GPT2LMHeadModel.from_pretrained(tiny_model_dir) if shape == "tiny" else odd_model()
+    return fastgen_ops.weights_from_hf(model.to(device).eval(), fast_activation=False)
+
+
 def prefilled_state(
     weights: fastgen_ops.GPT2Weights, device: torch.device
 ) -> tuple[fastgen_ops.DecodeState, torch.Tensor]:
@@ -195,8 +201,7 @@ def prefilled_state(
 @pytest.mark.parametrize("shape", ["tiny", "odd"])
 def test_fused_logits_equal_the_plain_steps(tiny_model_dir: Path, shape: str) -> None:
     device = device_under_test()
-    model = GPT2LMHeadModel.from_pretrained(tiny_model_dir) if shape == "tiny" else odd_model()
-    weights = fastgen_ops.weights_from_hf(model.to(device).eval(), fast_activation=False)
+    weights = shaped_weights(tiny_model_dir, shape, device)
     state, _ = prefilled_state(weights, device)
     with torch.inference_mode():
         expected = fastgen_ops.decode_logits(weights, state, batch=3, window=64)
@@ -207,8 +212,7 @@ def test_fused_logits_equal_the_plain_steps(tiny_model_dir: Path, shape: str) ->
 @pytest.mark.parametrize("shape", ["tiny", "odd"])
 def test_fused_prefill_caches_what_the_plain_prefill_caches(tiny_model_dir: Path, shape: str) -> None:
     device = device_under_test()
-    model = GPT2LMHeadModel.from_pretrained(tiny_model_dir) if shape == "tiny" else odd_model()
-    weights = fastgen_ops.weights_from_hf(model.to(device).eval(), fast_activation=False)
+    weights = shaped_weights(tiny_model_dir, shape, device)
     expected, prompts = prefilled_state(weights, device)
     state = fastgen_ops.allocate_state(weights, max_batch=3, max_seq=64)
     with torch.inference_mode():
