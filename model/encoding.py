@@ -38,23 +38,27 @@ def rust_tokenizer(tokenizer: PreTrainedTokenizerBase) -> Any | None:
     the Rust tokenizer gives the same ids when it is in that state already and the class changes nothing on
     the way; slow tokenizers, transformers 4 and subclasses with their own `_encode_plus` keep the wrapper.
     """
-    if not tokenizer.is_fast:
-        return None
-    try:
-        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-        from transformers.tokenization_utils_tokenizers import TokenizersBackend
-    except ImportError:  # transformers 4 builds the call differently
-        return None
-    cls = type(tokenizer)
-    is_plain = (
-        cls.__call__ is PreTrainedTokenizerBase.__call__
-        and getattr(cls, "_encode_plus", None) is TokenizersBackend._encode_plus
-        and not hasattr(cls, "_switch_to_input_mode")  # seq2seq tokenizers swap templates per call
+    is_plain = _keeps_backend_methods(tokenizer, "__call__", "_encode_plus") and not hasattr(
+        type(tokenizer),
+        "_switch_to_input_mode",  # seq2seq tokenizers swap templates per call
     )
     rust = tokenizer.backend_tokenizer if is_plain else None
     if rust is None or rust.truncation is not None or rust.padding is not None:
         return None
     return rust if rust.encode_special_tokens == tokenizer.split_special_tokens else None
+
+
+def _keeps_backend_methods(tokenizer: PreTrainedTokenizerBase, *names: str) -> bool:
+    """Whether `tokenizer` is fast and its class takes these methods unchanged from transformers 5's
+    fast-tokenizer base (False on transformers 4, which builds its calls differently)."""
+    if not tokenizer.is_fast:
+        return False
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return False
+    cls = type(tokenizer)
+    return all(getattr(cls, name, None) is getattr(TokenizersBackend, name) for name in names)
 
 
 def joins_lines(rust: Any) -> bool:
@@ -138,19 +142,9 @@ def rust_decoder(tokenizer: PreTrainedTokenizerBase) -> Any | None:
     transformers 5's fast decode is the Rust decode plus an optional clean-up of spaces, after a
     `to_py_obj` walk over the ids that cost ~15 µs of Python for a 48-token reply (more than the decode).
     """
-    if not tokenizer.is_fast or tokenizer.clean_up_tokenization_spaces:
+    if tokenizer.clean_up_tokenization_spaces or not _keeps_backend_methods(tokenizer, "decode", "_decode"):
         return None
-    try:
-        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-        from transformers.tokenization_utils_tokenizers import TokenizersBackend
-    except ImportError:  # transformers 4 decodes differently
-        return None
-    cls = type(tokenizer)
-    is_plain = (
-        getattr(cls, "decode", None) is PreTrainedTokenizerBase.decode
-        and getattr(cls, "_decode", None) is TokenizersBackend._decode
-    )
-    return tokenizer.backend_tokenizer if is_plain else None
+    return tokenizer.backend_tokenizer
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ greedy decoding (temperature 0) gives exactly the tokens `generate` gives (tests
 from __future__ import annotations
 
 import array
+import functools
 import itertools
 import logging
 import time
@@ -106,31 +107,25 @@ def _step_features(params: Sequence[SamplingParams]) -> tuple[str, bool, int]:
     return sampling, use_penalty, span
 
 
-def _step_function(device: torch.device, want_fused: bool, is_required: bool) -> Callable[..., None]:
-    """The fused Triton decode step when wanted and Triton can run here, else the plain one."""
+def _step_functions(
+    device: torch.device, want_fused: bool, is_required: bool
+) -> tuple[Callable[..., None], Callable[..., None]]:
+    """(decode step, prefill): the fused Triton pair when wanted and Triton can run here, else the plain
+    pair. They go together: the prefill writes the cache rounded as its decode step rounds."""
     if not want_fused:
-        return decode_step
+        return decode_step, prefill
     try:
         from model import fastgen_triton
     except ImportError:
         if is_required:
             raise
         log.info("Triton is not installed: using the plain decode step")
-        return decode_step
+        return decode_step, prefill
     if not fastgen_triton.can_run_on(device):
         if is_required:
             raise ValueError("the fused decode step needs CUDA (or Triton's interpreter, TRITON_INTERPRET=1)")
-        return decode_step
-    return fastgen_triton.decode_step
-
-
-def _prefill_function(is_fused: bool) -> Callable[..., None]:
-    """The prefill whose rounding matches the decode step's: the fused one goes with the fused step."""
-    if not is_fused:
-        return prefill
-    from model import fastgen_triton
-
-    return fastgen_triton.prefill
+        return decode_step, prefill
+    return fastgen_triton.decode_step, fastgen_triton.prefill
 
 
 def _right_padded(sequences: Sequence[Sequence[int]], width: int) -> torch.Tensor:
@@ -190,9 +185,8 @@ class BatchedGPT2Engine:
         self._max_batch, self._max_seq = max_batch_size, max_seq
         self._weights = weights_from_hf(model, fast_activation=self._use_graphs)
         want_fused = self._use_graphs if fused is None else fused
-        self._decode_step = _step_function(device, want_fused, is_required=fused is True)
+        self._decode_step, self._prefill = _step_functions(device, want_fused, is_required=fused is True)
         self._is_fused = self._decode_step is not decode_step
-        self._prefill = _prefill_function(self._is_fused)
         with torch.inference_mode():
             self._state: DecodeState = allocate_state(self._weights, max_batch_size, max_seq)
             self._prefill_input = torch.zeros((1, max_seq), dtype=torch.long, device=device)
@@ -254,8 +248,7 @@ class BatchedGPT2Engine:
         lengths = dict.fromkeys(self._prefill_length(prefix) for prefix in range(1, self._max_seq))
         with torch.inference_mode():
             for length in lengths:
-                if length not in self._prefill_graphs:
-                    self._prefill_graphs[length] = self._capture_prefill(length)
+                self._prefill_graphs[length] = self._capture_prefill(length)
 
     # ---- the DecodeEngine protocol ----
 
@@ -387,14 +380,8 @@ class BatchedGPT2Engine:
 
     def _capture_prefill(self, length: int) -> torch.cuda.CUDAGraph:
         ids, slot = self._prefill_input[:, :length], self._prefill_slot
-        side = torch.cuda.Stream(self._device)
-        side.wait_stream(torch.cuda.current_stream(self._device))
-        with torch.cuda.stream(side):  # warm-up: writes the same keys/values the replay writes
-            self._prefill(self._weights, self._state, ids, slot)
-        torch.cuda.current_stream(self._device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            self._prefill(self._weights, self._state, ids, slot)
+        run = functools.partial(self._prefill, self._weights, self._state, ids, slot)
+        graph = self._captured(warm_up=run, body=run)  # the warm-up writes what the replay writes
         log.info("captured a prefill graph for %d positions", length)
         return graph
 
@@ -506,13 +493,20 @@ class BatchedGPT2Engine:
     def _capture(self, plan: StepPlan) -> torch.cuda.CUDAGraph:
         """Capture one decode step for `plan`, after an eager warm-up (kernel choice, cuBLAS workspace)."""
         started = time.perf_counter()
+        step = functools.partial(self._decode_step, self._weights, self._state, plan)
+        graph = self._captured(warm_up=functools.partial(step, commit=False), body=step)
+        log.info("captured a decode graph for %s in %.0f ms", plan, 1000 * (time.perf_counter() - started))
+        return graph
+
+    def _captured(self, warm_up: Callable[[], None], body: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        """`body` as a CUDA graph in the engine's pool, after `warm_up` ran eagerly on a side stream
+        (kernel choice, cuBLAS workspace, Triton compiles)."""
         side = torch.cuda.Stream(self._device)
         side.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(side):
-            self._decode_step(self._weights, self._state, plan, commit=False)
+            warm_up()
         torch.cuda.current_stream(self._device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            self._decode_step(self._weights, self._state, plan)
-        log.info("captured a decode graph for %s in %.0f ms", plan, 1000 * (time.perf_counter() - started))
+            body()
         return graph

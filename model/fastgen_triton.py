@@ -73,7 +73,7 @@ CANDIDATE_CHUNK = 4096  # vocabulary entries per argmax program (13 chunks for G
 MODE_GIVEN, MODE_ARGMAX, MODE_SAMPLE = range(3)  # how sample_append_kernel chooses the token
 NUM_WARPS = 4
 ATTENTION_WARPS_UNSPLIT = 2  # from ATTENTION_UNSPLIT_FROM: more programs per SM (BENCHMARKS.md sweep)
-TOP_K_TRITON_ROWS = 32  # batches up to this take _top_k; larger ones torch.topk
+TOP_K_TRITON_ROWS = 32  # batches up to this take the Triton top-k (_top_k); larger ones torch.topk
 TOP_K_SEGMENT = 2048  # vocabulary entries per top-k candidate program (H200 sweep: 2048-4096 best)
 TOP_K_WARPS = 8
 
@@ -95,11 +95,7 @@ def decode_step(weights: GPT2Weights, state: DecodeState, plan: StepPlan, commit
     if plan.sampling == "greedy":
         _sample_append(state, plan.batch, MODE_ARGMAX, _greedy_keys(logits))
     elif plan.sampling == "top_k":
-        if plan.batch <= TOP_K_TRITON_ROWS:
-            values, ids = _top_k(logits)
-        else:  # torch.topk: as fast at 64 rows, faster from 256 (BENCHMARKS.md, the top-k sweep)
-            values, ids = logits.topk(TOP_K_CAP, -1)  # sorted, largest first
-        _sample_append(state, plan.batch, MODE_SAMPLE, values, ids)
+        _sample_append(state, plan.batch, MODE_SAMPLE, *_top_k(logits))
     else:  # some row ranks the whole vocabulary: the plain sampler's full sort
         _sample_append(state, plan.batch, MODE_GIVEN, _full_sample(logits, state, plan.batch))
 
@@ -117,13 +113,8 @@ def decode_logits(weights: GPT2Weights, state: DecodeState, batch: int) -> torch
     _norm(resid, weights.layers[0].ln_1, normed, weights.eps, store=True, embed_from=(state, weights))
     for index, layer in enumerate(weights.layers):
         qkv = torch.addmm(layer.attn_b, normed, layer.attn_w)  # [B, 3C]
-        # The projection's bias rides in the cuBLAS epilogue and its residual add in the norm kernel.
-        attended = torch.addmm(layer.proj_b, _attention(weights, state, index, qkv), layer.proj_w)
-        _norm(resid, layer.ln_2, normed, weights.eps, delta=attended, store=True, bias=layer.out_b)
-        hidden = _feed_forward(weights, layer, normed)  # [B, 4C]
-        resid.addmm_(hidden, layer.out_w)  # resid held x + b_out: the residual add is the product's beta = 1
         following = weights.layers[index + 1].ln_1 if index + 1 < len(weights.layers) else weights.ln_f
-        _norm(resid, following, normed, weights.eps)
+        _after_attention(weights, layer, _attention(weights, state, index, qkv), resid, normed, following)
     # HF upcasts the last logits before its processors; the kernels want rows V apart (the padded LM
     # head's logits are a view with longer rows).
     return weights.logits(normed).float().contiguous()
@@ -146,10 +137,24 @@ def prefill(weights: GPT2Weights, state: DecodeState, ids: torch.Tensor, slots: 
             cache_prompt(weights, cache, slots, qkv)
             return
         attended = attend_prompt(weights, *cache_prompt(weights, cache, slots, qkv))
-        attended = torch.addmm(layer.proj_b, attended, layer.proj_w)
-        _norm(resid, layer.ln_2, normed, weights.eps, delta=attended, store=True, bias=layer.out_b)
-        resid.addmm_(_feed_forward(weights, layer, normed), layer.out_w)
-        _norm(resid, weights.layers[index + 1].ln_1, normed, weights.eps)
+        _after_attention(weights, layer, attended, resid, normed, weights.layers[index + 1].ln_1)
+
+
+def _after_attention(
+    weights: GPT2Weights,
+    layer: LayerWeights,
+    attended: torch.Tensor,
+    resid: torch.Tensor,
+    normed: torch.Tensor,
+    following: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    """The rest of a block, in place: resid += projection of `attended` + MLP, and normed = the
+    `following` norm of it. The biases ride in cuBLAS epilogues; the projection's residual add in the
+    norm kernel, the MLP's as the in-place product's beta = 1 (resid holds x + b_out by then)."""
+    projected = torch.addmm(layer.proj_b, attended, layer.proj_w)
+    _norm(resid, layer.ln_2, normed, weights.eps, delta=projected, store=True, bias=layer.out_b)
+    resid.addmm_(_feed_forward(weights, layer, normed), layer.out_w)
+    _norm(resid, following, normed, weights.eps)
 
 
 def _feed_forward(weights: GPT2Weights, layer: LayerWeights, normed: torch.Tensor) -> torch.Tensor:
@@ -234,9 +239,13 @@ def _greedy_keys(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _top_k(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(logits, TOP_K_CAP) (values, ids), best first, in two kernels: each vocabulary
-    segment's TOP_K_CAP best by a bitwise search for the K-th largest value, then the best of those."""
+    """torch.topk(logits, TOP_K_CAP) (values, ids), best first. Up to TOP_K_TRITON_ROWS rows in two
+    kernels: each vocabulary segment's TOP_K_CAP best by a bitwise search for the K-th largest value,
+    then the best of those; larger batches take torch.topk, as fast at 64 rows and faster from 256
+    (BENCHMARKS.md, the top-k sweep)."""
     batch, vocab = logits.shape
+    if batch > TOP_K_TRITON_ROWS:
+        return logits.topk(TOP_K_CAP, -1)  # sorted, largest first
     if vocab < TOP_K_CAP or not logits.is_contiguous():  # the kernels pad with the last id, rows V apart
         raise ValueError(f"top-k needs contiguous rows of a vocabulary of at least {TOP_K_CAP}, got {vocab}")
     segments = triton.cdiv(vocab, TOP_K_SEGMENT)

@@ -204,11 +204,11 @@ class PromptBuilders:
     def _build_waiting(self) -> None:
         try:
             while not self._stopping.is_set() and (batch := self._take_waiting()):
-                for generation in dict.fromkeys(
-                    built_for for _, _, built_for in batch
-                ):  # one unless a reload
-                    group = [(job, serving) for job, serving, built_for in batch if built_for == generation]
-                    self._build_batch([job for job, _ in group], group[0][1], generation)
+                groups: dict[int, tuple[Serving, list[GenerateJob]]] = {}  # one unless a reload came between
+                for job, serving, generation in batch:
+                    groups.setdefault(generation, (serving, []))[1].append(job)
+                for generation, (serving, jobs) in groups.items():
+                    self._build_batch(jobs, serving, generation)
         except Exception:  # the pool would swallow it: say so (_build_batch answers every job it took)
             log.exception("a prompt builder failed")
 

@@ -174,24 +174,19 @@ def _line(turn: Turn, bot_name: str) -> str:
 
 
 class _Renderer:
-    """Cleans turns and renders their lines for one build, each speaker's tag worked out once."""
+    """Cleans turns and renders their lines for one build."""
 
     def __init__(self, specials: list[str], bot_name: str) -> None:
         self.specials = specials
         self.bot_name = bot_name
         self._bot_tag = _bot_tag(bot_name)
-        self._tags: dict[str, str] = {}  # cleaned speaker → tag
 
     def clean(self, turn: Turn) -> Turn:
         return _clean_turn(turn, self.specials)
 
     def line(self, turn: Turn) -> str:
         """`_line(turn, bot_name)` for a cleaned turn, whose text is folded already."""
-        if turn.is_bot:
-            return f"{self._bot_tag}: {turn.text}\n"
-        tag = self._tags.get(turn.speaker)
-        if tag is None:
-            tag = self._tags[turn.speaker] = sanitize_speaker(turn.speaker, self.bot_name)
+        tag = self._bot_tag if turn.is_bot else sanitize_speaker(turn.speaker, self.bot_name)
         return f"{tag}: {turn.text}\n"
 
 
