@@ -147,8 +147,10 @@ class ActiveJob:
 
     def should_resample(self, text: str) -> bool:
         """Once per request, when the reply repeats one of the bot's recent replies and time is left."""
-        is_time_left = time.monotonic() < self.deadline
-        return self.attempts == 1 and is_time_left and is_repeat(text, self.job.request.recent_bot_replies)
+        recent = self.job.request.recent_bot_replies
+        if self.attempts > 1 or not recent or time.monotonic() >= self.deadline:
+            return False
+        return is_repeat(text, recent)
 
     def reply(self, text: str, stop_reason: str, loaded: LoadedModel) -> Reply:
         """The finished Reply with its accounting."""

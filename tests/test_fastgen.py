@@ -412,3 +412,12 @@ def test_right_padded_pads_each_row_with_its_own_last_id() -> None:
     assert padded.tolist() == [[1, 2, 3, 3], [7, 7, 7, 7], [0, 0, 0, 0]]
     assert fastgen._right_padded([(), ()], width=2).tolist() == [[0, 0], [0, 0]]
     assert fastgen._right_padded([(5, 6)], width=2).tolist() == [[5, 6]]
+
+
+def test_uniforms_repeat_for_seeded_jobs_and_are_unused_for_greedy_ones() -> None:
+    seeded, other = sampled(seed=7), sampled(seed=None)
+    jobs = [job(0, (1,), seeded), job(1, (1,), GREEDY), job(2, (1,), other), job(3, (1,), seeded)]
+    uniforms = fastgen._uniforms(jobs, 5)
+    expected = torch.rand(5, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(uniforms[0], expected) and torch.equal(uniforms[3], expected)
+    assert not uniforms[1].any() and ((uniforms[2] >= 0) & (uniforms[2] < 1)).all()
