@@ -24,7 +24,6 @@ greedy decoding (temperature 0) gives exactly the tokens `generate` gives (tests
 from __future__ import annotations
 
 import array
-import functools
 import logging
 import time
 from collections import deque
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 
 from model.engine import EngineJob, EngineResult
+from model.fastgen_graphs import StepGraphs
 from model.fastgen_ops import (
     REASON_MAX_NEW,
     REASON_MAX_SEQ,
@@ -195,8 +195,6 @@ class BatchedGPT2Engine:
         self._is_fused = self._decode_step is not decode_step
         with torch.inference_mode():
             self._state: DecodeState = allocate_state(self._weights, max_batch_size, max_seq)
-            self._prefill_input = torch.zeros((1, max_seq), dtype=torch.long, device=device)
-            self._prefill_slot = torch.zeros(1, dtype=torch.long, device=device)
         # Graphs are captured per window bucket; the fused step reads each row's length on the device,
         # so its graphs serve every window. Eager shapes cost nothing to vary.
         self._bucket = WINDOW_BUCKET if self._use_graphs else 1
@@ -208,9 +206,9 @@ class BatchedGPT2Engine:
         self._launched: deque[_Launched] = deque()
         self._steps = 0  # decode steps launched so far
         self._features: tuple[str, bool, int] | None = None  # cached until the set of jobs changes
-        self._graphs: dict[StepPlan, torch.cuda.CUDAGraph] = {}
-        self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # length bucket → one-job prefill
-        self._graph_pool: Any = torch.cuda.graph_pool_handle() if self._use_graphs else None
+        self._graphs: StepGraphs | None = None  # eager on the CPU, or when graphs are turned off
+        if self._use_graphs:
+            self._graphs = StepGraphs(self._weights, self._state, self._decode_step, self._prefill)
         self._host_out: torch.Tensor | None = None
         self._events: list[torch.cuda.Event] = []
         if device.type == "cuda":
@@ -219,7 +217,7 @@ class BatchedGPT2Engine:
             self._events = [torch.cuda.Event() for _ in range(OUTPUT_RING_SIZE)]
         for params in warm_up:
             self.capture_graphs(params)
-        if warm_up and self._use_graphs:
+        if warm_up and self._graphs is not None:
             self._capture_prefill_graphs()
 
     @staticmethod
@@ -241,20 +239,19 @@ class BatchedGPT2Engine:
         72 ms and took 509 ms instead of 217 (BENCHMARKS.md, Generation). Only
         the fused step's graphs serve every window; the plain step's are left to capture on demand.
         """
-        if not (self._use_graphs and self._fixed_window):
+        if self._graphs is None or not self._fixed_window:
             return
         features = _step_features([params])
         with torch.inference_mode():
             for batch in self._batch_buckets:
-                self._graph(StepPlan(batch, self._fixed_window, *features))
+                self._graphs.decode(StepPlan(batch, self._fixed_window, *features))
 
     def _capture_prefill_graphs(self) -> None:
         """Capture now a lone job's prefill graph for every prompt length bucket; captured on first use
         instead, the first reply of each bucket waited ~0.9 s on an H100 (BENCHMARKS.md, Generation)."""
+        assert self._graphs is not None
         lengths = dict.fromkeys(self._prefill_length(prefix) for prefix in range(1, self._max_seq))
-        with torch.inference_mode():
-            for length in lengths:
-                self._prefill_graphs[length] = self._capture_prefill(length)
+        self._graphs.capture_prefills(list(lengths))
 
     # ---- the DecodeEngine protocol ----
 
@@ -360,8 +357,8 @@ class BatchedGPT2Engine:
         )
         if length > 0:
             ids = padded[:, :length]
-            if self._use_graphs and len(chunk) == 1:
-                self._prefill_one(ids, first_slot)
+            if self._graphs is not None and len(chunk) == 1:  # a replay, not ~170 launches (fastgen_graphs)
+                self._graphs.prefill_one(ids, first_slot)
             else:
                 slots = torch.arange(first_slot, first_slot + len(chunk))
                 self._prefill(self._weights, self._state, self._on_device(ids), self._on_device(slots))
@@ -372,24 +369,6 @@ class BatchedGPT2Engine:
 
     def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self._device, non_blocking=True)
-
-    def _prefill_one(self, ids: torch.Tensor, slot: int) -> None:
-        """One job's prefill as a CUDA-graph replay (one graph per length bucket). Eagerly, a lone
-        256-token prefill is ~170 launches: 4.3 ms of host time on an H100 host for ~0.3 ms of GPU work."""
-        length = ids.shape[1]
-        self._prefill_input[:, :length].copy_(self._on_device(ids))
-        self._prefill_slot.fill_(slot)
-        graph = self._prefill_graphs.get(length)
-        if graph is None:
-            graph = self._prefill_graphs[length] = self._capture_prefill(length)
-        graph.replay()
-
-    def _capture_prefill(self, length: int) -> torch.cuda.CUDAGraph:
-        ids, slot = self._prefill_input[:, :length], self._prefill_slot
-        run = functools.partial(self._prefill, self._weights, self._state, ids, slot)
-        graph = self._captured(warm_up=run, body=run)  # the warm-up writes what the replay writes
-        log.info("captured a prefill graph for %d positions", length)
-        return graph
 
     # ---- reading results, retiring jobs ----
 
@@ -472,8 +451,8 @@ class BatchedGPT2Engine:
 
     def _launch(self) -> None:
         plan = self._plan()
-        if self._use_graphs:
-            self._graph(plan).replay()
+        if self._graphs is not None:
+            self._graphs.decode(plan).replay()
         else:
             self._decode_step(self._weights, self._state, plan)
         self._launched.append(self._publish(plan.batch))
@@ -489,30 +468,3 @@ class BatchedGPT2Engine:
         host_out.copy_(out, non_blocking=True)
         self._events[ring].record()
         return _Launched(host_out, jobs, self._events[ring])
-
-    def _graph(self, plan: StepPlan) -> torch.cuda.CUDAGraph:
-        graph = self._graphs.get(plan)
-        if graph is None:
-            graph = self._graphs[plan] = self._capture(plan)
-        return graph
-
-    def _capture(self, plan: StepPlan) -> torch.cuda.CUDAGraph:
-        """Capture one decode step for `plan`, after an eager warm-up (kernel choice, cuBLAS workspace)."""
-        started = time.perf_counter()
-        step = functools.partial(self._decode_step, self._weights, self._state, plan)
-        graph = self._captured(warm_up=functools.partial(step, commit=False), body=step)
-        log.info("captured a decode graph for %s in %.0f ms", plan, 1000 * (time.perf_counter() - started))
-        return graph
-
-    def _captured(self, warm_up: Callable[[], None], body: Callable[[], None]) -> torch.cuda.CUDAGraph:
-        """`body` as a CUDA graph in the engine's pool, after `warm_up` ran eagerly on a side stream
-        (kernel choice, cuBLAS workspace, Triton compiles)."""
-        side = torch.cuda.Stream(self._device)
-        side.wait_stream(torch.cuda.current_stream(self._device))
-        with torch.cuda.stream(side):
-            warm_up()
-        torch.cuda.current_stream(self._device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            body()
-        return graph

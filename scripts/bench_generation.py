@@ -254,7 +254,8 @@ async def bench_worker(loaded: LoadedModel, request: ReplyRequest, options: Opti
 
 def log_graphs(system: str, engine: BatchedGPT2Engine) -> None:
     """How many decode graphs the engine captured: jobs joining at scattered steps need more shapes."""
-    log.info("%s: %d CUDA graphs captured", system, len(engine._graphs))  # a benchmark may peek
+    graphs = engine._graphs  # a benchmark may peek
+    log.info("%s: %d decode graphs captured", system, len(graphs.decode_graphs) if graphs else 0)
 
 
 def _engine_run(engine: BatchedGPT2Engine, ids: tuple[int, ...], params: SamplingParams, count: int) -> Run:

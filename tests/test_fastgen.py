@@ -395,16 +395,18 @@ def test_gpu_warm_up_captures_every_batch_size_before_serving(tiny_model_dir) ->
     model = GPT2LMHeadModel.from_pretrained(tiny_model_dir).to("cuda", torch.float16).eval()
     params = sampled(seed=3)
     engine = make_engine(model, max_batch_size=8, fused=True, warm_up=(params,))
-    captured = set(engine._graphs)  # a test may peek
+    graphs = engine._graphs  # a test may peek
+    assert graphs is not None
+    captured = set(graphs.decode_graphs)
     assert sorted(plan.batch for plan in captured) == [1, 2, 4, 8]
-    prefills = set(engine._prefill_graphs)  # a lone job's prefill: one graph per 64-token bucket
+    prefills = set(graphs.prefill_graphs)  # a lone job's prefill: one graph per 64-token bucket
     assert sorted(prefills) == list(range(64, model.config.n_positions + 1, 64))
     for count in (3, 8, 1, 5, 1):
         for i in range(count):
             engine.admit(job(100 * count + i, random_prompt(5 + 70 * i + count, seed=i), params))
         assert len(drain(engine)) == count
-    assert set(engine._graphs) == captured
-    assert set(engine._prefill_graphs) == prefills
+    assert set(graphs.decode_graphs) == captured
+    assert set(graphs.prefill_graphs) == prefills
 
 
 def test_right_padded_pads_each_row_with_its_own_last_id() -> None:
