@@ -138,7 +138,7 @@ async def test_each_reload_step_failure_is_named_and_keeps_the_old_model(
         assert caught.value.step == step and worker.info().version == "tiny"
     real_model_info = jobs.model_info
     monkeypatch.setattr(
-        "model.worker.model_info", lambda m: real_model_info(m) if m.version != "v3" else 1 / 0
+        "model.worker_thread.model_info", lambda m: real_model_info(m) if m.version != "v3" else 1 / 0
     )
     with pytest.raises(ReloadFailed, match="division by zero") as caught:
         await worker.reload("v3")
