@@ -15,10 +15,11 @@ A job's life (every call comes from the worker thread, so nothing here locks):
   MAX_STEPS_AHEAD steps ahead. A row that finishes freezes on the GPU until the host has seen it.
 
 Sampling (temperature, top-k, top-p, repetition penalty, no_repeat_ngram_size) runs on the device with
-per-row settings held in tensors, so rows with different settings share one graph. Each job draws its
-random numbers up front from its own seed, so a seeded job samples the same tokens whatever else is in
-the batch. Tie-breaking inside top-k and rounding inside top-p can differ from Hugging Face's warpers;
-greedy decoding (temperature 0) gives exactly the tokens `generate` gives (tests/test_fastgen.py).
+per-row settings held in tensors, so rows with different settings share one graph. Every job's random
+numbers are drawn up front, a seeded job's from its own generator, so a seeded job samples the same
+tokens whatever else is in the batch. Tie-breaking inside top-k and rounding inside top-p can differ
+from Hugging Face's warpers; greedy decoding (temperature 0) gives exactly the tokens `generate` gives
+(tests/test_fastgen.py).
 """
 
 from __future__ import annotations
@@ -143,14 +144,16 @@ def _right_padded(sequences: Sequence[Sequence[int]], width: int) -> torch.Tenso
 def _uniforms(jobs: Sequence[EngineJob], count: int) -> torch.Tensor:
     """[len(jobs), count]: each job's random numbers, one per generated token. Seeded jobs draw from
     their own generator, so they repeat; the others share one draw from torch's RNG (one call, not one
-    a job); greedy jobs use none."""
-    uniforms = torch.rand(len(jobs), count)
-    for row, job in enumerate(jobs):
-        if job.params.is_greedy:
-            uniforms[row] = 0.0
-        elif job.params.seed is not None:
-            generator = torch.Generator().manual_seed(job.params.seed)
-            uniforms[row] = torch.rand(count, generator=generator)
+    a job); greedy jobs use none (zeros)."""
+    params = [job.params for job in jobs]
+    is_shared = any(not p.is_greedy and p.seed is None for p in params)
+    uniforms = torch.rand(len(jobs), count) if is_shared else torch.zeros(len(jobs), count)
+    greedy_rows = [row for row, p in enumerate(params) if p.is_greedy]
+    if is_shared and greedy_rows:
+        uniforms[greedy_rows] = 0.0
+    for row, p in enumerate(params):
+        if not p.is_greedy and p.seed is not None:
+            uniforms[row] = torch.rand(count, generator=torch.Generator().manual_seed(p.seed))
     return uniforms
 
 

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 
 class StepGraphs:
-    """The engine's captured graphs: `decode(plan)` and `prefill_one(ids, slot)`, captured on first use
-    (or ahead of it: capture_graphs and capture_prefills)."""
+    """The engine's captured graphs: `decode(plan)` and `prefill_one(ids, slot)`, captured on first use,
+    or ahead of it (BatchedGPT2Engine.capture_graphs calls `decode`; `capture_prefills`)."""
 
     def __init__(
         self,

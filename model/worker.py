@@ -40,7 +40,7 @@ from model.jobs import (
     resolve_future,
 )
 from model.sampling import SamplingParams
-from model.worker_thread import LoopCallbacks, WorkerThread
+from model.worker_thread import LoopCallbacks, ThreadSide
 
 if TYPE_CHECKING:
     from model.loading import LoadedModel
@@ -105,7 +105,7 @@ class ModelWorker:
         # A setting of the user's own wins.
         is_many_cores = (os.cpu_count() or 1) >= TOKENIZER_POOL_MIN_CORES
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "true" if is_many_cores else "false")
-        self._model_thread = WorkerThread(
+        self._thread_side = ThreadSide(
             source,
             loader or default_loader(device, dtype, allow_pickle, models_dir),
             # The default engine gets ready for the bot's own sampling settings before it serves.
@@ -130,7 +130,7 @@ class ModelWorker:
         self._loop = asyncio.get_running_loop()
         started: asyncio.Future[ModelInfo] = self._loop.create_future()
         self._thread = threading.Thread(
-            target=self._model_thread.run, args=(self._loop, started), name="model-worker", daemon=True
+            target=self._thread_side.run, args=(self._loop, started), name="model-worker", daemon=True
         )
         self._thread.start()
         return await started
@@ -144,7 +144,7 @@ class ModelWorker:
         request = fit_to_context(request, self._loaded().n_positions)
         job = GenerateJob(request, self._loop.create_future(), time.monotonic())
         self._outstanding.add(job)
-        self._model_thread.inbox.put(job)
+        self._thread_side.inbox.put(job)
         return await job.future
 
     async def reload(self, source: str) -> ModelInfo:
@@ -155,7 +155,7 @@ class ModelWorker:
             raise ReloadInProgress("a reload is already queued or running")
         job = ReloadJob(source, self._loop.create_future())
         self._is_reloading = True
-        self._model_thread.inbox.put(job)
+        self._thread_side.inbox.put(job)
         return await job.future
 
     def info(self) -> ModelInfo:
@@ -164,7 +164,7 @@ class ModelWorker:
 
     def _loaded(self) -> LoadedModel:
         """The model serving now; WorkerClosed before the first load."""
-        serving = self._model_thread.serving
+        serving = self._thread_side.serving
         if serving is None:
             raise WorkerClosed("no model is loaded")
         return serving.loaded
@@ -182,15 +182,15 @@ class ModelWorker:
         self._is_closing = True
         if self._thread is None:
             return
-        self._model_thread.closing.set()
+        self._thread_side.closing.set()
         self._reject_queued()
         self._reject_unstarted()
-        self._model_thread.inbox.put(Stop())
+        self._thread_side.inbox.put(Stop())
         if not await self._wait_stopped(grace_seconds):
             log.warning(
                 "in-flight generations outlived the %.1f s grace period; aborting them", grace_seconds
             )
-            self._model_thread.aborting.set()
+            self._thread_side.aborting.set()
             self._reject_outstanding()
             if not await self._wait_stopped(THREAD_STOP_TIMEOUT_SECONDS):
                 log.error("the model worker thread did not stop; leaving it to die with the process")
@@ -215,7 +215,7 @@ class ModelWorker:
         """Answer every job still waiting in the inbox with WorkerClosed (loop side)."""
         while True:
             try:
-                item = self._model_thread.inbox.get_nowait()
+                item = self._thread_side.inbox.get_nowait()
             except queue.Empty:
                 return
             if isinstance(item, ReloadJob):

@@ -77,11 +77,13 @@ class LoopCallbacks:
     thread_exited: Callable[[], None]
 
 
-class WorkerThread:
-    """Everything the model thread owns, and its loop (`run`, on its own thread).
+class ThreadSide:
+    """The worker's thread side: everything its one thread owns, and that thread's loop (`run`).
 
-    The event loop reads `serving` (what serves now), puts jobs on `inbox`, and sets `closing` (refuse
-    reloads) and `aborting` (drop what is in flight); nothing else is shared.
+    Shared with the event loop: `serving` (read there: what serves now), `inbox` (the loop puts jobs on
+    it, and drains it at shutdown), `closing` (refuse reloads) and `aborting` (drop what is in flight),
+    set there, and each job's `claim` (model.jobs.Claim), which decides once whether the thread starts
+    it or close() rejects it. The prompt builders' threads hand their results over through `_built`.
     """
 
     def __init__(
@@ -123,8 +125,8 @@ class WorkerThread:
         except RuntimeError:  # the loop is closed: nobody is left to answer
             log.warning("event loop closed; dropping a result")
 
-    def _settle(self, job: GenerateJob | ReloadJob, value: Any, error: BaseException | None) -> None:
-        """Answer a job's caller, on the event loop."""
+    def _answer(self, job: GenerateJob | ReloadJob, value: Any, error: BaseException | None) -> None:
+        """Answer a job's caller: the loop side's `settle`, run on the event loop."""
         self._post(self._callbacks.settle, job, value, error)
 
     def run(self, loop: asyncio.AbstractEventLoop, started: asyncio.Future[ModelInfo]) -> None:
@@ -217,7 +219,7 @@ class WorkerThread:
     def _dispatch(self, job: GenerateJob) -> None:
         """Count the job as building; _send_to_builders hands the jobs dispatched together over at once."""
         if job.future.cancelled():  # a racy read is harmless: at worst a cancelled job runs
-            self._settle(job, None, None)
+            self._answer(job, None, None)
             return
         self._building += 1
         self._to_build.append(job)
@@ -238,7 +240,7 @@ class WorkerThread:
             built = self._built.popleft()
             self._building -= 1
             if built.error is not None:
-                self._settle(built.job, None, built.error)
+                self._answer(built.job, None, built.error)
             elif built.generation != self._generation:  # a reload swapped the tokenizer meanwhile
                 self._dispatch(built.job)
             else:
@@ -268,7 +270,7 @@ class WorkerThread:
         """Admit a job whose prompt is built; its time limit starts now."""
         job, request = built.job, built.job.request
         if job.future.cancelled() or not job.claim.take("worker"):  # cancelled, or close() answered it
-            self._settle(job, None, None)
+            self._answer(job, None, None)
             return
         assert built.prompt is not None
         now = time.monotonic()
@@ -282,7 +284,7 @@ class WorkerThread:
         if len(prompt_ids) + params.max_new_tokens > serving.loaded.n_positions:
             # build_prompt guarantees this; checked again (not with assert, which -O strips) because an
             # over-long input on a GPU is a device-side assert that poisons every later call.
-            self._settle(active.job, None, GenerationFailed("prompt exceeds the context window"))
+            self._answer(active.job, None, GenerationFailed("prompt exceeds the context window"))
             return
         job_id = next(self._job_ids)
         self._active[job_id] = active
@@ -364,12 +366,12 @@ class WorkerThread:
         for job_id in job_ids:
             active = self._active.pop(job_id, None)
             if active is not None:
-                self._settle(active.job, None, error)
+                self._answer(active.job, None, error)
 
     def _fail_active(self, error: BaseException) -> None:
         """Fail every job the thread holds: those in the engine and those waiting for a retry."""
         for active in self._retries:
-            self._settle(active.job, None, error)
+            self._answer(active.job, None, error)
         self._retries.clear()
         self._fail(list(self._active), error)
 
@@ -377,20 +379,20 @@ class WorkerThread:
 
     def _run_reload(self, job: ReloadJob) -> None:
         if self.closing.is_set():
-            self._settle(job, None, WorkerClosed("the model worker is shutting down"))
+            self._answer(job, None, WorkerClosed("the model worker is shutting down"))
             return
         try:
             new = self._prepare(job.source)
             info = self._swap(new)
         except StepFailed as failed:
             log.error("reload of %r failed at step %s: %s", job.source, failed.step, failed.error)
-            self._settle(job, None, ReloadFailed(failed.step, str(failed.error)))
+            self._answer(job, None, ReloadFailed(failed.step, str(failed.error)))
             release_memory()  # whatever the failed load left behind
             if is_fatal_device_error(failed.error):
                 self._on_engine_error(failed.error, [])
             return
         log.info("now serving %s %s", info.name, info.version)
-        self._settle(job, info, None)
+        self._answer(job, info, None)
 
     def _prepare(self, source: str) -> Serving:
         return prepare_serving(source, self._loader, self._engine_factory, self._prompt_threads)

@@ -422,4 +422,6 @@ def test_uniforms_repeat_for_seeded_jobs_and_are_unused_for_greedy_ones() -> Non
     uniforms = fastgen._uniforms(jobs, 5)
     expected = torch.rand(5, generator=torch.Generator().manual_seed(7))
     assert torch.equal(uniforms[0], expected) and torch.equal(uniforms[3], expected)
-    assert not uniforms[1].any() and ((uniforms[2] >= 0) & (uniforms[2] < 1)).all()
+    assert not uniforms[1].any()  # greedy
+    assert uniforms[2].all() and (uniforms[2] < 1).all() and not torch.equal(uniforms[2], expected)
+    assert not fastgen._uniforms([job(0, (1,), GREEDY)], 3).any()
