@@ -96,9 +96,12 @@ def _bot_tag(bot_name: str) -> str:
     return _clean_name(bot_name) or DEFAULT_BOT_NAME
 
 
+def _speaker_tag(turn: Turn, bot_name: str) -> str:
+    return _bot_tag(bot_name) if turn.is_bot else sanitize_speaker(turn.speaker, bot_name)
+
+
 def _render_turn(turn: Turn, bot_name: str) -> str:
-    speaker = _bot_tag(bot_name) if turn.is_bot else sanitize_speaker(turn.speaker, bot_name)
-    return f"{speaker}: {sanitize_text(turn.text)}"
+    return f"{_speaker_tag(turn, bot_name)}: {sanitize_text(turn.text)}"
 
 
 def render_dialogue(persona: str, turns: Sequence[Turn], bot_name: str, open_bot_turn: bool) -> str:
@@ -179,15 +182,13 @@ class _Renderer:
     def __init__(self, specials: list[str], bot_name: str) -> None:
         self.specials = specials
         self.bot_name = bot_name
-        self._bot_tag = _bot_tag(bot_name)
 
     def clean(self, turn: Turn) -> Turn:
         return _clean_turn(turn, self.specials)
 
     def line(self, turn: Turn) -> str:
         """`_line(turn, bot_name)` for a cleaned turn, whose text is folded already."""
-        tag = self._bot_tag if turn.is_bot else sanitize_speaker(turn.speaker, self.bot_name)
-        return f"{tag}: {turn.text}\n"
+        return f"{_speaker_tag(turn, self.bot_name)}: {turn.text}\n"
 
 
 def _first_turns(
