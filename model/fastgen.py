@@ -192,10 +192,10 @@ class BatchedGPT2Engine:
         self._device = device
         self._eos_id: int | None = tokenizer.eos_token_id
         self._max_batch, self._max_seq = max_batch_size, max_seq
-        self._weights = weights_from_hf(model, fast_activation=self._use_graphs)
         want_fused = self._use_graphs if fused is None else fused
         self._decode_step, self._prefill = _step_functions(device, want_fused, is_required=fused is True)
         self._is_fused = self._decode_step is not decode_step
+        self._weights = weights_from_hf(model, fast_activation=self._use_graphs, out_in_copies=self._is_fused)
         with torch.inference_mode():
             self._state: DecodeState = allocate_state(self._weights, max_batch_size, max_seq)
         # Graphs are captured per window bucket; the fused step reads each row's length on the device,

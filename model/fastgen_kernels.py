@@ -5,12 +5,18 @@ batch, in float32 whatever the model dtype; the step's kernels read each row's p
 DecodeState.rows on the device, so one CUDA graph serves every row length (the prefill's norms get plain
 rows). Kernels are compiled on first use; with TRITON_INTERPRET=1 they run in Triton's
 interpreter on CPU tensors (the tests).
+
+With PDL (programmatic dependent launch, Hopper on) a kernel launches while the kernel before it still
+runs: it calls gdc_launch_dependents() first, so the next one can launch too, may read only weights
+before gdc_wait(), and reads or writes anything else only after it. The wait returns once the kernel
+before has finished, which had itself waited for the one before it, so every earlier write is visible.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -18,14 +24,21 @@ def norm_kernel(  # Triton kernel: untyped, many arguments
     resid_ptr, delta_ptr, w_ptr, b_ptr, bias_ptr, out_ptr, eps, width,
     tokens_ptr, tokens_stride, rows_ptr, rows_stride, wte_ptr, wpe_ptr,
     BLOCK_C: tl.constexpr, EMBED: tl.constexpr, HAS_DELTA: tl.constexpr, STORE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, POS_COL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, POS_COL: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Row r: x = resid (+ delta), or with EMBED the embedding of the row's token at its position
-    (wte[token] + wpe[pos]); out = ln(x); with STORE, resid = x (+ bias, the next projection's)."""
+    (wte[token] + wpe[pos]); out = ln(x); with STORE, resid = x (+ bias, the next projection's).
+    With PDL (the module docstring) it reads the norm's weights before it waits for the kernel before it."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     is_col = cols < width
     dtype = resid_ptr.dtype.element_ty
+    if PDL:
+        gdc_launch_dependents()
+    w = tl.load(w_ptr + cols, mask=is_col, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=is_col, other=0.0).to(tl.float32)
+    if PDL:
+        gdc_wait()
     if EMBED:
         pos = tl.load(rows_ptr + row * rows_stride + POS_COL)
         token = tl.load(tokens_ptr + row * tokens_stride + pos)
@@ -39,8 +52,6 @@ def norm_kernel(  # Triton kernel: untyped, many arguments
     mean = tl.sum(x, 0) / width
     centred = tl.where(is_col, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 0) / width + eps)
-    w = tl.load(w_ptr + cols, mask=is_col, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=is_col, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * width + cols, (centred * rstd * w + b).to(out_ptr.dtype.element_ty), mask=is_col)
     if STORE:
         if HAS_BIAS:
@@ -49,16 +60,54 @@ def norm_kernel(  # Triton kernel: untyped, many arguments
 
 
 @triton.jit
+def small_linear_kernel(  # Triton kernel: untyped, many arguments
+    x_ptr, x_stride, w_ptr, b_ptr, out_ptr, out_stride,
+    K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, ACCUMULATE: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """out[r, n] = x[r] · w[n] (+ b[n], then GELU's tanh form), or += with ACCUMULATE, for BLOCK_N
+    outputs n and each of the first ROWS rows; w is [N, K] ([out, in]), every program reads whole rows
+    of it. A decode step at a few rows is a chain of small, dependent kernels: with PDL each program
+    lets the next kernel launch at once, and loads its weight tile before waiting for the kernel before
+    it, so the read overlaps that kernel's end. Sums in float32, rounds once, as cuBLAS's epilogues."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.arange(0, BLOCK_K)
+    is_k = k < K
+    if PDL:
+        gdc_launch_dependents()
+    w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=is_k[None, :], other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + n).to(tl.float32)
+    if PDL:
+        gdc_wait()
+    for r in tl.static_range(ROWS):
+        x = tl.load(x_ptr + r * x_stride + k, mask=is_k, other=0.0).to(tl.float32)
+        acc = tl.sum(w * x[None, :], 1)
+        if HAS_BIAS:
+            acc += bias
+        if GELU:  # 0.5·a·(1 + tanh(u)), tanh(u) = 2·sigmoid(2u) − 1; |u| ≥ 20 is ±1 in float32
+            inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+            inner = tl.minimum(tl.maximum(inner, -20.0), 20.0)
+            acc = 0.5 * acc * (2.0 / (1.0 + tl.exp(-2.0 * inner)))
+        if ACCUMULATE:
+            acc += tl.load(out_ptr + r * out_stride + n).to(tl.float32)
+        tl.store(out_ptr + r * out_stride + n, acc.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
 def attention_kernel(  # Triton kernel: untyped, many arguments
     qkv_ptr, cache_ptr, rows_ptr, rows_stride, y_ptr, partial_ptr, tickets_ptr, scale, width, head_dim,
     kv_stride, row_stride, head_stride,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, CHUNK: tl.constexpr,
-    POS_COL: tl.constexpr,
+    POS_COL: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Row r, head h, split s: attend over cache positions [s·CHUNK, (s+1)·CHUNK) ∩ [0, pos); split 0
     also writes this token's key/value at pos and counts it. One split writes y; several write their
     running (max, sum, weighted values) to `partial`, and the last to finish merges them (flash-decoding)."""
     row, head, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)  # 64-bit offsets
+    if PDL:  # everything it reads may have been written by the kernels just before it
+        gdc_launch_dependents()
+        gdc_wait()
     pos = tl.load(rows_ptr + row * rows_stride + POS_COL)
     dims = tl.arange(0, BLOCK_D)
     is_dim = dims < head_dim

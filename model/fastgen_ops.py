@@ -57,6 +57,9 @@ class LayerWeights:
     fc_b: torch.Tensor
     out_w: torch.Tensor
     out_b: torch.Tensor
+    # attn_w, proj_w, fc_w, out_w copied as [out, in] (contiguous): the fused step's kernel for a few
+    # rows reads whole rows of them (model/fastgen_triton.py). None: not made (the plain step).
+    out_in: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -136,9 +139,10 @@ def _padded_rows(weight: torch.Tensor, multiple: int) -> torch.Tensor | None:
     return None if extra == 0 else F.pad(weight, (0, 0, 0, extra))
 
 
-def weights_from_hf(model: Any, fast_activation: bool) -> GPT2Weights:
-    """The parameters of a GPT2LMHeadModel, shared (not copied; [in, out] Conv1D weights ran as fast
-    as [out, in] copies on an H100); `fast_activation` swaps gelu_new for PyTorch's fused tanh GELU."""
+def weights_from_hf(model: Any, fast_activation: bool, out_in_copies: bool = False) -> GPT2Weights:
+    """The parameters of a GPT2LMHeadModel, shared (not copied; cuBLAS ran [in, out] Conv1D weights as
+    fast as [out, in] copies on an H100); `fast_activation` swaps gelu_new for PyTorch's fused tanh GELU.
+    `out_in_copies` adds LayerWeights.out_in, one more copy of the blocks' matrices (the fused step)."""
     config, body = model.config, model.transformer
     layers = tuple(
         LayerWeights(
@@ -152,6 +156,7 @@ def weights_from_hf(model: Any, fast_activation: bool) -> GPT2Weights:
             fc_b=block.mlp.c_fc.bias,
             out_w=block.mlp.c_proj.weight,
             out_b=block.mlp.c_proj.bias,
+            out_in=_out_in(block) if out_in_copies else None,
         )
         for block in body.h
     )
@@ -174,6 +179,11 @@ def weights_from_hf(model: Any, fast_activation: bool) -> GPT2Weights:
         act=act,
         is_tanh_gelu=config.activation_function in TANH_GELUS,
     )
+
+
+def _out_in(block: Any) -> tuple[torch.Tensor, ...]:
+    convs = (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
+    return tuple(conv.weight.detach().t().contiguous() for conv in convs)
 
 
 def allocate_state(weights: GPT2Weights, max_batch: int, max_seq: int) -> DecodeState:

@@ -1,4 +1,4 @@
-"""Fused decode step for BatchedGPT2Engine on CUDA: Triton kernels between cuBLAS matrix products.
+"""Fused decode step for BatchedGPT2Engine on CUDA: Triton kernels, and cuBLAS for larger products.
 
 The plain step (model/fastgen_ops.py) launches 22 kernels per layer plus ~60 for the logits
 processors, the sampler and the append: at small batches kernel latency, not memory traffic, sets its
@@ -15,9 +15,15 @@ Triton ones):
 
 A prompt's prefill (`prefill`) uses the same fusions, so the cache it writes rounds as the steps do.
 
-The residual adds ride inside the layer-norm kernels and the in-place product, and the biases in cuBLAS
-epilogues. Attention reads each row's own cache length from the device, so one graph serves every
-window.
+The residual adds ride inside the layer-norm kernels and the in-place product, and the biases in the
+products' epilogues. Attention reads each row's own cache length from the device, so one graph serves
+every window.
+
+Up to SMALL_LINEAR_ROWS rows the four products are small_linear_kernel over [out, in] copies of the
+weights (LayerWeights.out_in, the blocks' matrices once more in memory: 170 MB for GPT-2 124M), not
+cuBLAS, and from Hopper on the products, norms and attention launch with programmatic dependent
+launch, each while the kernel before it runs. At one row on an H100 that took a step from 0.46 to
+0.29 ms (BENCHMARKS.md).
 
 Numerics: layer norm, attention and sampling run in float32 whatever the model dtype; rounding points
 differ from Hugging Face's by a few ulps (bias-then-residual order), so greedy tokens agree with
@@ -29,6 +35,8 @@ Imported only when Triton is installed.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +48,7 @@ from model.fastgen_kernels import (
     norm_kernel,
     process_kernel,
     sample_append_kernel,
+    small_linear_kernel,
     top_candidates_kernel,
     top_k_kernel,
 )
@@ -72,6 +81,9 @@ ATTENTION_UNSPLIT_FROM = 1024  # rows × heads from which the cache is not split
 CANDIDATE_CHUNK = 4096  # vocabulary entries per argmax program (13 chunks for GPT-2's 50,257)
 MODE_GIVEN, MODE_ARGMAX, MODE_SAMPLE = range(3)  # how sample_append_kernel chooses the token
 NUM_WARPS = 4
+QKV, PROJ, FC, OUT = range(4)  # LayerWeights.out_in order
+SMALL_LINEAR_ROWS = 4  # batches up to this take small_linear_kernel, larger ones cuBLAS (BENCHMARKS.md)
+SMALL_LINEAR_BLOCK_N = 4  # outputs per small_linear_kernel program (H100 sweep: 4 best at 1-4 rows)
 ATTENTION_WARPS_UNSPLIT = 2  # from ATTENTION_UNSPLIT_FROM: more programs per SM (BENCHMARKS.md sweep)
 TOP_K_TRITON_ROWS = 32  # batches up to this take the Triton top-k (_top_k); larger ones torch.topk
 TOP_K_SEGMENT = 2048  # vocabulary entries per top-k candidate program (H200 sweep: 2048-4096 best)
@@ -112,7 +124,7 @@ def decode_logits(weights: GPT2Weights, state: DecodeState, batch: int) -> torch
     normed = torch.empty_like(resid)
     _norm(resid, weights.layers[0].ln_1, normed, weights.eps, store=True, embed_from=(state, weights))
     for index, layer in enumerate(weights.layers):
-        qkv = torch.addmm(layer.attn_b, normed, layer.attn_w)  # [B, 3C]
+        qkv = _linear(normed, layer, QKV)  # [B, 3C]
         following = weights.layers[index + 1].ln_1 if index + 1 < len(weights.layers) else weights.ln_f
         _after_attention(weights, layer, _attention(weights, state, index, qkv), resid, normed, following)
     # HF upcasts the last logits before its processors; the kernels want rows V apart (the padded LM
@@ -151,16 +163,76 @@ def _after_attention(
     """The rest of a block, in place: resid += projection of `attended` + MLP, and normed = the
     `following` norm of it. The biases ride in cuBLAS epilogues; the projection's residual add in the
     norm kernel, the MLP's as the in-place product's beta = 1 (resid holds x + b_out by then)."""
-    projected = torch.addmm(layer.proj_b, attended, layer.proj_w)
+    projected = _linear(attended, layer, PROJ)
     _norm(resid, layer.ln_2, normed, weights.eps, delta=projected, store=True, bias=layer.out_b)
-    resid.addmm_(_feed_forward(weights, layer, normed), layer.out_w)
+    _linear(_feed_forward(weights, layer, normed), layer, OUT, into=resid)
     _norm(resid, following, normed, weights.eps)
 
 
 def _feed_forward(weights: GPT2Weights, layer: LayerWeights, normed: torch.Tensor) -> torch.Tensor:
-    if weights.is_tanh_gelu and normed.is_cuda:  # GELU in cuBLAS's epilogue (tanh there; erf on the CPU)
-        return torch._addmm_activation(layer.fc_b, normed, layer.fc_w, use_gelu=True)
-    return weights.act(torch.addmm(layer.fc_b, normed, layer.fc_w))
+    # GELU in the product's epilogue: small_linear_kernel's, or cuBLAS's on CUDA (erf on the CPU)
+    if weights.is_tanh_gelu and (normed.is_cuda or _is_small(normed, layer)):
+        return _linear(normed, layer, FC, gelu=True)
+    return weights.act(_linear(normed, layer, FC))
+
+
+def _linear(
+    x: torch.Tensor, layer: LayerWeights, which: int, *, gelu: bool = False, into: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x · W + b for the block's matrix `which` (QKV, PROJ, FC or OUT), with GELU's tanh form after it;
+    with `into`, into += x · W (OUT: the norm kernel before it adds its bias). A few rows take
+    small_linear_kernel, more take cuBLAS with the bias and GELU in its epilogue."""
+    weight = (layer.attn_w, layer.proj_w, layer.fc_w, layer.out_w)[which]
+    bias = (layer.attn_b, layer.proj_b, layer.fc_b, None)[which]
+    if _is_small(x, layer):
+        assert layer.out_in is not None
+        return _small_linear(x, layer.out_in[which], bias, gelu=gelu, into=into)
+    if into is not None:
+        return into.addmm_(x, weight)
+    assert bias is not None
+    if gelu:
+        return torch._addmm_activation(bias, x, weight, use_gelu=True)
+    return torch.addmm(bias, x, weight)
+
+
+def _is_small(x: torch.Tensor, layer: LayerWeights) -> bool:
+    """Whether small_linear_kernel takes this product: a few rows, the copies made, and the width (so
+    every output count, C, 3C and 4C) in whole blocks."""
+    is_whole = layer.proj_b.shape[0] % SMALL_LINEAR_BLOCK_N == 0
+    return layer.out_in is not None and x.shape[0] <= SMALL_LINEAR_ROWS and is_whole
+
+
+def _small_linear(
+    x: torch.Tensor, out_in: torch.Tensor, bias: torch.Tensor | None, *, gelu: bool, into: torch.Tensor | None
+) -> torch.Tensor:
+    """small_linear_kernel: x [B, K] (rows may be strided) times out_in [N, K] ([out, in])."""
+    (rows, width), outputs = x.shape, out_in.shape[0]
+    if outputs % SMALL_LINEAR_BLOCK_N or x.stride(1) != 1:
+        raise ValueError(
+            f"small_linear_kernel needs outputs in blocks of {SMALL_LINEAR_BLOCK_N}, unit stride"
+        )
+    out = torch.empty((rows, outputs), dtype=x.dtype, device=x.device) if into is None else into
+    block_k = triton.next_power_of_2(width)
+    block_n = SMALL_LINEAR_BLOCK_N
+    if not x.is_cuda:  # Triton's interpreter runs each program in Python: fewer, wider ones, same sums
+        block_n = math.gcd(outputs, 64)
+    small_linear_kernel[(outputs // block_n,)](
+        x, x.stride(0), out_in, out if bias is None else bias, out, out.stride(0),
+        K=width, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
+        GELU=gelu, ACCUMULATE=into is not None, **_pdl(x.device),
+        num_warps=2 if block_k <= 1024 else 4 if block_k <= 4096 else 8,  # ~32-64 weights a thread
+    )  # fmt: skip
+    return out
+
+
+@functools.cache
+def _pdl(device: torch.device) -> dict[str, bool]:
+    """Launch arguments for programmatic dependent launch, on from Hopper (sm_90): a kernel launches
+    while the one before it runs and waits inside for its results (fastgen_kernels' docstring). The
+    products, norms and attention use it; at one row it took a layer's four products from 14.5 to 8.6
+    µs on an H100 (BENCHMARKS.md)."""
+    is_on = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    return {"PDL": is_on, "launch_pdl": is_on}
 
 
 def _norm(
@@ -185,7 +257,7 @@ def _norm(
         resid, resid if delta is None else delta, *ln, resid if bias is None else bias, out, eps, width,
         tokens, tokens.stride(0), rows, rows.stride(0), wte, wpe,
         BLOCK_C=triton.next_power_of_2(width), EMBED=embed_from is not None, HAS_DELTA=delta is not None,
-        STORE=store, HAS_BIAS=bias is not None, POS_COL=POS, num_warps=NUM_WARPS,
+        STORE=store, HAS_BIAS=bias is not None, POS_COL=POS, num_warps=NUM_WARPS, **_pdl(resid.device),
     )  # fmt: skip
 
 
@@ -205,6 +277,7 @@ def _attention(weights: GPT2Weights, state: DecodeState, index: int, qkv: torch.
         cache.stride(0), cache.stride(1), cache.stride(2),
         BLOCK_D=block_d, BLOCK_N=ATTENTION_BLOCK, SPLITS=splits, CHUNK=chunk, POS_COL=POS,
         num_warps=ATTENTION_WARPS_UNSPLIT if batch * n_head >= ATTENTION_UNSPLIT_FROM else NUM_WARPS,
+        **_pdl(qkv.device),
     )  # fmt: skip
     return y
 

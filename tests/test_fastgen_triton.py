@@ -102,6 +102,28 @@ def test_layer_norm_kernel_adds_the_delta_and_the_next_bias(tiny_model_dir: Path
     torch.testing.assert_close(resid, x + layer.out_b)
 
 
+@pytest.mark.parametrize(("rows", "epilogue"), [(1, "bias"), (3, "gelu"), (4, "accumulate")])
+def test_small_linear_kernel_equals_addmm(rows: int, epilogue: str) -> None:
+    device = device_under_test()
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(72, 216, generator=generator).to(device)  # [in, out], as Conv1D holds it
+    bias = torch.randn(216, generator=generator).to(device)
+    x = torch.randn(rows, 3 * 72, generator=generator).to(device)[:, 72:144]  # strided rows, as the QKV split
+    if epilogue == "accumulate":
+        into = torch.randn(rows, 216, generator=generator).to(device)
+        expected = into + x @ weight
+        out = fastgen_triton._small_linear(x, weight.t().contiguous(), None, gelu=False, into=into)
+        assert out is into
+    else:
+        expected = torch.addmm(bias, x, weight)
+        if epilogue == "gelu":
+            expected = torch.nn.functional.gelu(expected, approximate="tanh")
+        out = fastgen_triton._small_linear(
+            x, weight.t().contiguous(), bias, gelu=epilogue == "gelu", into=None
+        )
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def argmax_keys(logits: torch.Tensor) -> torch.Tensor:
     """Each row's largest (value, id) key [B] with torch ops: value order, then the smaller id."""
     bits = torch.where(logits == 0, 0.0, logits.float()).view(torch.int32)  # -0.0 ties with 0.0
@@ -178,10 +200,15 @@ def odd_model() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=72, n_head=3, n_positions=128, vocab_size=50257))
 
 
-def shaped_weights(tiny_model_dir: Path, shape: str, device: torch.device) -> fastgen_ops.GPT2Weights:
-    """The fp32 weights of the tiny test model ("tiny") or of odd_model() ("odd") on `device`."""
+def shaped_weights(
+    tiny_model_dir: Path, shape: str, device: torch.device, out_in_copies: bool = True
+) -> fastgen_ops.GPT2Weights:
+    """The fp32 weights of the tiny test model ("tiny") or of odd_model() ("odd") on `device`; with the
+    [out, in] copies, steps of up to SMALL_LINEAR_ROWS rows take small_linear_kernel."""
     model = GPT2LMHeadModel.from_pretrained(tiny_model_dir) if shape == "tiny" else odd_model()
-    return fastgen_ops.weights_from_hf(model.to(device).eval(), fast_activation=False)
+    return fastgen_ops.weights_from_hf(
+        model.to(device).eval(), fast_activation=False, out_in_copies=out_in_copies
+    )
 
 
 def prefilled_state(
@@ -198,10 +225,11 @@ def prefilled_state(
     return state, prompts
 
 
+@pytest.mark.parametrize("products", ["small_linear_kernel", "cuBLAS"])
 @pytest.mark.parametrize("shape", ["tiny", "odd"])
-def test_fused_logits_equal_the_plain_steps(tiny_model_dir: Path, shape: str) -> None:
+def test_fused_logits_equal_the_plain_steps(tiny_model_dir: Path, shape: str, products: str) -> None:
     device = device_under_test()
-    weights = shaped_weights(tiny_model_dir, shape, device)
+    weights = shaped_weights(tiny_model_dir, shape, device, out_in_copies=products == "small_linear_kernel")
     state, _ = prefilled_state(weights, device)
     with torch.inference_mode():
         expected = fastgen_ops.decode_logits(weights, state, batch=3, window=64)
@@ -228,7 +256,7 @@ def test_gpu_fused_logits_in_half_precision_track_float32(tiny_model_dir: Path, 
     model = GPT2LMHeadModel.from_pretrained(tiny_model_dir).to("cuda").eval()
     results = {}
     for precision in (torch.float32, dtype):
-        weights = fastgen_ops.weights_from_hf(model.to(precision), fast_activation=True)
+        weights = fastgen_ops.weights_from_hf(model.to(precision), fast_activation=True, out_in_copies=True)
         state, _ = prefilled_state(weights, torch.device("cuda"))
         with torch.inference_mode():
             plain = fastgen_ops.decode_logits(weights, state, batch=3, window=64)
