@@ -3,7 +3,7 @@
 The plain step (model/fastgen_ops.py) launches 22 kernels per layer plus ~60 for the logits
 processors, the sampler and the append: at small batches kernel latency, not memory traffic, sets its
 time. This one launches 7 per layer and 4-13 after the LM head (model/fastgen_kernels.py has the
-Triton ones):
+Triton ones; `addmm` below is cuBLAS, or small_linear_kernel up to SMALL_LINEAR_ROWS rows):
 
     embed + ln_1 (resid = x)
     per layer:  qkv = addmm(b, ·, W)  →  attention (+ this token's K/V into the cache; when the cache
