@@ -16,7 +16,21 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:  # Triton >= 3.4; before it the kernels run without programmatic dependent launch (HAS_PDL)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_PDL = True
+except ImportError:
+    HAS_PDL = False
+
+    @triton.jit
+    def gdc_launch_dependents():  # Triton helper: never called without PDL
+        pass
+
+    @triton.jit
+    def gdc_wait():  # Triton helper: never called without PDL
+        pass
 
 
 @triton.jit

@@ -38,6 +38,9 @@ REASON_STOP_TOKEN = 1
 REASON_MAX_NEW = 2
 REASON_MAX_SEQ = 3
 
+# Which matrix of a block: the order of LayerWeights.out_in.
+QKV, PROJ, FC, OUT = range(4)
+
 # Activations that are the tanh approximation of GELU; the CUDA-graph path runs them as one fused kernel.
 TANH_GELUS = frozenset({"gelu_new", "gelu_pytorch_tanh", "gelu_fast"})
 LM_HEAD_ROW_MULTIPLE = 64  # vocabulary padding of the GPU's LM-head copy (see GPT2Weights)
@@ -57,8 +60,8 @@ class LayerWeights:
     fc_b: torch.Tensor
     out_w: torch.Tensor
     out_b: torch.Tensor
-    # attn_w, proj_w, fc_w, out_w copied as [out, in] (contiguous): the fused step's kernel for a few
-    # rows reads whole rows of them (model/fastgen_triton.py). None: not made (the plain step).
+    # attn_w, proj_w, fc_w, out_w (index QKV, PROJ, FC, OUT) copied as [out, in], contiguous: the fused
+    # step's kernel for a few rows reads whole rows of them (model/fastgen_triton.py). None: not made.
     out_in: tuple[torch.Tensor, ...] | None = None
 
 

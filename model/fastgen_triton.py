@@ -37,12 +37,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import types
 
 import torch
 import torch.nn.functional as F
 import triton
 
 from model.fastgen_kernels import (
+    HAS_PDL,
     attention_kernel,
     chunk_max_kernel,
     norm_kernel,
@@ -53,11 +55,15 @@ from model.fastgen_kernels import (
     top_k_kernel,
 )
 from model.fastgen_ops import (
+    FC,
     GEN,
     MAX_NEW,
     NGRAM,
+    OUT,
     PENALTY,
     POS,
+    PROJ,
+    QKV,
     REASON_IDLE,
     REASON_MAX_NEW,
     REASON_MAX_SEQ,
@@ -81,7 +87,6 @@ ATTENTION_UNSPLIT_FROM = 1024  # rows × heads from which the cache is not split
 CANDIDATE_CHUNK = 4096  # vocabulary entries per argmax program (13 chunks for GPT-2's 50,257)
 MODE_GIVEN, MODE_ARGMAX, MODE_SAMPLE = range(3)  # how sample_append_kernel chooses the token
 NUM_WARPS = 4
-QKV, PROJ, FC, OUT = range(4)  # LayerWeights.out_in order
 SMALL_LINEAR_ROWS = 4  # batches up to this take small_linear_kernel, larger ones cuBLAS (BENCHMARKS.md)
 SMALL_LINEAR_BLOCK_N = 4  # outputs per small_linear_kernel program (H100 sweep: 4 best at 1-4 rows)
 ATTENTION_WARPS_UNSPLIT = 2  # from ATTENTION_UNSPLIT_FROM: more programs per SM (BENCHMARKS.md sweep)
@@ -134,7 +139,7 @@ def decode_logits(weights: GPT2Weights, state: DecodeState, batch: int) -> torch
 
 def prefill(weights: GPT2Weights, state: DecodeState, ids: torch.Tensor, slots: torch.Tensor) -> None:
     """model.fastgen_ops.prefill with the decode step's fusions: the residual adds ride in the norm
-    kernel and the in-place product, GELU in cuBLAS's epilogue. The cache it writes rounds as the
+    kernel and the in-place product, GELU in the product's epilogue. The cache it writes rounds as the
     decode steps that follow it round."""
     length = ids.shape[1]
     x = F.embedding(ids, weights.wte) + F.embedding(state.arange[:length], weights.wpe)  # [P, L, C]
@@ -144,7 +149,7 @@ def prefill(weights: GPT2Weights, state: DecodeState, ids: torch.Tensor, slots: 
     last = len(weights.layers) - 1
     for index, layer in enumerate(weights.layers):
         cache = state.kv[index, :, :, :, :length]  # [2, max_batch, H, L, D]
-        qkv = torch.addmm(layer.attn_b, normed, layer.attn_w)
+        qkv = _linear(normed, layer, QKV)
         if index == last:  # its output feeds nothing that is cached: only its keys and values are needed
             cache_prompt(weights, cache, slots, qkv)
             return
@@ -161,8 +166,8 @@ def _after_attention(
     following: tuple[torch.Tensor, torch.Tensor],
 ) -> None:
     """The rest of a block, in place: resid += projection of `attended` + MLP, and normed = the
-    `following` norm of it. The biases ride in cuBLAS epilogues; the projection's residual add in the
-    norm kernel, the MLP's as the in-place product's beta = 1 (resid holds x + b_out by then)."""
+    `following` norm of it. The biases ride in the products' epilogues; the projection's residual add in
+    the norm kernel, the MLP's in the in-place product (resid holds x + b_out by then)."""
     projected = _linear(attended, layer, PROJ)
     _norm(resid, layer.ln_2, normed, weights.eps, delta=projected, store=True, bias=layer.out_b)
     _linear(_feed_forward(weights, layer, normed), layer, OUT, into=resid)
@@ -179,8 +184,8 @@ def _feed_forward(weights: GPT2Weights, layer: LayerWeights, normed: torch.Tenso
 def _linear(
     x: torch.Tensor, layer: LayerWeights, which: int, *, gelu: bool = False, into: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x · W + b for the block's matrix `which` (QKV, PROJ, FC or OUT), with GELU's tanh form after it;
-    with `into`, into += x · W (OUT: the norm kernel before it adds its bias). A few rows take
+    """x · W + b for the block's matrix `which` (QKV, PROJ, FC or OUT), with `gelu` GELU's tanh form of
+    it; with `into`, into += x · W (OUT: the norm kernel before it adds its bias). A few rows take
     small_linear_kernel, more take cuBLAS with the bias and GELU in its epilogue."""
     weight = (layer.attn_w, layer.proj_w, layer.fc_w, layer.out_w)[which]
     bias = (layer.attn_b, layer.proj_b, layer.fc_b, None)[which]
@@ -207,10 +212,8 @@ def _small_linear(
 ) -> torch.Tensor:
     """small_linear_kernel: x [B, K] (rows may be strided) times out_in [N, K] ([out, in])."""
     (rows, width), outputs = x.shape, out_in.shape[0]
-    if outputs % SMALL_LINEAR_BLOCK_N or x.stride(1) != 1:
-        raise ValueError(
-            f"small_linear_kernel needs outputs in blocks of {SMALL_LINEAR_BLOCK_N}, unit stride"
-        )
+    assert outputs % SMALL_LINEAR_BLOCK_N == 0 and x.stride(1) == 1 and out_in.is_contiguous()
+    assert into is None or into.stride(1) == 1
     out = torch.empty((rows, outputs), dtype=x.dtype, device=x.device) if into is None else into
     block_k = triton.next_power_of_2(width)
     block_n = SMALL_LINEAR_BLOCK_N
@@ -220,19 +223,21 @@ def _small_linear(
         x, x.stride(0), out_in, out if bias is None else bias, out, out.stride(0),
         K=width, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
         GELU=gelu, ACCUMULATE=into is not None, **_pdl(x.device),
-        num_warps=2 if block_k <= 1024 else 4 if block_k <= 4096 else 8,  # ~32-64 weights a thread
+        num_warps=2 if block_k <= 1024 else 4 if block_k <= 4096 else 8,  # 64-128 weights a thread
     )  # fmt: skip
     return out
 
 
 @functools.cache
-def _pdl(device: torch.device) -> dict[str, bool]:
+def _pdl(device: torch.device) -> types.MappingProxyType[str, bool]:
     """Launch arguments for programmatic dependent launch, on from Hopper (sm_90): a kernel launches
     while the one before it runs and waits inside for its results (fastgen_kernels' docstring). The
     products, norms and attention use it; at one row it took a layer's four products from 14.5 to 8.6
     µs on an H100 (BENCHMARKS.md)."""
-    is_on = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
-    return {"PDL": is_on, "launch_pdl": is_on}
+    is_nvidia = device.type == "cuda" and torch.version.cuda is not None  # not ROCm
+    if HAS_PDL and is_nvidia and torch.cuda.get_device_capability(device) >= (9, 0):
+        return types.MappingProxyType({"PDL": True, "launch_pdl": True})
+    return types.MappingProxyType({"PDL": False})  # no launch_pdl: Triton before 3.4 does not take it
 
 
 def _norm(

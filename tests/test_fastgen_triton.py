@@ -194,18 +194,23 @@ def test_fused_step_samples_what_the_plain_step_samples(tiny_model_dir: Path) ->
     assert runs[0] == runs[1]
 
 
-def odd_model() -> GPT2LMHeadModel:
+def odd_model(activation: str = "gelu_new") -> GPT2LMHeadModel:
     """One block 72 wide with 3 heads of 24: widths and head sizes that are not powers of two."""
     torch.manual_seed(3)
-    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=72, n_head=3, n_positions=128, vocab_size=50257))
+    config = GPT2Config(n_layer=1, n_embd=72, n_head=3, n_positions=128, vocab_size=50257)
+    return GPT2LMHeadModel(GPT2Config(**{**config.to_dict(), "activation_function": activation}))
 
 
 def shaped_weights(
     tiny_model_dir: Path, shape: str, device: torch.device, out_in_copies: bool = True
 ) -> fastgen_ops.GPT2Weights:
-    """The fp32 weights of the tiny test model ("tiny") or of odd_model() ("odd") on `device`; with the
-    [out, in] copies, steps of up to SMALL_LINEAR_ROWS rows take small_linear_kernel."""
-    model = GPT2LMHeadModel.from_pretrained(tiny_model_dir) if shape == "tiny" else odd_model()
+    """The fp32 weights of the tiny test model ("tiny"), of odd_model() ("odd") or of it with ReLU
+    ("odd-relu") on `device`; with the [out, in] copies, steps of up to SMALL_LINEAR_ROWS rows take
+    small_linear_kernel."""
+    if shape == "tiny":
+        model = GPT2LMHeadModel.from_pretrained(tiny_model_dir)
+    else:
+        model = odd_model("relu" if shape == "odd-relu" else "gelu_new")
     return fastgen_ops.weights_from_hf(
         model.to(device).eval(), fast_activation=False, out_in_copies=out_in_copies
     )
@@ -225,8 +230,8 @@ def prefilled_state(
     return state, prompts
 
 
-@pytest.mark.parametrize("products", ["small_linear_kernel", "cuBLAS"])
-@pytest.mark.parametrize("shape", ["tiny", "odd"])
+@pytest.mark.parametrize("products", ["small_linear_kernel", "addmm"])
+@pytest.mark.parametrize("shape", ["tiny", "odd", "odd-relu"])
 def test_fused_logits_equal_the_plain_steps(tiny_model_dir: Path, shape: str, products: str) -> None:
     device = device_under_test()
     weights = shaped_weights(tiny_model_dir, shape, device, out_in_copies=products == "small_linear_kernel")
