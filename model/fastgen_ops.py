@@ -14,7 +14,7 @@ model/fastgen_sampling.py.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -63,6 +63,10 @@ class LayerWeights:
     # attn_w, proj_w, fc_w, out_w (index QKV, PROJ, FC, OUT) copied as [out, in], contiguous: the fused
     # step's kernel for a few rows reads whole rows of them (model/fastgen_triton.py). None: not made.
     out_in: tuple[torch.Tensor, ...] | None = None
+
+    def matrices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The four matrices, [in, out], in QKV, PROJ, FC, OUT order (the order of out_in)."""
+        return self.attn_w, self.proj_w, self.fc_w, self.out_w
 
 
 @dataclass(frozen=True)
@@ -159,10 +163,14 @@ def weights_from_hf(model: Any, fast_activation: bool, out_in_copies: bool = Fal
             fc_b=block.mlp.c_fc.bias,
             out_w=block.mlp.c_proj.weight,
             out_b=block.mlp.c_proj.bias,
-            out_in=_out_in(block) if out_in_copies else None,
         )
         for block in body.h
     )
+    if out_in_copies:
+        layers = tuple(
+            replace(layer, out_in=tuple(w.detach().t().contiguous() for w in layer.matrices()))
+            for layer in layers
+        )
     act = body.h[0].mlp.act
     if fast_activation and config.activation_function in TANH_GELUS:
         act = _tanh_gelu  # one kernel instead of eight; equal up to float rounding
@@ -182,11 +190,6 @@ def weights_from_hf(model: Any, fast_activation: bool, out_in_copies: bool = Fal
         act=act,
         is_tanh_gelu=config.activation_function in TANH_GELUS,
     )
-
-
-def _out_in(block: Any) -> tuple[torch.Tensor, ...]:
-    convs = (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
-    return tuple(conv.weight.detach().t().contiguous() for conv in convs)
 
 
 def allocate_state(weights: GPT2Weights, max_batch: int, max_seq: int) -> DecodeState:

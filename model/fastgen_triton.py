@@ -187,7 +187,7 @@ def _linear(
     """x · W + b for the block's matrix `which` (QKV, PROJ, FC or OUT), with `gelu` GELU's tanh form of
     it; with `into`, into += x · W (OUT: the norm kernel before it adds its bias). A few rows take
     small_linear_kernel, more take cuBLAS with the bias and GELU in its epilogue."""
-    weight = (layer.attn_w, layer.proj_w, layer.fc_w, layer.out_w)[which]
+    weight = layer.matrices()[which]
     bias = (layer.attn_b, layer.proj_b, layer.fc_b, None)[which]
     if _is_small(x, layer):
         assert layer.out_in is not None
