@@ -75,27 +75,41 @@ def norm_kernel(  # Triton kernel: untyped, many arguments
 
 @triton.jit
 def small_linear_kernel(  # Triton kernel: untyped, many arguments
-    x_ptr, x_stride, w_ptr, b_ptr, out_ptr, out_stride,
-    K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, ACCUMULATE: tl.constexpr, PDL: tl.constexpr,
+    x_ptr, x_stride, w_ptr, b_ptr, ln_w_ptr, ln_b_ptr, eps, out_ptr, out_stride,
+    K: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GELU: tl.constexpr,
+    ACCUMULATE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """out[r, n] = x[r] · w[n] (+ b[n], then GELU's tanh form), or += with ACCUMULATE, for BLOCK_N
-    outputs n and each of the first ROWS rows; w is [N, K] ([out, in]), every program reads whole rows
-    of it. A decode step at a few rows is a chain of small, dependent kernels: with PDL each program
-    lets the next kernel launch at once, and loads its weight tile before waiting for the kernel before
-    it, so the read overlaps that kernel's end. Sums in float32, rounds once, as cuBLAS's epilogues."""
+    outputs n and each of the first ROWS rows; with NORM, x[r] is first replaced by its layer norm
+    (ln_w, ln_b, eps), which every program computes for itself from the whole row. w is [N, K] ([out,
+    in]), every program reads whole rows of it. A decode step at a few rows is a chain of small,
+    dependent kernels: with PDL each program lets the next kernel launch at once, and loads its weight
+    tile before waiting for the kernel before it, so the read overlaps that kernel's end. Sums in
+    float32; rounds where HF's modules do (the norm's output, the product, the residual add)."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     is_k = k < K
+    dtype = out_ptr.dtype.element_ty
     if PDL:
         gdc_launch_dependents()
     w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=is_k[None, :], other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(b_ptr + n).to(tl.float32)
+    if NORM:
+        ln_w = tl.load(ln_w_ptr + k, mask=is_k, other=0.0).to(tl.float32)
+        ln_b = tl.load(ln_b_ptr + k, mask=is_k, other=0.0).to(tl.float32)
     if PDL:
         gdc_wait()
+    rows = tl.arange(0, BLOCK_R)
+    is_x = (rows < ROWS)[:, None] & is_k[None, :]
+    xs = tl.load(x_ptr + rows[:, None] * x_stride + k[None, :], mask=is_x, other=0.0).to(tl.float32)
+    if NORM:  # as norm_kernel computes it, every row at once
+        centred = tl.where(is_x, xs - (tl.sum(xs, 1) / K)[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / K + eps)
+        xs = (centred * rstd[:, None] * ln_w[None, :] + ln_b[None, :]).to(dtype).to(tl.float32)
     for r in tl.static_range(ROWS):
-        x = tl.load(x_ptr + r * x_stride + k, mask=is_k, other=0.0).to(tl.float32)
+        x = tl.sum(tl.where(rows[:, None] == r, xs, 0.0), 0)  # row r (within each thread's registers)
         acc = tl.sum(w * x[None, :], 1)
         if HAS_BIAS:
             acc += bias
@@ -103,9 +117,9 @@ def small_linear_kernel(  # Triton kernel: untyped, many arguments
             inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
             inner = tl.minimum(tl.maximum(inner, -20.0), 20.0)
             acc = 0.5 * acc * (2.0 / (1.0 + tl.exp(-2.0 * inner)))
-        if ACCUMULATE:
-            acc += tl.load(out_ptr + r * out_stride + n).to(tl.float32)
-        tl.store(out_ptr + r * out_stride + n, acc.to(out_ptr.dtype.element_ty))
+        if ACCUMULATE:  # a residual add: the product rounded, then added in the model dtype
+            acc = acc.to(dtype).to(tl.float32) + tl.load(out_ptr + r * out_stride + n).to(tl.float32)
+        tl.store(out_ptr + r * out_stride + n, acc.to(dtype))
 
 
 @triton.jit

@@ -2,8 +2,8 @@
 
 The plain step (model/fastgen_ops.py) launches 22 kernels per layer plus ~60 for the logits
 processors, the sampler and the append: at small batches kernel latency, not memory traffic, sets its
-time. This one launches 7 per layer and 4-13 after the LM head (model/fastgen_kernels.py has the
-Triton ones; `addmm` below is cuBLAS, or small_linear_kernel up to SMALL_LINEAR_ROWS rows):
+time. This one launches 7 per layer (5 up to SMALL_LINEAR_ROWS rows, below) and 4-13 after the LM
+head (model/fastgen_kernels.py has the Triton ones; `addmm` below is cuBLAS):
 
     embed + ln_1 (resid = x)
     per layer:  qkv = addmm(b, ·, W)  →  attention (+ this token's K/V into the cache; when the cache
@@ -13,7 +13,8 @@ Triton ones; `addmm` below is cuBLAS, or small_linear_kernel up to SMALL_LINEAR_
     LM head → penalty + n-gram ban → top-k (Triton up to 32 rows, torch above) or chunked argmax →
     sample + append
 
-A prompt's prefill (`prefill`) uses the same fusions, so the cache it writes rounds as the steps do.
+A prompt's prefill (`prefill`) uses the same fusions, so the cache it writes rounds as the steps do
+(those of a few rows round their residual adds as HF does: the product, then the sum).
 
 The residual adds ride inside the layer-norm kernels and the in-place product, and the biases in the
 products' epilogues. Attention reads each row's own cache length from the device, so one graph serves
@@ -21,9 +22,10 @@ every window.
 
 Up to SMALL_LINEAR_ROWS rows the four products are small_linear_kernel over [out, in] copies of the
 weights (LayerWeights.out_in, the blocks' matrices once more in memory: 170 MB for GPT-2 124M), not
-cuBLAS, and from Hopper on the products, norms and attention launch with programmatic dependent
-launch, each while the kernel before it runs. At one row on an H100 that took a step from 0.46 to
-0.29 ms (BENCHMARKS.md).
+cuBLAS, and a block is five kernels (_small_blocks): each layer norm runs in the prologue of the
+product it feeds, and the projections add their bias and the residual in their epilogues. From Hopper
+on the products, norms and attention launch with programmatic dependent launch, each while the kernel
+before it runs. At one row on an H100 that took a step from 0.46 to 0.27 ms (BENCHMARKS.md).
 
 Numerics: layer norm, attention and sampling run in float32 whatever the model dtype; rounding points
 differ from Hugging Face's by a few ulps (bias-then-residual order), so greedy tokens agree with
@@ -128,13 +130,28 @@ def decode_logits(weights: GPT2Weights, state: DecodeState, batch: int) -> torch
     resid = torch.empty((batch, width), dtype=weights.wte.dtype, device=device)
     normed = torch.empty_like(resid)
     _norm(resid, weights.layers[0].ln_1, normed, weights.eps, store=True, embed_from=(state, weights))
-    for index, layer in enumerate(weights.layers):
-        qkv = _linear(normed, layer, QKV)  # [B, 3C]
-        following = weights.layers[index + 1].ln_1 if index + 1 < len(weights.layers) else weights.ln_f
-        _after_attention(weights, layer, _attention(weights, state, index, qkv), resid, normed, following)
+    if _is_small(resid, weights.layers[0]):
+        _small_blocks(weights, state, resid)
+        _norm(resid, weights.ln_f, normed, weights.eps)
+    else:
+        for index, layer in enumerate(weights.layers):
+            qkv = _linear(normed, layer, QKV)  # [B, 3C]
+            following = weights.layers[index + 1].ln_1 if index + 1 < len(weights.layers) else weights.ln_f
+            attended = _attention(weights, state, index, qkv)
+            _after_attention(weights, layer, attended, resid, normed, following)
     # HF upcasts the last logits before its processors; the kernels want rows V apart (the padded LM
     # head's logits are a view with longer rows).
     return weights.logits(normed).float().contiguous()
+
+
+def _small_blocks(weights: GPT2Weights, state: DecodeState, resid: torch.Tensor) -> None:
+    """The blocks at a few rows, resid updated in place: five kernels a block, the layer norms in the
+    products' prologues, the biases and residual adds in their epilogues."""
+    for index, layer in enumerate(weights.layers):
+        qkv = _linear(resid, layer, QKV, norm=layer.ln_1, eps=weights.eps)
+        _linear(_attention(weights, state, index, qkv), layer, PROJ, into=resid)
+        hidden = _feed_forward(weights, layer, resid, norm=layer.ln_2)
+        _linear(hidden, layer, OUT, into=resid)
 
 
 def prefill(weights: GPT2Weights, state: DecodeState, ids: torch.Tensor, slots: torch.Tensor) -> None:
@@ -167,34 +184,48 @@ def _after_attention(
 ) -> None:
     """The rest of a block, in place: resid += projection of `attended` + MLP, and normed = the
     `following` norm of it. The biases ride in the products' epilogues; the projection's residual add in
-    the norm kernel, the MLP's in the in-place product (resid holds x + b_out by then)."""
+    the norm kernel, the MLP's in the in-place product (for cuBLAS's, resid holds x + b_out by then)."""
     projected = _linear(attended, layer, PROJ)
-    _norm(resid, layer.ln_2, normed, weights.eps, delta=projected, store=True, bias=layer.out_b)
+    out_b = None if _is_small(normed, layer) else layer.out_b  # cuBLAS's in-place product adds no bias
+    _norm(resid, layer.ln_2, normed, weights.eps, delta=projected, store=True, bias=out_b)
     _linear(_feed_forward(weights, layer, normed), layer, OUT, into=resid)
     _norm(resid, following, normed, weights.eps)
 
 
-def _feed_forward(weights: GPT2Weights, layer: LayerWeights, normed: torch.Tensor) -> torch.Tensor:
+def _feed_forward(
+    weights: GPT2Weights,
+    layer: LayerWeights,
+    x: torch.Tensor,
+    norm: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     # GELU in the product's epilogue: small_linear_kernel's, or cuBLAS's on CUDA (erf on the CPU)
-    if weights.is_tanh_gelu and (normed.is_cuda or _is_small(normed, layer)):
-        return _linear(normed, layer, FC, gelu=True)
-    return weights.act(_linear(normed, layer, FC))
+    if weights.is_tanh_gelu and (x.is_cuda or _is_small(x, layer)):
+        return _linear(x, layer, FC, gelu=True, norm=norm, eps=weights.eps)
+    return weights.act(_linear(x, layer, FC, norm=norm, eps=weights.eps))
 
 
 def _linear(
-    x: torch.Tensor, layer: LayerWeights, which: int, *, gelu: bool = False, into: torch.Tensor | None = None
+    x: torch.Tensor,
+    layer: LayerWeights,
+    which: int,
+    *,
+    gelu: bool = False,
+    into: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, torch.Tensor] | None = None,
+    eps: float = 0.0,
 ) -> torch.Tensor:
     """x · W + b for the block's matrix `which` (QKV, PROJ, FC or OUT), with `gelu` GELU's tanh form of
-    it; with `into`, into += x · W (OUT: the norm kernel before it adds its bias). A few rows take
-    small_linear_kernel, more take cuBLAS with the bias and GELU in its epilogue."""
+    it; with `into`, into += that. A few rows take small_linear_kernel, which can also take the layer
+    norm `norm` (weight, bias; `eps`) of x first. More take cuBLAS with the bias and GELU in its
+    epilogue and no norm; with `into` it adds no bias (_after_attention adds OUT's beforehand)."""
     weight = layer.matrices()[which]
-    bias = (layer.attn_b, layer.proj_b, layer.fc_b, None)[which]
+    bias = (layer.attn_b, layer.proj_b, layer.fc_b, layer.out_b)[which]
     if _is_small(x, layer):
         assert layer.out_in is not None
-        return _small_linear(x, layer.out_in[which], bias, gelu=gelu, into=into)
+        return _small_linear(x, layer.out_in[which], bias, gelu=gelu, into=into, norm=norm, eps=eps)
+    assert norm is None, "cuBLAS products take normed inputs"
     if into is not None:
         return into.addmm_(x, weight)
-    assert bias is not None
     if gelu:
         return torch._addmm_activation(bias, x, weight, use_gelu=True)
     return torch.addmm(bias, x, weight)
@@ -208,21 +239,31 @@ def _is_small(x: torch.Tensor, layer: LayerWeights) -> bool:
 
 
 def _small_linear(
-    x: torch.Tensor, out_in: torch.Tensor, bias: torch.Tensor | None, *, gelu: bool, into: torch.Tensor | None
+    x: torch.Tensor,
+    out_in: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    gelu: bool,
+    into: torch.Tensor | None,
+    norm: tuple[torch.Tensor, torch.Tensor] | None = None,
+    eps: float = 0.0,
 ) -> torch.Tensor:
-    """small_linear_kernel: x [B, K] (rows may be strided) times out_in [N, K] ([out, in])."""
+    """small_linear_kernel: x [B, K] (rows may be strided), or its layer norm `norm`, times out_in
+    [N, K] ([out, in]), plus bias; with `into`, added to it."""
     (rows, width), outputs = x.shape, out_in.shape[0]
     assert outputs % SMALL_LINEAR_BLOCK_N == 0 and x.stride(1) == 1 and out_in.is_contiguous()
     assert into is None or into.stride(1) == 1
     out = torch.empty((rows, outputs), dtype=x.dtype, device=x.device) if into is None else into
+    ln_w, ln_b = (out_in, out_in) if norm is None else norm  # placeholders when not normalising
     block_k = triton.next_power_of_2(width)
     block_n = SMALL_LINEAR_BLOCK_N
     if not x.is_cuda:  # Triton's interpreter runs each program in Python: fewer, wider ones, same sums
         block_n = math.gcd(outputs, 64)
     small_linear_kernel[(outputs // block_n,)](
-        x, x.stride(0), out_in, out if bias is None else bias, out, out.stride(0),
-        K=width, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
-        GELU=gelu, ACCUMULATE=into is not None, **_pdl(x.device),
+        x, x.stride(0), out_in, out if bias is None else bias, ln_w, ln_b, eps, out, out.stride(0),
+        K=width, ROWS=rows, BLOCK_R=triton.next_power_of_2(rows), BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None,
+        NORM=norm is not None, GELU=gelu, ACCUMULATE=into is not None, **_pdl(x.device),
         num_warps=2 if block_k <= 1024 else 4 if block_k <= 4096 else 8,  # 64-128 weights a thread
     )  # fmt: skip
     return out

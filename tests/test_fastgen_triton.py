@@ -102,25 +102,31 @@ def test_layer_norm_kernel_adds_the_delta_and_the_next_bias(tiny_model_dir: Path
     torch.testing.assert_close(resid, x + layer.out_b)
 
 
-@pytest.mark.parametrize(("rows", "epilogue"), [(1, "bias"), (3, "gelu"), (4, "accumulate")])
+@pytest.mark.parametrize(("rows", "epilogue"), [(1, "bias"), (3, "gelu"), (4, "accumulate"), (2, "norm")])
 def test_small_linear_kernel_equals_addmm(rows: int, epilogue: str) -> None:
     device = device_under_test()
     generator = torch.Generator().manual_seed(4)
     weight = torch.randn(72, 216, generator=generator).to(device)  # [in, out], as Conv1D holds it
     bias = torch.randn(216, generator=generator).to(device)
     x = torch.randn(rows, 3 * 72, generator=generator).to(device)[:, 72:144]  # strided rows, as the QKV split
+    ln = (
+        torch.rand(72, generator=generator).to(device) + 0.5,
+        torch.randn(72, generator=generator).to(device),
+    )
+    into, norm = None, None
+    expected = torch.addmm(bias, x, weight)
     if epilogue == "accumulate":
         into = torch.randn(rows, 216, generator=generator).to(device)
-        expected = into + x @ weight
-        out = fastgen_triton._small_linear(x, weight.t().contiguous(), None, gelu=False, into=into)
-        assert out is into
-    else:
-        expected = torch.addmm(bias, x, weight)
-        if epilogue == "gelu":
-            expected = torch.nn.functional.gelu(expected, approximate="tanh")
-        out = fastgen_triton._small_linear(
-            x, weight.t().contiguous(), bias, gelu=epilogue == "gelu", into=None
-        )
+        expected = into + expected  # before the call: it adds in place
+    elif epilogue == "gelu":
+        expected = torch.nn.functional.gelu(expected, approximate="tanh")
+    elif epilogue == "norm":
+        norm = ln
+        expected = torch.addmm(bias, torch.nn.functional.layer_norm(x, (72,), *ln, 1e-5), weight)
+    out = fastgen_triton._small_linear(
+        x, weight.t().contiguous(), bias, gelu=epilogue == "gelu", into=into, norm=norm, eps=1e-5
+    )
+    assert into is None or out is into
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -205,12 +211,17 @@ def shaped_weights(
     tiny_model_dir: Path, shape: str, device: torch.device, out_in_copies: bool = True
 ) -> fastgen_ops.GPT2Weights:
     """The fp32 weights of the tiny test model ("tiny"), of odd_model() ("odd") or of it with ReLU
-    ("odd-relu") on `device`; with the [out, in] copies, steps of up to SMALL_LINEAR_ROWS rows take
-    small_linear_kernel."""
+    ("odd-relu") on `device`, biases and norms perturbed; with the [out, in] copies, steps of up to
+    SMALL_LINEAR_ROWS rows take small_linear_kernel."""
     if shape == "tiny":
         model = GPT2LMHeadModel.from_pretrained(tiny_model_dir)
     else:
         model = odd_model("relu" if shape == "odd-relu" else "gelu_new")
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # HF starts biases at 0 and norms at 1: make each one count
+        for name, param in model.named_parameters():
+            if name.endswith(".bias") or ".ln_" in name:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
     return fastgen_ops.weights_from_hf(
         model.to(device).eval(), fast_activation=False, out_in_copies=out_in_copies
     )
@@ -252,6 +263,21 @@ def test_fused_prefill_caches_what_the_plain_prefill_caches(tiny_model_dir: Path
         fastgen_triton.prefill(weights, state, prompts[:, :19].to(device), torch.arange(3, device=device))
     torch.testing.assert_close(state.kv, expected.kv, rtol=1e-4, atol=1e-4)
     assert bool(state.kv[:, :, :, :, :19].abs().sum(-1).gt(0).all())  # every layer, row, head, position
+
+
+@pytest.mark.parametrize("shape", ["tiny", "odd"])
+def test_fused_prefill_of_a_few_tokens_caches_what_the_plain_prefill_caches(
+    tiny_model_dir: Path, shape: str
+) -> None:
+    """Three tokens in all: the prefill's products take small_linear_kernel, as a step of three rows does."""
+    device = device_under_test()
+    weights = shaped_weights(tiny_model_dir, shape, device)
+    ids = torch.randint(0, 50257, (1, 3), generator=torch.Generator().manual_seed(3)).to(device)
+    expected, state = (fastgen_ops.allocate_state(weights, max_batch=1, max_seq=64) for _ in range(2))
+    with torch.inference_mode():
+        fastgen_ops.prefill(weights, expected, ids, torch.arange(1, device=device))
+        fastgen_triton.prefill(weights, state, ids, torch.arange(1, device=device))
+    torch.testing.assert_close(state.kv, expected.kv, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu
