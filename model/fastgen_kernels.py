@@ -86,7 +86,8 @@ def small_linear_kernel(  # Triton kernel: untyped, many arguments
     in]), every program reads whole rows of it. A decode step at a few rows is a chain of small,
     dependent kernels: with PDL each program lets the next kernel launch at once, and loads its weight
     tile before waiting for the kernel before it, so the read overlaps that kernel's end. Sums in
-    float32; rounds where HF's modules do (the norm's output, the product, the residual add)."""
+    float32; rounds the norm's output, the product and the residual add as HF's modules do, but applies
+    GELU to the float32 sum, as cuBLAS's epilogue does (HF rounds before it)."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     is_k = k < K
@@ -109,7 +110,7 @@ def small_linear_kernel(  # Triton kernel: untyped, many arguments
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / K + eps)
         xs = (centred * rstd[:, None] * ln_w[None, :] + ln_b[None, :]).to(dtype).to(tl.float32)
     for r in tl.static_range(ROWS):
-        x = tl.sum(tl.where(rows[:, None] == r, xs, 0.0), 0)  # row r (within each thread's registers)
+        x = tl.sum(tl.where(rows[:, None] == r, xs, 0.0), 0)  # row r of the tile
         acc = tl.sum(w * x[None, :], 1)
         if HAS_BIAS:
             acc += bias

@@ -13,8 +13,7 @@ head (model/fastgen_kernels.py has the Triton ones; `addmm` below is cuBLAS):
     LM head → penalty + n-gram ban → top-k (Triton up to 32 rows, torch above) or chunked argmax →
     sample + append
 
-A prompt's prefill (`prefill`) uses the same fusions, so the cache it writes rounds as the steps do
-(those of a few rows round their residual adds as HF does: the product, then the sum).
+A prompt's prefill (`prefill`) uses the same fusions, and rounds as a step of as many rows does.
 
 The residual adds ride inside the layer-norm kernels and the in-place product, and the biases in the
 products' epilogues. Attention reads each row's own cache length from the device, so one graph serves
@@ -27,9 +26,11 @@ product it feeds, and the projections add their bias and the residual in their e
 on the products, norms and attention launch with programmatic dependent launch, each while the kernel
 before it runs. At one row on an H100 that took a step from 0.46 to 0.27 ms (BENCHMARKS.md).
 
-Numerics: layer norm, attention and sampling run in float32 whatever the model dtype; rounding points
-differ from Hugging Face's by a few ulps (bias-then-residual order), so greedy tokens agree with
-`generate` except at exact near-ties (tests/test_fastgen.py checks equality on the test models).
+Numerics: layer norm, attention and sampling run in float32 whatever the model dtype. Rounding points
+differ from Hugging Face's by a few ulps: GELU takes the float32 sum (HF rounds before it), and above
+SMALL_LINEAR_ROWS rows the MLP's bias joins the residual before its product does (cuBLAS's in-place
+product adds no bias). So greedy tokens agree with `generate` except at exact near-ties
+(tests/test_fastgen.py checks equality on the test models).
 
 Imported only when Triton is installed.
 """
@@ -130,7 +131,7 @@ def decode_logits(weights: GPT2Weights, state: DecodeState, batch: int) -> torch
     resid = torch.empty((batch, width), dtype=weights.wte.dtype, device=device)
     normed = torch.empty_like(resid)
     _norm(resid, weights.layers[0].ln_1, normed, weights.eps, store=True, embed_from=(state, weights))
-    if _is_small(resid, weights.layers[0]):
+    if _is_small(resid, weights.layers[0]):  # its QKV normalises resid itself: `normed` is not read
         _small_blocks(weights, state, resid)
         _norm(resid, weights.ln_f, normed, weights.eps)
     else:
@@ -156,8 +157,7 @@ def _small_blocks(weights: GPT2Weights, state: DecodeState, resid: torch.Tensor)
 
 def prefill(weights: GPT2Weights, state: DecodeState, ids: torch.Tensor, slots: torch.Tensor) -> None:
     """model.fastgen_ops.prefill with the decode step's fusions: the residual adds ride in the norm
-    kernel and the in-place product, GELU in the product's epilogue. The cache it writes rounds as the
-    decode steps that follow it round."""
+    kernel and the in-place product, GELU in the product's epilogue (module docstring: rounding)."""
     length = ids.shape[1]
     x = F.embedding(ids, weights.wte) + F.embedding(state.arange[:length], weights.wpe)  # [P, L, C]
     resid = x.view(-1, weights.width)
@@ -217,7 +217,7 @@ def _linear(
     """x · W + b for the block's matrix `which` (QKV, PROJ, FC or OUT), with `gelu` GELU's tanh form of
     it; with `into`, into += that. A few rows take small_linear_kernel, which can also take the layer
     norm `norm` (weight, bias; `eps`) of x first. More take cuBLAS with the bias and GELU in its
-    epilogue and no norm; with `into` it adds no bias (_after_attention adds OUT's beforehand)."""
+    epilogue and no norm; with `into` (OUT only) it adds no bias (_after_attention adds it beforehand)."""
     weight = layer.matrices()[which]
     bias = (layer.attn_b, layer.proj_b, layer.fc_b, layer.out_b)[which]
     if _is_small(x, layer):
@@ -225,6 +225,7 @@ def _linear(
         return _small_linear(x, layer.out_in[which], bias, gelu=gelu, into=into, norm=norm, eps=eps)
     assert norm is None, "cuBLAS products take normed inputs"
     if into is not None:
+        assert which == OUT, "cuBLAS's in-place product adds no bias: only OUT's is added beforehand"
         return into.addmm_(x, weight)
     if gelu:
         return torch._addmm_activation(bias, x, weight, use_gelu=True)
@@ -245,8 +246,8 @@ def _small_linear(
     *,
     gelu: bool,
     into: torch.Tensor | None,
-    norm: tuple[torch.Tensor, torch.Tensor] | None = None,
-    eps: float = 0.0,
+    norm: tuple[torch.Tensor, torch.Tensor] | None,
+    eps: float,
 ) -> torch.Tensor:
     """small_linear_kernel: x [B, K] (rows may be strided), or its layer norm `norm`, times out_in
     [N, K] ([out, in]), plus bias; with `into`, added to it."""

@@ -102,7 +102,9 @@ def test_layer_norm_kernel_adds_the_delta_and_the_next_bias(tiny_model_dir: Path
     torch.testing.assert_close(resid, x + layer.out_b)
 
 
-@pytest.mark.parametrize(("rows", "epilogue"), [(1, "bias"), (3, "gelu"), (4, "accumulate"), (2, "norm")])
+@pytest.mark.parametrize(
+    ("rows", "epilogue"), [(1, "bias"), (3, "gelu"), (4, "accumulate"), (2, "norm"), (3, "norm")]
+)
 def test_small_linear_kernel_equals_addmm(rows: int, epilogue: str) -> None:
     device = device_under_test()
     generator = torch.Generator().manual_seed(4)
@@ -128,6 +130,21 @@ def test_small_linear_kernel_equals_addmm(rows: int, epilogue: str) -> None:
     )
     assert into is None or out is into
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_small_linear_kernel_rounds_a_residual_add_as_hf_does() -> None:
+    """In half precision the product is rounded, then added to the residual and rounded again."""
+    device = device_under_test()
+    generator = torch.Generator().manual_seed(6)
+    weight, bias = torch.randn(72, 216, generator=generator), torch.randn(216, generator=generator)
+    x, into = torch.randn(3, 72, generator=generator), 8 * torch.randn(3, 216, generator=generator)
+    product = torch.addmm(*(t.half().float() for t in (bias, x, weight)))  # float32 sums of the half values
+    expected = (into.half().float() + product.half().float()).half()
+    rounded_once = (into.half().float() + product).half()
+    half = [t.half().to(device) for t in (x, weight.t().contiguous(), bias, into)]
+    out = fastgen_triton._small_linear(*half[:3], gelu=False, into=half[3], norm=None, eps=0.0)
+    assert torch.equal(out.cpu(), expected)
+    assert not torch.equal(expected, rounded_once)  # the two orders differ on these values
 
 
 def argmax_keys(logits: torch.Tensor) -> torch.Tensor:
@@ -201,9 +218,9 @@ def test_fused_step_samples_what_the_plain_step_samples(tiny_model_dir: Path) ->
 
 
 def odd_model(activation: str = "gelu_new") -> GPT2LMHeadModel:
-    """One block 72 wide with 3 heads of 24: widths and head sizes that are not powers of two."""
+    """Two blocks 72 wide with 3 heads of 24: widths and head sizes that are not powers of two."""
     torch.manual_seed(3)
-    config = GPT2Config(n_layer=1, n_embd=72, n_head=3, n_positions=128, vocab_size=50257)
+    config = GPT2Config(n_layer=2, n_embd=72, n_head=3, n_positions=128, vocab_size=50257)
     return GPT2LMHeadModel(GPT2Config(**{**config.to_dict(), "activation_function": activation}))
 
 
@@ -269,7 +286,8 @@ def test_fused_prefill_caches_what_the_plain_prefill_caches(tiny_model_dir: Path
 def test_fused_prefill_of_a_few_tokens_caches_what_the_plain_prefill_caches(
     tiny_model_dir: Path, shape: str
 ) -> None:
-    """Three tokens in all: the prefill's products take small_linear_kernel, as a step of three rows does."""
+    """Three tokens in all: the prefill's products take small_linear_kernel (without the norm prologue),
+    which then adds the MLP's bias itself."""
     device = device_under_test()
     weights = shaped_weights(tiny_model_dir, shape, device)
     ids = torch.randint(0, 50257, (1, 3), generator=torch.Generator().manual_seed(3)).to(device)
