@@ -249,28 +249,41 @@ def shaped_weights(
 
 
 def prefilled_state(
-    weights: fastgen_ops.GPT2Weights, device: torch.device
+    weights: fastgen_ops.GPT2Weights, device: torch.device, rows: int = 3
 ) -> tuple[fastgen_ops.DecodeState, torch.Tensor]:
-    """Three rows at 20, 10 and 1 tokens of random prompts, prefilled."""
-    state = fastgen_ops.allocate_state(weights, max_batch=3, max_seq=64)
-    prompts = torch.randint(0, 50257, (3, 20), generator=torch.Generator().manual_seed(2))
-    settings = torch.tensor([[19, 0, 10, 0, 0], [9, 0, 10, 0, 0], [0, 0, 10, 0, 0]])  # POS GEN MAX_NEW ..
-    stop_index = torch.full((3, 1), 50257)
-    fastgen_ops.install_rows(state, 0, prompts, settings, torch.ones(3, 3), stop_index, torch.rand(3, 11))
+    """Rows at 20, 10, 1, 15, 5 and 12 tokens (the first `rows` of them) of random prompts, prefilled."""
+    state = fastgen_ops.allocate_state(weights, max_batch=rows, max_seq=64)
+    prompts = torch.randint(0, 50257, (rows, 20), generator=torch.Generator().manual_seed(2))
+    settings = torch.tensor(
+        [[pos, 0, 10, 0, 0] for pos in (19, 9, 0, 14, 4, 11)[:rows]]
+    )  # POS GEN MAX_NEW ..
+    stop_index = torch.full((rows, 1), 50257)
+    fastgen_ops.install_rows(
+        state, 0, prompts, settings, torch.ones(rows, 3), stop_index, torch.rand(rows, 11)
+    )
     with torch.inference_mode():
-        fastgen_ops.prefill(weights, state, prompts[:, :19].to(device), torch.arange(3, device=device))
+        fastgen_ops.prefill(weights, state, prompts[:, :19].to(device), torch.arange(rows, device=device))
     return state, prompts
 
 
-@pytest.mark.parametrize("products", ["small_linear_kernel", "addmm"])
+@pytest.mark.parametrize(
+    ("products", "rows"),
+    [
+        ("small_linear_kernel", 3),
+        ("addmm", 3),
+        ("addmm beside the copies", fastgen_triton.SMALL_LINEAR_ROWS + 2),
+    ],
+)
 @pytest.mark.parametrize("shape", ["tiny", "odd", "odd-relu"])
-def test_fused_logits_equal_the_plain_steps(tiny_model_dir: Path, shape: str, products: str) -> None:
+def test_fused_logits_equal_the_plain_steps(
+    tiny_model_dir: Path, shape: str, products: str, rows: int
+) -> None:
     device = device_under_test()
-    weights = shaped_weights(tiny_model_dir, shape, device, out_in_copies=products == "small_linear_kernel")
-    state, _ = prefilled_state(weights, device)
+    weights = shaped_weights(tiny_model_dir, shape, device, out_in_copies=products != "addmm")
+    state, _ = prefilled_state(weights, device, rows)
     with torch.inference_mode():
-        expected = fastgen_ops.decode_logits(weights, state, batch=3, window=64)
-        logits = fastgen_triton.decode_logits(weights, state, batch=3)
+        expected = fastgen_ops.decode_logits(weights, state, batch=rows, window=64)
+        logits = fastgen_triton.decode_logits(weights, state, batch=rows)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
