@@ -54,9 +54,20 @@ def fused(request: pytest.FixtureRequest) -> bool:
 # helpers
 
 
+def perturbed(model: GPT2LMHeadModel, seed: int = 5) -> GPT2LMHeadModel:
+    """The model with noise on its biases and layer norms, in place: HF starts biases at 0 and norms at
+    1, where a bias added twice or never, or a norm skipped, changes nothing."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias") or ".ln_" in name:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator).to(param.device))
+    return model
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tiny_model_dir: Path) -> GPT2LMHeadModel:
-    return GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval()
+    return perturbed(GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval())
 
 
 def random_prompt(length: int, seed: int) -> tuple[int, ...]:

@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 
 from model import fastgen_ops, fastgen_triton
 from model.fastgen_ops import POS
+from tests.test_fastgen import perturbed
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -238,13 +239,8 @@ def shaped_weights(
         model = GPT2LMHeadModel.from_pretrained(tiny_model_dir)
     else:
         model = odd_model("relu" if shape == "odd-relu" else "gelu_new")
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():  # HF starts biases at 0 and norms at 1: make each one count
-        for name, param in model.named_parameters():
-            if name.endswith(".bias") or ".ln_" in name:
-                param.add_(0.1 * torch.randn(param.shape, generator=generator))
     return fastgen_ops.weights_from_hf(
-        model.to(device).eval(), fast_activation=False, out_in_copies=out_in_copies
+        perturbed(model).to(device).eval(), fast_activation=False, out_in_copies=out_in_copies
     )
 
 
