@@ -263,8 +263,8 @@ def _small_linear(
     small_linear_kernel[(outputs // block_n,)](
         x, x.stride(0), out_in, out if bias is None else bias, ln_w, ln_b, eps, out, out.stride(0),
         K=width, ROWS=rows, BLOCK_R=triton.next_power_of_2(rows), BLOCK_N=block_n, BLOCK_K=block_k,
-        HAS_BIAS=bias is not None,
-        NORM=norm is not None, GELU=gelu, ACCUMULATE=into is not None, **_pdl(x.device),
+        HAS_BIAS=bias is not None, NORM=norm is not None, GELU=gelu, ACCUMULATE=into is not None,
+        **_pdl(x.device),
         num_warps=2 if block_k <= 1024 else 4 if block_k <= 4096 else 8,  # 64-128 weights a thread
     )  # fmt: skip
     return out
