@@ -13,7 +13,7 @@ head (model/fastgen_kernels.py has the Triton ones; `addmm` below is cuBLAS):
     LM head → penalty + n-gram ban → top-k (Triton up to 32 rows, torch above) or chunked argmax →
     sample + append
 
-A prompt's prefill (`prefill`) uses the same fusions, and rounds as a step of as many rows does.
+A prompt's prefill (`prefill`) uses the same fusions as a step of more rows (_after_attention).
 
 The residual adds ride inside the layer-norm kernels and the in-place product, and the biases in the
 products' epilogues. Attention reads each row's own cache length from the device, so one graph serves
@@ -27,10 +27,10 @@ on the products, norms and attention launch with programmatic dependent launch, 
 before it runs. At one row on an H100 that took a step from 0.46 to 0.27 ms (BENCHMARKS.md).
 
 Numerics: layer norm, attention and sampling run in float32 whatever the model dtype. Rounding points
-differ from Hugging Face's by a few ulps: GELU takes the float32 sum (HF rounds before it), and above
-SMALL_LINEAR_ROWS rows the MLP's bias joins the residual before its product does (cuBLAS's in-place
-product adds no bias). So greedy tokens agree with `generate` except at exact near-ties
-(tests/test_fastgen.py checks equality on the test models).
+differ from Hugging Face's by a few ulps: GELU takes the float32 sum (HF rounds before it), and outside
+_small_blocks (steps above SMALL_LINEAR_ROWS rows, prefills) the MLP's bias joins the residual before
+its product does (cuBLAS's in-place product cannot add one). So greedy tokens agree with `generate`
+except at exact near-ties (tests/test_fastgen.py checks equality on the test models).
 
 Imported only when Triton is installed.
 """
@@ -184,11 +184,11 @@ def _after_attention(
 ) -> None:
     """The rest of a block, in place: resid += projection of `attended` + MLP, and normed = the
     `following` norm of it. The biases ride in the products' epilogues; the projection's residual add in
-    the norm kernel, the MLP's in the in-place product (for cuBLAS's, resid holds x + b_out by then)."""
+    the norm kernel, the MLP's in the in-place product (resid holds x + b_out by then: cuBLAS's in-place
+    product cannot add a bias)."""
     projected = _linear(attended, layer, PROJ)
-    out_b = None if _is_small(normed, layer) else layer.out_b  # cuBLAS's in-place product adds no bias
-    _norm(resid, layer.ln_2, normed, weights.eps, delta=projected, store=True, bias=out_b)
-    _linear(_feed_forward(weights, layer, normed), layer, OUT, into=resid)
+    _norm(resid, layer.ln_2, normed, weights.eps, delta=projected, store=True, bias=layer.out_b)
+    _linear(_feed_forward(weights, layer, normed), layer, OUT, into=resid, add_bias=False)
     _norm(resid, following, normed, weights.eps)
 
 
@@ -211,22 +211,24 @@ def _linear(
     *,
     gelu: bool = False,
     into: torch.Tensor | None = None,
+    add_bias: bool = True,
     norm: tuple[torch.Tensor, torch.Tensor] | None = None,
     eps: float = 0.0,
 ) -> torch.Tensor:
-    """x · W + b for the block's matrix `which` (QKV, PROJ, FC or OUT), with `gelu` GELU's tanh form of
-    it; with `into`, into += that. A few rows take small_linear_kernel, which can also take the layer
-    norm `norm` (weight, bias; `eps`) of x first. More take cuBLAS with the bias and GELU in its
-    epilogue and no norm; with `into` (OUT only) it adds no bias (_after_attention adds it beforehand)."""
+    """x · W (+ b unless not `add_bias`) for the block's matrix `which` (QKV, PROJ, FC or OUT), with
+    `gelu` GELU's tanh form of it; with `into`, into += that. A few rows take small_linear_kernel, which
+    can also take the layer norm `norm` (weight, bias; `eps`) of x first. More take cuBLAS with the bias
+    and GELU in its epilogue and no norm; its in-place product cannot add a bias."""
     weight = layer.matrices()[which]
-    bias = (layer.attn_b, layer.proj_b, layer.fc_b, layer.out_b)[which]
+    bias = (layer.attn_b, layer.proj_b, layer.fc_b, layer.out_b)[which] if add_bias else None
     if _is_small(x, layer):
         assert layer.out_in is not None
         return _small_linear(x, layer.out_in[which], bias, gelu=gelu, into=into, norm=norm, eps=eps)
     assert norm is None, "cuBLAS products take normed inputs"
     if into is not None:
-        assert which == OUT, "cuBLAS's in-place product adds no bias: only OUT's is added beforehand"
+        assert bias is None, "cuBLAS's in-place product cannot add a bias: add it beforehand"
         return into.addmm_(x, weight)
+    assert bias is not None
     if gelu:
         return torch._addmm_activation(bias, x, weight, use_gelu=True)
     return torch.addmm(bias, x, weight)
