@@ -114,13 +114,53 @@ def small_linear_kernel(  # Triton kernel: untyped, many arguments
         acc = tl.sum(w * x[None, :], 1)
         if HAS_BIAS:
             acc += bias
-        if GELU:  # 0.5·a·(1 + tanh(u)), tanh(u) = 2·sigmoid(2u) − 1; |u| ≥ 20 is ±1 in float32
-            inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-            inner = tl.minimum(tl.maximum(inner, -20.0), 20.0)
-            acc = 0.5 * acc * (2.0 / (1.0 + tl.exp(-2.0 * inner)))
+        if GELU:
+            acc = _gelu_tanh(acc)
         if ACCUMULATE:  # a residual add: the product rounded, then added in the model dtype
             acc = acc.to(dtype).to(tl.float32) + tl.load(out_ptr + r * out_stride + n).to(tl.float32)
         tl.store(out_ptr + r * out_stride + n, acc.to(dtype))
+
+
+@triton.jit
+def _gelu_tanh(acc):  # Triton helper: untyped
+    """GELU's tanh form of a float32 block: 0.5·a·(1 + tanh(u)), tanh(u) = 2·sigmoid(2u) − 1; |u| ≥ 20
+    is ±1 in float32."""
+    inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+    inner = tl.minimum(tl.maximum(inner, -20.0), 20.0)
+    return 0.5 * acc * (2.0 / (1.0 + tl.exp(-2.0 * inner)))
+
+
+@triton.jit
+def skinny_linear_kernel(  # Triton kernel: untyped, many arguments
+    x_ptr, x_stride, w_ptr, b_ptr, out_ptr, out_stride, rows,
+    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """small_linear_kernel's product for up to BLOCK_M rows (at least 16) on tensor cores, without its
+    norm and residual add: out[r, n] = x[r] · w[n] (+ b[n], then GELU's tanh form) for BLOCK_N outputs n
+    and every row r < rows; w is [N, K] ([out, in]), read in [BLOCK_N, BLOCK_K] tiles. With PDL it lets
+    the next kernel launch at once and loads its bias before waiting for the kernel before it. Sums in
+    float32, rounded once at the end, as cuBLAS does."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    k = tl.arange(0, BLOCK_K)
+    is_row = (m < rows)[:, None]
+    if PDL:
+        gdc_launch_dependents()
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + n).to(tl.float32)
+    if PDL:
+        gdc_wait()
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        x = tl.load(x_ptr + m[:, None] * x_stride + (start + k)[None, :], mask=is_row, other=0.0)
+        w = tl.load(w_ptr + n[:, None] * K + (start + k)[None, :])
+        acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += bias[None, :]
+    if GELU:
+        acc = _gelu_tanh(acc)
+    tl.store(out_ptr + m[:, None] * out_stride + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=is_row)
 
 
 @triton.jit

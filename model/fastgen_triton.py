@@ -25,6 +25,10 @@ cuBLAS, and a block is five kernels (_small_blocks): each layer norm runs in the
 product it feeds, and the projections add their bias and the residual in their epilogues. From Hopper
 on the products, norms and attention launch with programmatic dependent launch, each while the kernel
 before it runs. At one row on an H100 that took a step from 0.46 to 0.27 ms (BENCHMARKS.md).
+Above that, up to SKINNY_LINEAR_ROWS rows, the QKV, attention-projection and FC products are
+skinny_linear_kernel: tensor-core tiles of the same copies, launched with PDL too, so most of a
+block's chain overlaps its launches; the MLP projection stays on cuBLAS. On an H200 that took a step
+at 8 / 64 rows from 0.468 / 0.770 to 0.420 / 0.696 ms.
 
 Numerics: layer norm, attention and sampling run in float32 whatever the model dtype. Rounding points
 differ from Hugging Face's by a few ulps: GELU takes the float32 sum (HF rounds before it), and outside
@@ -53,6 +57,7 @@ from model.fastgen_kernels import (
     norm_kernel,
     process_kernel,
     sample_append_kernel,
+    skinny_linear_kernel,
     small_linear_kernel,
     top_candidates_kernel,
     top_k_kernel,
@@ -92,6 +97,14 @@ MODE_GIVEN, MODE_ARGMAX, MODE_SAMPLE = range(3)  # how sample_append_kernel choo
 NUM_WARPS = 4
 SMALL_LINEAR_ROWS = 4  # batches up to this take small_linear_kernel, larger ones cuBLAS (BENCHMARKS.md)
 SMALL_LINEAR_BLOCK_N = 4  # outputs per small_linear_kernel program (H100 sweep: 4 best at 1-4 rows)
+SKINNY_LINEAR_ROWS = 64  # batches above SMALL_LINEAR_ROWS up to this take skinny_linear_kernel
+# ...for these products. The MLP projection (K = 3072) stays on cuBLAS, whose split-K spreads it over
+# more programs than 768 outputs make tiles (H200 sweep in BENCHMARKS.md: 0.710 against 0.696 ms at 64 rows).
+SKINNY_LINEAR_PRODUCTS = (QKV, PROJ, FC)
+SKINNY_BLOCK_N = 16  # outputs per skinny_linear_kernel program (at most: _skinny_tiles)
+SKINNY_BLOCK_K = 128  # inputs per step of its loop (at most)
+SKINNY_STAGES = 4  # loads in flight in that loop (H200 sweep: tiles, stages and warps)
+SKINNY_WARPS = 4
 ATTENTION_WARPS_UNSPLIT = 2  # from ATTENTION_UNSPLIT_FROM: more programs per SM (BENCHMARKS.md sweep)
 TOP_K_TRITON_ROWS = 32  # batches up to this take the Triton top-k (_top_k); larger ones torch.topk
 TOP_K_SEGMENT = 2048  # vocabulary entries per top-k candidate program (H200 sweep: 2048-4096 best)
@@ -198,8 +211,8 @@ def _feed_forward(
     x: torch.Tensor,
     norm: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    # GELU in the product's epilogue: small_linear_kernel's, or cuBLAS's on CUDA (erf on the CPU)
-    if weights.is_tanh_gelu and (x.is_cuda or _is_small(x, layer)):
+    # GELU in the product's epilogue: the Triton kernels', or cuBLAS's on CUDA (erf on the CPU)
+    if weights.is_tanh_gelu and (x.is_cuda or _is_small(x, layer) or _is_skinny(x, layer, FC)):
         return _linear(x, layer, FC, gelu=True, norm=norm, eps=weights.eps)
     return weights.act(_linear(x, layer, FC, norm=norm, eps=weights.eps))
 
@@ -217,14 +230,18 @@ def _linear(
 ) -> torch.Tensor:
     """x · W (+ b unless not `add_bias`) for the block's matrix `which` (QKV, PROJ, FC or OUT), with
     `gelu` GELU's tanh form of it; with `into`, into += that. A few rows take small_linear_kernel, which
-    can also take the layer norm `norm` (weight, bias; `eps`) of x first. More take cuBLAS with the bias
-    and GELU in its epilogue and no norm; its in-place product cannot add a bias."""
+    can also take the layer norm `norm` (weight, bias; `eps`) of x first; some more, unless in place,
+    skinny_linear_kernel. The rest take cuBLAS with the bias and GELU in its epilogue; its in-place
+    product cannot add a bias. Only small_linear_kernel takes a norm."""
     weight = layer.matrices()[which]
     bias = (layer.attn_b, layer.proj_b, layer.fc_b, layer.out_b)[which] if add_bias else None
     if _is_small(x, layer):
         assert layer.out_in is not None
         return _small_linear(x, layer.out_in[which], bias, gelu=gelu, into=into, norm=norm, eps=eps)
-    assert norm is None, "cuBLAS products take normed inputs"
+    assert norm is None, "only small_linear_kernel normalises its input"
+    if into is None and _is_skinny(x, layer, which):
+        assert layer.out_in is not None
+        return _skinny_linear(x, layer.out_in[which], bias, gelu=gelu)
     if into is not None:
         assert bias is None, "cuBLAS's in-place product cannot add a bias: add it beforehand"
         return into.addmm_(x, weight)
@@ -239,6 +256,44 @@ def _is_small(x: torch.Tensor, layer: LayerWeights) -> bool:
     every output count, C, 3C and 4C) in whole blocks."""
     is_whole = layer.proj_b.shape[0] % SMALL_LINEAR_BLOCK_N == 0
     return layer.out_in is not None and x.shape[0] <= SMALL_LINEAR_ROWS and is_whole
+
+
+def _is_skinny(x: torch.Tensor, layer: LayerWeights, which: int) -> bool:
+    """Whether skinny_linear_kernel takes this product: more rows than small_linear_kernel takes, up to
+    SKINNY_LINEAR_ROWS, the copies made, whole tiles, and not float32 on the GPU (tensor cores would
+    round its inputs to TF32)."""
+    if layer.out_in is None or not SMALL_LINEAR_ROWS < x.shape[0] <= SKINNY_LINEAR_ROWS:
+        return False
+    is_exact = not (x.is_cuda and x.dtype == torch.float32)
+    return (
+        is_exact and which in SKINNY_LINEAR_PRODUCTS and _skinny_tiles(*layer.out_in[which].shape) is not None
+    )
+
+
+def _skinny_tiles(outputs: int, width: int) -> tuple[int, int] | None:
+    """skinny_linear_kernel's (BLOCK_N, BLOCK_K): the largest powers of two up to the settings that
+    divide N and K; None below 16 (tensor cores' smallest tile), e.g. for GPT-2 widths like 72."""
+    block_n, block_k = math.gcd(outputs, SKINNY_BLOCK_N), math.gcd(width, SKINNY_BLOCK_K)
+    return (block_n, block_k) if min(block_n, block_k) >= 16 else None
+
+
+def _skinny_linear(
+    x: torch.Tensor, out_in: torch.Tensor, bias: torch.Tensor | None, *, gelu: bool
+) -> torch.Tensor:
+    """skinny_linear_kernel: x [B, K] (rows may be strided) times out_in [N, K] ([out, in]), plus bias."""
+    (rows, width), outputs = x.shape, out_in.shape[0]
+    tiles = _skinny_tiles(outputs, width)
+    assert tiles is not None, f"no whole tiles for [{outputs}, {width}]"
+    assert x.stride(1) == 1 and out_in.is_contiguous()
+    out = torch.empty((rows, outputs), dtype=x.dtype, device=x.device)
+    block_n, block_k = tiles
+    skinny_linear_kernel[(outputs // block_n,)](
+        x, x.stride(0), out_in, out if bias is None else bias, out, out.stride(0), rows,
+        K=width, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_K=block_k,
+        STAGES=SKINNY_STAGES, HAS_BIAS=bias is not None, GELU=gelu, num_warps=SKINNY_WARPS,
+        **_pdl(x.device),
+    )  # fmt: skip
+    return out
 
 
 def _small_linear(

@@ -152,6 +152,45 @@ def test_small_linear_kernel_rounds_a_residual_add_as_hf_does() -> None:
     assert not torch.equal(expected, rounded_once)  # the two orders differ on these values
 
 
+@pytest.mark.parametrize(("rows", "epilogue"), [(5, "bias"), (16, "gelu"), (33, "bias"), (64, "no bias")])
+def test_skinny_linear_kernel_equals_addmm(rows: int, epilogue: str) -> None:
+    """On sixty-fourths, whose float32 sums are exact in any order, so the tensor cores' sums (of half
+    precision inputs on the GPU) must round exactly as the reference does; GELU within an ulp."""
+    device = device_under_test()
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    generator = torch.Generator().manual_seed(7)
+
+    def sixty_fourths(*shape: int) -> torch.Tensor:
+        return torch.randint(-64, 65, shape, generator=generator) / 64
+
+    weight, bias = sixty_fourths(128, 96), sixty_fourths(96)  # [in, out]
+    x = sixty_fourths(rows, 3 * 128)[:, 128:256]  # strided rows, as the QKV split
+    expected = torch.addmm(bias, x, weight)
+    if epilogue == "gelu":
+        expected = torch.nn.functional.gelu(expected, approximate="tanh")
+    elif epilogue == "no bias":
+        bias, expected = None, x @ weight
+    on_device = [None if t is None else t.to(dtype).to(device) for t in (x, weight.t().contiguous(), bias)]
+    out = fastgen_triton._skinny_linear(*on_device, gelu=epilogue == "gelu").cpu()
+    if epilogue == "gelu":
+        torch.testing.assert_close(out, expected.to(dtype))
+    else:
+        assert torch.equal(out, expected.to(dtype))
+
+
+def test_skinny_linear_kernel_takes_what_fits_it(tiny_model_dir: Path) -> None:
+    model = GPT2LMHeadModel.from_pretrained(tiny_model_dir)
+    layer = fastgen_ops.weights_from_hf(model, fast_activation=False, out_in_copies=True).layers[0]
+    bare = fastgen_ops.weights_from_hf(model, fast_activation=False).layers[0]
+    rows = [fastgen_triton.SMALL_LINEAR_ROWS, fastgen_triton.SKINNY_LINEAR_ROWS + 1]
+    assert not any(fastgen_triton._is_skinny(torch.zeros(n, 64), layer, fastgen_ops.QKV) for n in rows)
+    x = torch.zeros(fastgen_triton.SKINNY_LINEAR_ROWS, 64)
+    assert fastgen_triton._is_skinny(x, layer, fastgen_ops.QKV)
+    assert not fastgen_triton._is_skinny(x, bare, fastgen_ops.QKV)  # no [out, in] copies
+    odd = fastgen_ops.weights_from_hf(odd_model(), fast_activation=False, out_in_copies=True).layers[0]
+    assert not fastgen_triton._is_skinny(torch.zeros(8, 72), odd, fastgen_ops.QKV)  # 72 is no whole tile
+
+
 def argmax_keys(logits: torch.Tensor) -> torch.Tensor:
     """Each row's largest (value, id) key [B] with torch ops: value order, then the smaller id."""
     bits = torch.where(logits == 0, 0.0, logits.float()).view(torch.int32)  # -0.0 ties with 0.0
@@ -267,13 +306,25 @@ def prefilled_state(
     [
         ("small_linear_kernel", 3),
         ("addmm", 3),
+        ("skinny_linear_kernel", fastgen_triton.SMALL_LINEAR_ROWS + 2),
         ("addmm beside the copies", fastgen_triton.SMALL_LINEAR_ROWS + 2),
     ],
 )
 @pytest.mark.parametrize("shape", ["tiny", "odd", "odd-relu"])
 def test_fused_logits_equal_the_plain_steps(
-    tiny_model_dir: Path, shape: str, products: str, rows: int
+    tiny_model_dir: Path, shape: str, products: str, rows: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The odd widths are no whole tiles of either kernel: their steps take addmm whatever `products` says."""
+    if products == "addmm beside the copies":
+        monkeypatch.setattr(fastgen_triton, "SKINNY_LINEAR_ROWS", fastgen_triton.SMALL_LINEAR_ROWS)
+    skinny_calls: list[int] = []
+    skinny = fastgen_triton._skinny_linear
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        skinny_calls.append(1)
+        return skinny(*args, **kwargs)
+
+    monkeypatch.setattr(fastgen_triton, "_skinny_linear", counted)
     device = device_under_test()
     weights = shaped_weights(tiny_model_dir, shape, device, out_in_copies=products != "addmm")
     state, _ = prefilled_state(weights, device, rows)
@@ -281,6 +332,10 @@ def test_fused_logits_equal_the_plain_steps(
         expected = fastgen_ops.decode_logits(weights, state, batch=rows, window=64)
         logits = fastgen_triton.decode_logits(weights, state, batch=rows)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    # float32 on the GPU takes cuBLAS (tensor cores would round to TF32): the half-precision test below
+    takes_skinny = products == "skinny_linear_kernel" and shape == "tiny" and device.type == "cpu"
+    per_layer = len(fastgen_triton.SKINNY_LINEAR_PRODUCTS)
+    assert len(skinny_calls) == (per_layer * len(weights.layers) if takes_skinny else 0)
 
 
 @pytest.mark.parametrize("shape", ["tiny", "odd"])
@@ -314,15 +369,18 @@ def test_fused_prefill_of_a_few_tokens_caches_what_the_plain_prefill_caches(
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_fused_logits_in_half_precision_track_float32(tiny_model_dir: Path, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("rows", [3, 6], ids=["small products", "skinny products"])
+def test_gpu_fused_logits_in_half_precision_track_float32(
+    tiny_model_dir: Path, dtype: torch.dtype, rows: int
+) -> None:
     model = GPT2LMHeadModel.from_pretrained(tiny_model_dir).to("cuda").eval()
     results = {}
     for precision in (torch.float32, dtype):
         weights = fastgen_ops.weights_from_hf(model.to(precision), fast_activation=True, out_in_copies=True)
-        state, _ = prefilled_state(weights, torch.device("cuda"))
+        state, _ = prefilled_state(weights, torch.device("cuda"), rows)
         with torch.inference_mode():
-            plain = fastgen_ops.decode_logits(weights, state, batch=3, window=64)
-            results[precision] = (plain, fastgen_triton.decode_logits(weights, state, batch=3))
+            plain = fastgen_ops.decode_logits(weights, state, batch=rows, window=64)
+            results[precision] = (plain, fastgen_triton.decode_logits(weights, state, batch=rows))
     reference = results[torch.float32][0]
     plain_error = (results[dtype][0] - reference).abs().max()
     fused_error = (results[dtype][1] - reference).abs().max()
