@@ -3,32 +3,29 @@
 The plain step (model/fastgen_ops.py) launches 22 kernels per layer plus ~60 for the logits
 processors, the sampler and the append: at small batches kernel latency, not memory traffic, sets its
 time. This one launches 7 per layer (5 up to SMALL_LINEAR_ROWS rows, below) and 4-13 after the LM
-head (model/fastgen_kernels.py has the Triton ones; `addmm` below is cuBLAS):
+head (model/fastgen_kernels.py has the Triton ones). `product` below is `linear`
+(model/fastgen_products.py): a Triton kernel up to 64 rows for every product but the in-place one, cuBLAS
+otherwise:
 
     embed + ln_1 (resid = x)
-    per layer:  qkv = addmm(b, ·, W)  →  attention (+ this token's K/V into the cache; when the cache
-                is split, the last split to finish merges)  →  a = addmm(b_proj, ·, W_proj)  →  ln_2 of
-                x + a (resid = x + a + b_out)  →  f = addmm + GELU epilogue  →  resid += f · W_out (in
-                place, beta = 1)  →  next ln_1 or ln_f
+    per layer:  qkv = product(·) + b  →  attention (+ this token's K/V into the cache; when the cache
+                is split, the last split to finish merges)  →  a = product(·) + b_proj  →  ln_2 of
+                x + a (resid = x + a + b_out)  →  f = GELU(product(·) + b_fc)  →  resid += f · W_out (in
+                place, cuBLAS's beta = 1)  →  next ln_1 or ln_f
     LM head → penalty + n-gram ban → top-k (Triton up to 32 rows, torch above) or chunked argmax →
     sample + append
 
-A prompt's prefill (`prefill`) uses the same fusions as a step of more rows (_after_attention).
+A prompt's prefill (`prefill`) uses the same fusions as a step of more rows (_after_attention), and
+the same products for its P·L rows.
 
 The residual adds ride inside the layer-norm kernels and the in-place product, and the biases in the
 products' epilogues. Attention reads each row's own cache length from the device, so one graph serves
 every window.
 
-Up to SMALL_LINEAR_ROWS rows the four products are small_linear_kernel over [out, in] copies of the
-weights (LayerWeights.out_in, the blocks' matrices once more in memory: 170 MB for GPT-2 124M), not
-cuBLAS, and a block is five kernels (_small_blocks): each layer norm runs in the prologue of the
-product it feeds, and the projections add their bias and the residual in their epilogues. From Hopper
-on the products, norms and attention launch with programmatic dependent launch, each while the kernel
-before it runs. At one row on an H100 that took a step from 0.46 to 0.27 ms (BENCHMARKS.md).
-Above that, up to SKINNY_LINEAR_ROWS rows, the QKV, attention-projection and FC products are
-skinny_linear_kernel: tensor-core tiles of the same copies, launched with PDL too, so most of a
-block's chain overlaps its launches; the MLP projection stays on cuBLAS. On an H200 that took a step
-at 8 / 64 rows from 0.468 / 0.770 to 0.420 / 0.696 ms.
+Up to SMALL_LINEAR_ROWS rows a block is five kernels (_small_blocks): each layer norm runs in the
+prologue of the product it feeds (small_linear_kernel), and the projections add their bias and the
+residual in their epilogues. From Hopper on, the Triton products, the norms and attention launch with
+programmatic dependent launch, each while the kernel before it runs.
 
 Numerics: layer norm, attention and sampling run in float32 whatever the model dtype. Rounding points
 differ from Hugging Face's by a few ulps: GELU takes the float32 sum (HF rounds before it), and outside
@@ -42,23 +39,17 @@ Imported only when Triton is installed.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
-import types
 
 import torch
 import torch.nn.functional as F
 import triton
 
 from model.fastgen_kernels import (
-    HAS_PDL,
     attention_kernel,
     chunk_max_kernel,
     norm_kernel,
     process_kernel,
     sample_append_kernel,
-    skinny_linear_kernel,
-    small_linear_kernel,
     top_candidates_kernel,
     top_k_kernel,
 )
@@ -87,6 +78,7 @@ from model.fastgen_ops import (
     attend_prompt,
     cache_prompt,
 )
+from model.fastgen_products import is_small, linear, pdl_arguments
 from model.fastgen_sampling import TOP_K_CAP, sample_top_k_top_p
 
 ATTENTION_BLOCK = 64  # cache positions per attention iteration
@@ -95,16 +87,6 @@ ATTENTION_UNSPLIT_FROM = 1024  # rows × heads from which the cache is not split
 CANDIDATE_CHUNK = 4096  # vocabulary entries per argmax program (13 chunks for GPT-2's 50,257)
 MODE_GIVEN, MODE_ARGMAX, MODE_SAMPLE = range(3)  # how sample_append_kernel chooses the token
 NUM_WARPS = 4
-SMALL_LINEAR_ROWS = 4  # batches up to this take small_linear_kernel, larger ones cuBLAS (BENCHMARKS.md)
-SMALL_LINEAR_BLOCK_N = 4  # outputs per small_linear_kernel program (H100 sweep: 4 best at 1-4 rows)
-SKINNY_LINEAR_ROWS = 64  # batches above SMALL_LINEAR_ROWS up to this take skinny_linear_kernel
-# ...for these products. The MLP projection (K = 3072) stays on cuBLAS, whose split-K spreads it over
-# more programs than 768 outputs make tiles (H200 sweep in BENCHMARKS.md: 0.710 against 0.696 ms at 64 rows).
-SKINNY_LINEAR_PRODUCTS = (QKV, PROJ, FC)
-SKINNY_BLOCK_N = 16  # outputs per skinny_linear_kernel program (at most: _skinny_tiles)
-SKINNY_BLOCK_K = 128  # inputs per step of its loop (at most)
-SKINNY_STAGES = 4  # loads in flight in that loop (H200 sweep: tiles, stages and warps)
-SKINNY_WARPS = 4
 ATTENTION_WARPS_UNSPLIT = 2  # from ATTENTION_UNSPLIT_FROM: more programs per SM (BENCHMARKS.md sweep)
 TOP_K_TRITON_ROWS = 32  # batches up to this take the Triton top-k (_top_k); larger ones torch.topk
 TOP_K_SEGMENT = 2048  # vocabulary entries per top-k candidate program (H200 sweep: 2048-4096 best)
@@ -144,12 +126,12 @@ def decode_logits(weights: GPT2Weights, state: DecodeState, batch: int) -> torch
     resid = torch.empty((batch, width), dtype=weights.wte.dtype, device=device)
     normed = torch.empty_like(resid)
     _norm(resid, weights.layers[0].ln_1, normed, weights.eps, store=True, embed_from=(state, weights))
-    if _is_small(resid, weights.layers[0]):  # its QKV normalises resid itself: `normed` is not read
+    if is_small(resid, weights.layers[0]):  # its QKV normalises resid itself: `normed` is not read
         _small_blocks(weights, state, resid)
         _norm(resid, weights.ln_f, normed, weights.eps)
     else:
         for index, layer in enumerate(weights.layers):
-            qkv = _linear(normed, layer, QKV)  # [B, 3C]
+            qkv = linear(normed, layer, QKV)  # [B, 3C]
             following = weights.layers[index + 1].ln_1 if index + 1 < len(weights.layers) else weights.ln_f
             attended = _attention(weights, state, index, qkv)
             _after_attention(weights, layer, attended, resid, normed, following)
@@ -162,10 +144,10 @@ def _small_blocks(weights: GPT2Weights, state: DecodeState, resid: torch.Tensor)
     """The blocks at a few rows, resid updated in place: five kernels a block, the layer norms in the
     products' prologues, the biases and residual adds in their epilogues."""
     for index, layer in enumerate(weights.layers):
-        qkv = _linear(resid, layer, QKV, norm=layer.ln_1, eps=weights.eps)
-        _linear(_attention(weights, state, index, qkv), layer, PROJ, into=resid)
+        qkv = linear(resid, layer, QKV, norm=layer.ln_1, eps=weights.eps)
+        linear(_attention(weights, state, index, qkv), layer, PROJ, into=resid)
         hidden = _feed_forward(weights, layer, resid, norm=layer.ln_2)
-        _linear(hidden, layer, OUT, into=resid)
+        linear(hidden, layer, OUT, into=resid)
 
 
 def prefill(weights: GPT2Weights, state: DecodeState, ids: torch.Tensor, slots: torch.Tensor) -> None:
@@ -179,7 +161,7 @@ def prefill(weights: GPT2Weights, state: DecodeState, ids: torch.Tensor, slots: 
     last = len(weights.layers) - 1
     for index, layer in enumerate(weights.layers):
         cache = state.kv[index, :, :, :, :length]  # [2, max_batch, H, L, D]
-        qkv = _linear(normed, layer, QKV)
+        qkv = linear(normed, layer, QKV)
         if index == last:  # its output feeds nothing that is cached: only its keys and values are needed
             cache_prompt(weights, cache, slots, qkv)
             return
@@ -199,9 +181,9 @@ def _after_attention(
     `following` norm of it. The biases ride in the products' epilogues; the projection's residual add in
     the norm kernel, the MLP's in the in-place product (resid holds x + b_out by then: cuBLAS's in-place
     product cannot add a bias)."""
-    projected = _linear(attended, layer, PROJ)
+    projected = linear(attended, layer, PROJ)
     _norm(resid, layer.ln_2, normed, weights.eps, delta=projected, store=True, bias=layer.out_b)
-    _linear(_feed_forward(weights, layer, normed), layer, OUT, into=resid, add_bias=False)
+    linear(_feed_forward(weights, layer, normed), layer, OUT, into=resid, add_bias=False)
     _norm(resid, following, normed, weights.eps)
 
 
@@ -211,132 +193,10 @@ def _feed_forward(
     x: torch.Tensor,
     norm: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    # GELU in the product's epilogue: the Triton kernels', or cuBLAS's on CUDA (erf on the CPU)
-    if weights.is_tanh_gelu and (x.is_cuda or _is_small(x, layer) or _is_skinny(x, layer, FC)):
-        return _linear(x, layer, FC, gelu=True, norm=norm, eps=weights.eps)
-    return weights.act(_linear(x, layer, FC, norm=norm, eps=weights.eps))
-
-
-def _linear(
-    x: torch.Tensor,
-    layer: LayerWeights,
-    which: int,
-    *,
-    gelu: bool = False,
-    into: torch.Tensor | None = None,
-    add_bias: bool = True,
-    norm: tuple[torch.Tensor, torch.Tensor] | None = None,
-    eps: float = 0.0,
-) -> torch.Tensor:
-    """x · W (+ b unless not `add_bias`) for the block's matrix `which` (QKV, PROJ, FC or OUT), with
-    `gelu` GELU's tanh form of it; with `into`, into += that. A few rows take small_linear_kernel, which
-    can also take the layer norm `norm` (weight, bias; `eps`) of x first; some more, unless in place,
-    skinny_linear_kernel. The rest take cuBLAS with the bias and GELU in its epilogue; its in-place
-    product cannot add a bias. Only small_linear_kernel takes a norm."""
-    weight = layer.matrices()[which]
-    bias = (layer.attn_b, layer.proj_b, layer.fc_b, layer.out_b)[which] if add_bias else None
-    if _is_small(x, layer):
-        assert layer.out_in is not None
-        return _small_linear(x, layer.out_in[which], bias, gelu=gelu, into=into, norm=norm, eps=eps)
-    assert norm is None, "only small_linear_kernel normalises its input"
-    if into is None and _is_skinny(x, layer, which):
-        assert layer.out_in is not None
-        return _skinny_linear(x, layer.out_in[which], bias, gelu=gelu)
-    if into is not None:
-        assert bias is None, "cuBLAS's in-place product cannot add a bias: add it beforehand"
-        return into.addmm_(x, weight)
-    assert bias is not None
-    if gelu:
-        return torch._addmm_activation(bias, x, weight, use_gelu=True)
-    return torch.addmm(bias, x, weight)
-
-
-def _is_small(x: torch.Tensor, layer: LayerWeights) -> bool:
-    """Whether small_linear_kernel takes this product: a few rows, the copies made, and the width (so
-    every output count, C, 3C and 4C) in whole blocks."""
-    is_whole = layer.proj_b.shape[0] % SMALL_LINEAR_BLOCK_N == 0
-    return layer.out_in is not None and x.shape[0] <= SMALL_LINEAR_ROWS and is_whole
-
-
-def _is_skinny(x: torch.Tensor, layer: LayerWeights, which: int) -> bool:
-    """Whether skinny_linear_kernel takes this product: more rows than small_linear_kernel takes, up to
-    SKINNY_LINEAR_ROWS, the copies made, whole tiles, and not float32 on the GPU (tensor cores would
-    round its inputs to TF32)."""
-    if layer.out_in is None or not SMALL_LINEAR_ROWS < x.shape[0] <= SKINNY_LINEAR_ROWS:
-        return False
-    is_exact = not (x.is_cuda and x.dtype == torch.float32)
-    return (
-        is_exact and which in SKINNY_LINEAR_PRODUCTS and _skinny_tiles(*layer.out_in[which].shape) is not None
-    )
-
-
-def _skinny_tiles(outputs: int, width: int) -> tuple[int, int] | None:
-    """skinny_linear_kernel's (BLOCK_N, BLOCK_K): the largest powers of two up to the settings that
-    divide N and K; None below 16 (tensor cores' smallest tile), e.g. for GPT-2 widths like 72."""
-    block_n, block_k = math.gcd(outputs, SKINNY_BLOCK_N), math.gcd(width, SKINNY_BLOCK_K)
-    return (block_n, block_k) if min(block_n, block_k) >= 16 else None
-
-
-def _skinny_linear(
-    x: torch.Tensor, out_in: torch.Tensor, bias: torch.Tensor | None, *, gelu: bool
-) -> torch.Tensor:
-    """skinny_linear_kernel: x [B, K] (rows may be strided) times out_in [N, K] ([out, in]), plus bias."""
-    (rows, width), outputs = x.shape, out_in.shape[0]
-    tiles = _skinny_tiles(outputs, width)
-    assert tiles is not None, f"no whole tiles for [{outputs}, {width}]"
-    assert x.stride(1) == 1 and out_in.is_contiguous()
-    out = torch.empty((rows, outputs), dtype=x.dtype, device=x.device)
-    block_n, block_k = tiles
-    skinny_linear_kernel[(outputs // block_n,)](
-        x, x.stride(0), out_in, out if bias is None else bias, out, out.stride(0), rows,
-        K=width, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_K=block_k,
-        STAGES=SKINNY_STAGES, HAS_BIAS=bias is not None, GELU=gelu, num_warps=SKINNY_WARPS,
-        **_pdl(x.device),
-    )  # fmt: skip
-    return out
-
-
-def _small_linear(
-    x: torch.Tensor,
-    out_in: torch.Tensor,
-    bias: torch.Tensor | None,
-    *,
-    gelu: bool,
-    into: torch.Tensor | None,
-    norm: tuple[torch.Tensor, torch.Tensor] | None,
-    eps: float,
-) -> torch.Tensor:
-    """small_linear_kernel: x [B, K] (rows may be strided), or its layer norm `norm`, times out_in
-    [N, K] ([out, in]), plus bias; with `into`, added to it."""
-    (rows, width), outputs = x.shape, out_in.shape[0]
-    assert outputs % SMALL_LINEAR_BLOCK_N == 0 and x.stride(1) == 1 and out_in.is_contiguous()
-    assert into is None or into.stride(1) == 1
-    out = torch.empty((rows, outputs), dtype=x.dtype, device=x.device) if into is None else into
-    ln_w, ln_b = (out_in, out_in) if norm is None else norm  # placeholders when not normalising
-    block_k = triton.next_power_of_2(width)
-    block_n = SMALL_LINEAR_BLOCK_N
-    if not x.is_cuda:  # Triton's interpreter runs each program in Python: fewer, wider ones, same sums
-        block_n = math.gcd(outputs, 64)
-    small_linear_kernel[(outputs // block_n,)](
-        x, x.stride(0), out_in, out if bias is None else bias, ln_w, ln_b, eps, out, out.stride(0),
-        K=width, ROWS=rows, BLOCK_R=triton.next_power_of_2(rows), BLOCK_N=block_n, BLOCK_K=block_k,
-        HAS_BIAS=bias is not None, NORM=norm is not None, GELU=gelu, ACCUMULATE=into is not None,
-        **_pdl(x.device),
-        num_warps=2 if block_k <= 1024 else 4 if block_k <= 4096 else 8,  # 64-128 weights a thread
-    )  # fmt: skip
-    return out
-
-
-@functools.cache
-def _pdl(device: torch.device) -> types.MappingProxyType[str, bool]:
-    """Launch arguments for programmatic dependent launch, on from Hopper (sm_90): a kernel launches
-    while the one before it runs and waits inside for its results (fastgen_kernels' docstring). The
-    products, norms and attention use it; at one row it took a layer's four products from 14.5 to 8.6
-    µs on an H100 (BENCHMARKS.md)."""
-    is_nvidia = device.type == "cuda" and torch.version.cuda is not None  # not ROCm
-    if HAS_PDL and is_nvidia and torch.cuda.get_device_capability(device) >= (9, 0):
-        return types.MappingProxyType({"PDL": True, "launch_pdl": True})
-    return types.MappingProxyType({"PDL": False})  # no launch_pdl: Triton before 3.4 does not take it
+    """The MLP's first product and its activation; GELU's tanh form rides in the product's epilogue."""
+    if weights.is_tanh_gelu:
+        return linear(x, layer, FC, gelu=True, norm=norm, eps=weights.eps)
+    return weights.act(linear(x, layer, FC, norm=norm, eps=weights.eps))
 
 
 def _norm(
@@ -361,7 +221,8 @@ def _norm(
         resid, resid if delta is None else delta, *ln, resid if bias is None else bias, out, eps, width,
         tokens, tokens.stride(0), rows, rows.stride(0), wte, wpe,
         BLOCK_C=triton.next_power_of_2(width), EMBED=embed_from is not None, HAS_DELTA=delta is not None,
-        STORE=store, HAS_BIAS=bias is not None, POS_COL=POS, num_warps=NUM_WARPS, **_pdl(resid.device),
+        STORE=store, HAS_BIAS=bias is not None, POS_COL=POS, num_warps=NUM_WARPS,
+        **pdl_arguments(resid.device),
     )  # fmt: skip
 
 
@@ -381,7 +242,7 @@ def _attention(weights: GPT2Weights, state: DecodeState, index: int, qkv: torch.
         cache.stride(0), cache.stride(1), cache.stride(2),
         BLOCK_D=block_d, BLOCK_N=ATTENTION_BLOCK, SPLITS=splits, CHUNK=chunk, POS_COL=POS,
         num_warps=ATTENTION_WARPS_UNSPLIT if batch * n_head >= ATTENTION_UNSPLIT_FROM else NUM_WARPS,
-        **_pdl(qkv.device),
+        **pdl_arguments(qkv.device),
     )  # fmt: skip
     return y
 

@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 pytest.importorskip("triton")
 
-from model import fastgen_ops, fastgen_triton
+from model import fastgen_ops, fastgen_products, fastgen_triton
 from model.fastgen_ops import POS
 from tests.test_fastgen import perturbed
 
@@ -126,7 +126,7 @@ def test_small_linear_kernel_equals_addmm(rows: int, epilogue: str) -> None:
     elif epilogue == "norm":
         norm = ln
         expected = torch.addmm(bias, torch.nn.functional.layer_norm(x, (72,), *ln, 1e-5), weight)
-    out = fastgen_triton._small_linear(
+    out = fastgen_products._small_linear(
         x, weight.t().contiguous(), bias, gelu=epilogue == "gelu", into=into, norm=norm, eps=1e-5
     )
     assert into is None or out is into
@@ -147,15 +147,16 @@ def test_small_linear_kernel_rounds_a_residual_add_as_hf_does() -> None:
     expected = (into.half().float() + product.half().float()).half()
     rounded_once = (into.half().float() + product).half()
     half = [t.half().to(device) for t in (x, weight.t().contiguous(), bias, into)]
-    out = fastgen_triton._small_linear(*half[:3], gelu=False, into=half[3], norm=None, eps=0.0)
+    out = fastgen_products._small_linear(*half[:3], gelu=False, into=half[3], norm=None, eps=0.0)
     assert torch.equal(out.cpu(), expected)
     assert not torch.equal(expected, rounded_once)  # the two orders differ on these values
 
 
 @pytest.mark.parametrize(("rows", "epilogue"), [(5, "bias"), (16, "gelu"), (33, "bias"), (64, "no bias")])
 def test_skinny_linear_kernel_equals_addmm(rows: int, epilogue: str) -> None:
-    """On sixty-fourths, whose float32 sums are exact in any order, so the tensor cores' sums (of half
-    precision inputs on the GPU) must round exactly as the reference does; GELU within an ulp."""
+    """On sixty-fourths, whose float32 sums are exact in any order (at most 21 significant bits here),
+    so the tensor cores' sums (of half-precision inputs on the GPU) must round exactly as the reference
+    does; GELU within an ulp."""
     device = device_under_test()
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     generator = torch.Generator().manual_seed(7)
@@ -163,15 +164,16 @@ def test_skinny_linear_kernel_equals_addmm(rows: int, epilogue: str) -> None:
     def sixty_fourths(*shape: int) -> torch.Tensor:
         return torch.randint(-64, 65, shape, generator=generator) / 64
 
-    weight, bias = sixty_fourths(128, 96), sixty_fourths(96)  # [in, out]
-    x = sixty_fourths(rows, 3 * 128)[:, 128:256]  # strided rows, as the QKV split
+    # K = 3 × SKINNY_LINEAR_BLOCK_K: the loop over K runs three times
+    weight, bias = sixty_fourths(384, 96), sixty_fourths(96)  # [in, out]
+    x = sixty_fourths(rows, 3 * 384)[:, 384:768]  # strided rows, as the QKV split
     expected = torch.addmm(bias, x, weight)
     if epilogue == "gelu":
         expected = torch.nn.functional.gelu(expected, approximate="tanh")
     elif epilogue == "no bias":
         bias, expected = None, x @ weight
     on_device = [None if t is None else t.to(dtype).to(device) for t in (x, weight.t().contiguous(), bias)]
-    out = fastgen_triton._skinny_linear(*on_device, gelu=epilogue == "gelu").cpu()
+    out = fastgen_products._skinny_linear(*on_device, gelu=epilogue == "gelu").cpu()
     if epilogue == "gelu":
         torch.testing.assert_close(out, expected.to(dtype))
     else:
@@ -182,13 +184,13 @@ def test_skinny_linear_kernel_takes_what_fits_it(tiny_model_dir: Path) -> None:
     model = GPT2LMHeadModel.from_pretrained(tiny_model_dir)
     layer = fastgen_ops.weights_from_hf(model, fast_activation=False, out_in_copies=True).layers[0]
     bare = fastgen_ops.weights_from_hf(model, fast_activation=False).layers[0]
-    rows = [fastgen_triton.SMALL_LINEAR_ROWS, fastgen_triton.SKINNY_LINEAR_ROWS + 1]
-    assert not any(fastgen_triton._is_skinny(torch.zeros(n, 64), layer, fastgen_ops.QKV) for n in rows)
-    x = torch.zeros(fastgen_triton.SKINNY_LINEAR_ROWS, 64)
-    assert fastgen_triton._is_skinny(x, layer, fastgen_ops.QKV)
-    assert not fastgen_triton._is_skinny(x, bare, fastgen_ops.QKV)  # no [out, in] copies
+    rows = [fastgen_products.SMALL_LINEAR_ROWS, fastgen_products.SKINNY_LINEAR_ROWS + 1]
+    assert not any(fastgen_products._is_skinny(torch.zeros(n, 64), layer, fastgen_ops.QKV) for n in rows)
+    x = torch.zeros(fastgen_products.SKINNY_LINEAR_ROWS, 64)
+    assert fastgen_products._is_skinny(x, layer, fastgen_ops.QKV)
+    assert not fastgen_products._is_skinny(x, bare, fastgen_ops.QKV)  # no [out, in] copies
     odd = fastgen_ops.weights_from_hf(odd_model(), fast_activation=False, out_in_copies=True).layers[0]
-    assert not fastgen_triton._is_skinny(torch.zeros(8, 72), odd, fastgen_ops.QKV)  # 72 is no whole tile
+    assert not fastgen_products._is_skinny(torch.zeros(8, 72), odd, fastgen_ops.QKV)  # 72 is no whole tile
 
 
 def argmax_keys(logits: torch.Tensor) -> torch.Tensor:
@@ -306,25 +308,25 @@ def prefilled_state(
     [
         ("small_linear_kernel", 3),
         ("addmm", 3),
-        ("skinny_linear_kernel", fastgen_triton.SMALL_LINEAR_ROWS + 2),
-        ("addmm beside the copies", fastgen_triton.SMALL_LINEAR_ROWS + 2),
+        ("skinny_linear_kernel", fastgen_products.SMALL_LINEAR_ROWS + 2),
+        ("addmm beside the copies", fastgen_products.SMALL_LINEAR_ROWS + 2),
     ],
 )
 @pytest.mark.parametrize("shape", ["tiny", "odd", "odd-relu"])
 def test_fused_logits_equal_the_plain_steps(
     tiny_model_dir: Path, shape: str, products: str, rows: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The odd widths are no whole tiles of either kernel: their steps take addmm whatever `products` says."""
+    """72, the odd models' width, is no whole tile of skinny_linear_kernel: at 6 rows they take addmm."""
     if products == "addmm beside the copies":
-        monkeypatch.setattr(fastgen_triton, "SKINNY_LINEAR_ROWS", fastgen_triton.SMALL_LINEAR_ROWS)
+        monkeypatch.setattr(fastgen_products, "SKINNY_LINEAR_ROWS", fastgen_products.SMALL_LINEAR_ROWS)
     skinny_calls: list[int] = []
-    skinny = fastgen_triton._skinny_linear
+    skinny = fastgen_products._skinny_linear
 
-    def counted(*args: object, **kwargs: object) -> torch.Tensor:
-        skinny_calls.append(1)
-        return skinny(*args, **kwargs)
+    def counted(x: torch.Tensor, out_in: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        skinny_calls.append(out_in.shape[0])
+        return skinny(x, out_in, *args, **kwargs)
 
-    monkeypatch.setattr(fastgen_triton, "_skinny_linear", counted)
+    monkeypatch.setattr(fastgen_products, "_skinny_linear", counted)
     device = device_under_test()
     weights = shaped_weights(tiny_model_dir, shape, device, out_in_copies=products != "addmm")
     state, _ = prefilled_state(weights, device, rows)
@@ -334,8 +336,8 @@ def test_fused_logits_equal_the_plain_steps(
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     # float32 on the GPU takes cuBLAS (tensor cores would round to TF32): the half-precision test below
     takes_skinny = products == "skinny_linear_kernel" and shape == "tiny" and device.type == "cpu"
-    per_layer = len(fastgen_triton.SKINNY_LINEAR_PRODUCTS)
-    assert len(skinny_calls) == (per_layer * len(weights.layers) if takes_skinny else 0)
+    width = weights.width  # QKV, the attention projection and FC, in each layer; not the MLP projection
+    assert skinny_calls == ([3 * width, width, 4 * width] * len(weights.layers) if takes_skinny else [])
 
 
 @pytest.mark.parametrize("shape", ["tiny", "odd"])
