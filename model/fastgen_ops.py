@@ -61,7 +61,7 @@ class LayerWeights:
     out_w: torch.Tensor
     out_b: torch.Tensor
     # attn_w, proj_w, fc_w, out_w (index QKV, PROJ, FC, OUT) copied as [out, in], contiguous: the fused
-    # step's kernel for a few rows reads whole rows of them (model/fastgen_triton.py). None: not made.
+    # step's Triton products read rows or tiles of them (model/fastgen_products.py). None: not made.
     out_in: tuple[torch.Tensor, ...] | None = None
 
     def matrices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

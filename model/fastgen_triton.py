@@ -4,8 +4,8 @@ The plain step (model/fastgen_ops.py) launches 22 kernels per layer plus ~60 for
 processors, the sampler and the append: at small batches kernel latency, not memory traffic, sets its
 time. This one launches 7 per layer (5 up to SMALL_LINEAR_ROWS rows, below) and 4-13 after the LM
 head (model/fastgen_kernels.py has the Triton ones). `product` below is `linear`
-(model/fastgen_products.py): a Triton kernel up to 64 rows for every product but the in-place one, cuBLAS
-otherwise:
+(model/fastgen_products.py): a Triton kernel up to SKINNY_LINEAR_ROWS (64) rows, except the in-place MLP
+projection above SMALL_LINEAR_ROWS (4); cuBLAS otherwise:
 
     embed + ln_1 (resid = x)
     per layer:  qkv = product(·) + b  →  attention (+ this token's K/V into the cache; when the cache
