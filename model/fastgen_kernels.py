@@ -146,6 +146,25 @@ def attention_kernel(  # Triton kernel: untyped, many arguments
 
 
 @triton.jit
+def cache_prompt_kernel(  # Triton kernel: untyped, many arguments
+    qkv_ptr, qkv_stride, slots_ptr, cache_ptr, length, width, head_dim, kv_stride, row_stride, head_stride,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Prompt p, head h, position block b: copy the prompt's keys and values at those positions from
+    its rows of qkv [P·L, 3C] into cache slot slots[p], where they are one contiguous run per head."""
+    prompt, head, block = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    slot = tl.load(slots_ptr + prompt)
+    positions = block * BLOCK_L + tl.arange(0, BLOCK_L)
+    dims = tl.arange(0, BLOCK_D)
+    is_copied = (positions < length)[:, None] & (dims < head_dim)[None, :]
+    keys = qkv_ptr + (prompt * length + positions[:, None]) * qkv_stride + width + head * head_dim
+    cached = cache_ptr + slot * row_stride + head * head_stride + positions[:, None] * head_dim
+    tl.store(cached + dims[None, :], tl.load(keys + dims[None, :], mask=is_copied), mask=is_copied)
+    values, cached_values = keys + width, cached + kv_stride
+    tl.store(cached_values + dims[None, :], tl.load(values + dims[None, :], mask=is_copied), mask=is_copied)
+
+
+@triton.jit
 def _merge_splits(slots, y, head_dim, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):  # Triton helper
     """Merge the splits' softmax states (splits past the row's end hold -inf) into y. The loads bypass
     L1 (.cg): other SMs wrote the partials."""

@@ -256,10 +256,18 @@ def cache_prompt(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split one layer's qkv [P·L, 3C] of P prompts into q, k, v [P, L, H, D]; k and v go into the
     cache slots listed in `slots` [P]."""
-    head_dim = weights.width // weights.n_head
-    q, k, v = qkv.view(slots.shape[0], -1, 3, weights.n_head, head_dim).unbind(2)
+    q, k, v = split_prompt_qkv(weights, qkv, slots.shape[0])
     cache[0].index_copy_(0, slots, k.transpose(1, 2))
     cache[1].index_copy_(0, slots, v.transpose(1, 2))
+    return q, k, v
+
+
+def split_prompt_qkv(
+    weights: GPT2Weights, qkv: torch.Tensor, prompts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views q, k, v [P, L, H, D] of one layer's qkv [P·L, 3C] for P prompts."""
+    head_dim = weights.width // weights.n_head
+    q, k, v = qkv.view(prompts, -1, 3, weights.n_head, head_dim).unbind(2)
     return q, k, v
 
 

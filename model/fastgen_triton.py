@@ -16,7 +16,7 @@ projection above SMALL_LINEAR_ROWS (4); cuBLAS otherwise:
     sample + append
 
 A prompt's prefill (`prefill`) uses the same fusions as a step of more rows (_after_attention), and
-the same products for its P·L rows.
+the same products for its P·L rows; one kernel copies each layer's keys and values into the cache.
 
 The residual adds ride inside the layer-norm kernels and the in-place product, and the biases in the
 products' epilogues. Attention reads each row's own cache length from the device, so one graph serves
@@ -46,6 +46,7 @@ import triton
 
 from model.fastgen_kernels import (
     attention_kernel,
+    cache_prompt_kernel,
     chunk_max_kernel,
     norm_kernel,
     process_kernel,
@@ -76,12 +77,13 @@ from model.fastgen_ops import (
     LayerWeights,
     StepPlan,
     attend_prompt,
-    cache_prompt,
+    split_prompt_qkv,
 )
 from model.fastgen_products import is_small, linear, pdl_arguments
 from model.fastgen_sampling import TOP_K_CAP, sample_top_k_top_p
 
 ATTENTION_BLOCK = 64  # cache positions per attention iteration
+CACHE_PROMPT_BLOCK = 32  # prompt positions per cache_prompt_kernel program
 ATTENTION_PROGRAMS = 2048  # split until rows × heads × splits reaches this (BENCHMARKS.md sweeps)
 ATTENTION_UNSPLIT_FROM = 1024  # rows × heads from which the cache is not split (128 rows of GPT-2)
 CANDIDATE_CHUNK = 4096  # vocabulary entries per argmax program (13 chunks for GPT-2's 50,257)
@@ -162,11 +164,24 @@ def prefill(weights: GPT2Weights, state: DecodeState, ids: torch.Tensor, slots: 
     for index, layer in enumerate(weights.layers):
         cache = state.kv[index, :, :, :, :length]  # [2, max_batch, H, L, D]
         qkv = linear(normed, layer, QKV)
+        _cache_prompt(weights, cache, slots, qkv)
         if index == last:  # its output feeds nothing that is cached: only its keys and values are needed
-            cache_prompt(weights, cache, slots, qkv)
             return
-        attended = attend_prompt(weights, *cache_prompt(weights, cache, slots, qkv))
+        attended = attend_prompt(weights, *split_prompt_qkv(weights, qkv, len(slots)))
         _after_attention(weights, layer, attended, resid, normed, weights.layers[index + 1].ln_1)
+
+
+def _cache_prompt(weights: GPT2Weights, cache: torch.Tensor, slots: torch.Tensor, qkv: torch.Tensor) -> None:
+    """model.fastgen_ops.cache_prompt's cache writes in one kernel: index_copy_ of the strided keys and
+    values moved ~0.25 TB/s, 5.1 ms of a 256 × 256-token prefill's 25.7 on an H200 (BENCHMARKS.md)."""
+    prompts, length = len(slots), qkv.shape[0] // len(slots)
+    head_dim = weights.width // weights.n_head
+    grid = (prompts, weights.n_head, triton.cdiv(length, CACHE_PROMPT_BLOCK))
+    cache_prompt_kernel[grid](
+        qkv, qkv.stride(0), slots, cache, length, weights.width, head_dim,
+        cache.stride(0), cache.stride(1), cache.stride(2),
+        BLOCK_L=CACHE_PROMPT_BLOCK, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=NUM_WARPS,
+    )  # fmt: skip
 
 
 def _after_attention(
