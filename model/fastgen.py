@@ -48,9 +48,9 @@ from model.fastgen_ops import (
     install_rows,
     move_rows,
     prefill,
-    weights_from_hf,
 )
 from model.fastgen_sampling import TOP_K_CAP
+from model.fastgen_weights import weights_from_hf
 from model.sampling import SamplingParams
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from model.fastgen_ops import DecodeState, GPT2Weights, StepPlan
+from model.fastgen_ops import DecodeState, StepPlan
+from model.fastgen_weights import GPT2Weights
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 import triton
 
 from model.fastgen_kernels import HAS_PDL
-from model.fastgen_ops import FC, PROJ, QKV, LayerWeights
 from model.fastgen_product_kernels import skinny_linear_kernel, small_linear_kernel
+from model.fastgen_weights import FC, PROJ, QKV, LayerWeights
 
 SMALL_LINEAR_ROWS = 4  # batches up to this take small_linear_kernel (BENCHMARKS.md)
 SMALL_LINEAR_BLOCK_N = 4  # outputs per small_linear_kernel program (H100 sweep: 4 best at 1-4 rows)
@@ -56,7 +56,7 @@ def linear(
     norm `norm` (weight, bias; `eps`) of x first, and only it adds a bias in place: cuBLAS's in-place
     product cannot."""
     weight = layer.matrices()[which]
-    bias = (layer.attn_b, layer.proj_b, layer.fc_b, layer.out_b)[which] if add_bias else None
+    bias = layer.biases()[which] if add_bias else None
     if is_small(x, layer):
         assert layer.out_in is not None
         return _small_linear(x, layer.out_in[which], bias, gelu=gelu, into=into, norm=norm, eps=eps)

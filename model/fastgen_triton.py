@@ -55,15 +55,11 @@ from model.fastgen_kernels import (
     top_k_kernel,
 )
 from model.fastgen_ops import (
-    FC,
     GEN,
     MAX_NEW,
     NGRAM,
-    OUT,
     PENALTY,
     POS,
-    PROJ,
-    QKV,
     REASON_IDLE,
     REASON_MAX_NEW,
     REASON_MAX_SEQ,
@@ -73,14 +69,13 @@ from model.fastgen_ops import (
     TOP_K,
     TOP_P,
     DecodeState,
-    GPT2Weights,
-    LayerWeights,
     StepPlan,
     attend_prompt,
     split_prompt_qkv,
 )
 from model.fastgen_products import is_small, linear, pdl_arguments
 from model.fastgen_sampling import TOP_K_CAP, sample_top_k_top_p
+from model.fastgen_weights import FC, OUT, PROJ, QKV, GPT2Weights, LayerWeights
 
 ATTENTION_BLOCK = 64  # cache positions per attention iteration
 CACHE_PROMPT_BLOCK = 32  # prompt positions per cache_prompt_kernel program

@@ -23,8 +23,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from model import fastgen_ops, fastgen_triton
-from model.fastgen_ops import DecodeState, GPT2Weights, StepPlan
+from model import fastgen_ops, fastgen_triton, fastgen_weights
+from model.fastgen_ops import DecodeState, StepPlan
+from model.fastgen_weights import GPT2Weights
 from model.sampling import SamplingParams
 
 PROMPT_TOKENS = 256
@@ -37,7 +38,7 @@ def build(rows: int) -> tuple[GPT2Weights, DecodeState]:
     torch.manual_seed(0)
     config = GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=MAX_SEQ, vocab_size=50257)
     model = GPT2LMHeadModel(config).to("cuda", torch.float16).eval()
-    weights = fastgen_ops.weights_from_hf(model, fast_activation=True, out_in_copies=True)
+    weights = fastgen_weights.weights_from_hf(model, fast_activation=True, out_in_copies=True)
     state = fastgen_ops.allocate_state(weights, rows, MAX_SEQ)
     prompts = torch.randint(0, 50256, (rows, PROMPT_TOKENS))
     params = SamplingParams()  # the bot's defaults: sampling, penalty, 3-gram ban

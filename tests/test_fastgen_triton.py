@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 pytest.importorskip("triton")
 
-from model import fastgen_ops, fastgen_products, fastgen_triton
+from model import fastgen_ops, fastgen_products, fastgen_triton, fastgen_weights
 from model.fastgen_ops import POS
 from tests.test_fastgen import perturbed
 
@@ -55,7 +55,7 @@ def test_attention_matches_softmax_and_writes_the_new_key_value(
     monkeypatch.setattr(fastgen_triton, "ATTENTION_PROGRAMS", programs)
     device = device_under_test()
     model = GPT2LMHeadModel.from_pretrained(tiny_model_dir).to(device).eval()
-    weights = fastgen_ops.weights_from_hf(model, fast_activation=False)
+    weights = fastgen_weights.weights_from_hf(model, fast_activation=False)
     state = fastgen_ops.allocate_state(weights, max_batch=5, max_seq=max_seq)
     generator = torch.Generator().manual_seed(0)
     state.kv.copy_(torch.randn(state.kv.shape, generator=generator))
@@ -93,7 +93,7 @@ def test_attention_splits_are_powers_of_two_that_cover_the_cache() -> None:
 def test_layer_norm_kernel_adds_the_delta_and_the_next_bias(tiny_model_dir: Path) -> None:
     device = device_under_test()
     model = GPT2LMHeadModel.from_pretrained(tiny_model_dir).to(device).eval()
-    layer = fastgen_ops.weights_from_hf(model, fast_activation=False).layers[0]
+    layer = fastgen_weights.weights_from_hf(model, fast_activation=False).layers[0]
     resid = torch.randn(3, model.config.n_embd, device=device)
     delta = torch.randn_like(resid)
     before, out = resid.clone(), torch.empty_like(resid)
@@ -182,15 +182,16 @@ def test_skinny_linear_kernel_equals_addmm(rows: int, epilogue: str) -> None:
 
 def test_skinny_linear_kernel_takes_what_fits_it(tiny_model_dir: Path) -> None:
     model = GPT2LMHeadModel.from_pretrained(tiny_model_dir)
-    layer = fastgen_ops.weights_from_hf(model, fast_activation=False, out_in_copies=True).layers[0]
-    bare = fastgen_ops.weights_from_hf(model, fast_activation=False).layers[0]
+    layer = fastgen_weights.weights_from_hf(model, fast_activation=False, out_in_copies=True).layers[0]
+    bare = fastgen_weights.weights_from_hf(model, fast_activation=False).layers[0]
     rows = [fastgen_products.SMALL_LINEAR_ROWS, fastgen_products.SKINNY_LINEAR_ROWS + 1]
-    assert not any(fastgen_products._is_skinny(torch.zeros(n, 64), layer, fastgen_ops.QKV) for n in rows)
+    assert not any(fastgen_products._is_skinny(torch.zeros(n, 64), layer, fastgen_weights.QKV) for n in rows)
     x = torch.zeros(fastgen_products.SKINNY_LINEAR_ROWS, 64)
-    assert fastgen_products._is_skinny(x, layer, fastgen_ops.QKV)
-    assert not fastgen_products._is_skinny(x, bare, fastgen_ops.QKV)  # no [out, in] copies
-    odd = fastgen_ops.weights_from_hf(odd_model(), fast_activation=False, out_in_copies=True).layers[0]
-    assert not fastgen_products._is_skinny(torch.zeros(8, 72), odd, fastgen_ops.QKV)  # 72 is no whole tile
+    assert fastgen_products._is_skinny(x, layer, fastgen_weights.QKV)
+    assert not fastgen_products._is_skinny(x, bare, fastgen_weights.QKV)  # no [out, in] copies
+    odd = fastgen_weights.weights_from_hf(odd_model(), fast_activation=False, out_in_copies=True).layers[0]
+    # 72 is no whole tile
+    assert not fastgen_products._is_skinny(torch.zeros(8, 72), odd, fastgen_weights.QKV)
 
 
 def argmax_keys(logits: torch.Tensor) -> torch.Tensor:
@@ -272,7 +273,7 @@ def odd_model(activation: str = "gelu_new") -> GPT2LMHeadModel:
 
 def shaped_weights(
     tiny_model_dir: Path, shape: str, device: torch.device, out_in_copies: bool = True
-) -> fastgen_ops.GPT2Weights:
+) -> fastgen_weights.GPT2Weights:
     """The fp32 weights of the tiny test model ("tiny"), of odd_model() ("odd") or of it with ReLU
     ("odd-relu") on `device`, biases and norms perturbed; with the [out, in] copies, steps of up to
     SMALL_LINEAR_ROWS rows take small_linear_kernel."""
@@ -280,13 +281,13 @@ def shaped_weights(
         model = GPT2LMHeadModel.from_pretrained(tiny_model_dir)
     else:
         model = odd_model("relu" if shape == "odd-relu" else "gelu_new")
-    return fastgen_ops.weights_from_hf(
+    return fastgen_weights.weights_from_hf(
         perturbed(model).to(device).eval(), fast_activation=False, out_in_copies=out_in_copies
     )
 
 
 def prefilled_state(
-    weights: fastgen_ops.GPT2Weights, device: torch.device, rows: int = 3
+    weights: fastgen_weights.GPT2Weights, device: torch.device, rows: int = 3
 ) -> tuple[fastgen_ops.DecodeState, torch.Tensor]:
     """Rows at 20, 10, 1, 15, 5 and 12 tokens (the first `rows` of them) of random prompts, prefilled."""
     state = fastgen_ops.allocate_state(weights, max_batch=rows, max_seq=64)
@@ -381,7 +382,9 @@ def test_gpu_fused_logits_in_half_precision_track_float32(
     model = GPT2LMHeadModel.from_pretrained(tiny_model_dir).to("cuda").eval()
     results = {}
     for precision in (torch.float32, dtype):
-        weights = fastgen_ops.weights_from_hf(model.to(precision), fast_activation=True, out_in_copies=True)
+        weights = fastgen_weights.weights_from_hf(
+            model.to(precision), fast_activation=True, out_in_copies=True
+        )
         state, _ = prefilled_state(weights, torch.device("cuda"), rows)
         with torch.inference_mode():
             plain = fastgen_ops.decode_logits(weights, state, batch=rows, window=64)
@@ -395,7 +398,7 @@ def test_gpu_fused_logits_in_half_precision_track_float32(
 def test_warm_up_step_writes_only_this_positions_key_value(tiny_model_dir: Path) -> None:
     device = device_under_test()
     model = GPT2LMHeadModel.from_pretrained(tiny_model_dir).to(device).eval()
-    weights = fastgen_ops.weights_from_hf(model, fast_activation=False)
+    weights = fastgen_weights.weights_from_hf(model, fast_activation=False)
     state, _ = prefilled_state(weights, device)
     before = {name: getattr(state, name).clone() for name in ("tokens", "rows", "done", "out", "kv")}
     plan = fastgen_ops.StepPlan(batch=3, window=64, sampling="top_k", use_penalty=True, ngram_span=4)
