@@ -2,7 +2,8 @@
 blocks' matrix products have their own, in model/fastgen_product_kernels.py).
 
 Each kernel works on one row (or one row × head × cache split, or one row × vocabulary segment) of the
-batch, in float32 whatever the model dtype; the step's kernels read each row's position from
+batch, in float32 whatever the model dtype (the prefill's cache copy: one prompt × head × block of
+positions, in the model dtype); the step's kernels read each row's position from
 DecodeState.rows on the device, so one CUDA graph serves every row length (the prefill's norms get plain
 rows). Kernels are compiled on first use; with TRITON_INTERPRET=1 they run in Triton's
 interpreter on CPU tensors (the tests).
@@ -153,7 +154,7 @@ def cache_prompt_kernel(  # Triton kernel: untyped, many arguments
     """Prompt p, head h, position block b: copy the prompt's keys and values at those positions from
     its rows of qkv [P·L, 3C] into cache slot slots[p], where they are one contiguous run per head."""
     prompt, head, block = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    slot = tl.load(slots_ptr + prompt)
+    slot = tl.load(slots_ptr + prompt).to(tl.int64)  # 64-bit offsets
     positions = block * BLOCK_L + tl.arange(0, BLOCK_L)
     dims = tl.arange(0, BLOCK_D)
     is_copied = (positions < length)[:, None] & (dims < head_dim)[None, :]

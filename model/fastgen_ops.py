@@ -140,11 +140,11 @@ def cache_prompt(
 
 
 def split_prompt_qkv(
-    weights: GPT2Weights, qkv: torch.Tensor, prompts: int
+    weights: GPT2Weights, qkv: torch.Tensor, n_prompts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Views q, k, v [P, L, H, D] of one layer's qkv [P·L, 3C] for P prompts."""
+    """Views q, k, v [P, L, H, D] of one layer's qkv [P·L, 3C] for P = n_prompts prompts."""
     head_dim = weights.width // weights.n_head
-    q, k, v = qkv.view(prompts, -1, 3, weights.n_head, head_dim).unbind(2)
+    q, k, v = qkv.view(n_prompts, -1, 3, weights.n_head, head_dim).unbind(2)
     return q, k, v
 
 

@@ -78,7 +78,7 @@ from model.fastgen_sampling import TOP_K_CAP, sample_top_k_top_p
 from model.fastgen_weights import FC, OUT, PROJ, QKV, GPT2Weights, LayerWeights
 
 ATTENTION_BLOCK = 64  # cache positions per attention iteration
-CACHE_PROMPT_BLOCK = 32  # prompt positions per cache_prompt_kernel program
+CACHE_PROMPT_BLOCK = 32  # prompt positions per cache_prompt_kernel program (64 measured alike, BENCHMARKS.md)
 ATTENTION_PROGRAMS = 2048  # split until rows × heads × splits reaches this (BENCHMARKS.md sweeps)
 ATTENTION_UNSPLIT_FROM = 1024  # rows × heads from which the cache is not split (128 rows of GPT-2)
 CANDIDATE_CHUNK = 4096  # vocabulary entries per argmax program (13 chunks for GPT-2's 50,257)
@@ -169,9 +169,12 @@ def prefill(weights: GPT2Weights, state: DecodeState, ids: torch.Tensor, slots: 
 def _cache_prompt(weights: GPT2Weights, cache: torch.Tensor, slots: torch.Tensor, qkv: torch.Tensor) -> None:
     """model.fastgen_ops.cache_prompt's cache writes in one kernel: index_copy_ of the strided keys and
     values moved ~0.25 TB/s, 5.1 ms of a 256 × 256-token prefill's 25.7 on an H200 (BENCHMARKS.md)."""
-    prompts, length = len(slots), qkv.shape[0] // len(slots)
+    n_prompts, length = len(slots), qkv.shape[0] // len(slots)
     head_dim = weights.width // weights.n_head
-    grid = (prompts, weights.n_head, triton.cdiv(length, CACHE_PROMPT_BLOCK))
+    # The kernel's layout: qkv rows [3C] and each cache slot [H, L, D] with unit inner strides; the
+    # engine's slots are below max_batch (the kernel does not check them, as index_copy_ did).
+    assert qkv.stride(1) == 1 and cache.stride(3) == head_dim and cache.stride(4) == 1
+    grid = (n_prompts, weights.n_head, triton.cdiv(length, CACHE_PROMPT_BLOCK))
     cache_prompt_kernel[grid](
         qkv, qkv.stride(0), slots, cache, length, weights.width, head_dim,
         cache.stride(0), cache.stride(1), cache.stride(2),

@@ -342,17 +342,20 @@ def test_fused_logits_equal_the_plain_steps(
 
 
 @pytest.mark.parametrize("shape", ["tiny", "odd"])
-def test_fused_prefill_caches_what_the_plain_prefill_caches(tiny_model_dir: Path, shape: str) -> None:
+def test_fused_prefill_caches_what_the_plain_prefill_caches(
+    tiny_model_dir: Path, shape: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Into slots out of order (cache_prompt_kernel takes each prompt's slot from the device), and 19
-    positions: its last block of positions is a partial one."""
+    positions in blocks of 8: two whole blocks and a partial one."""
+    monkeypatch.setattr(fastgen_triton, "CACHE_PROMPT_BLOCK", 8)
     device = device_under_test()
     weights = shaped_weights(tiny_model_dir, shape, device)
     expected, prompts = prefilled_state(weights, device)
     state = fastgen_ops.allocate_state(weights, max_batch=3, max_seq=64)
-    slots = torch.tensor([2, 0, 1])
+    slots = torch.tensor([2, 0, 1], device=device)
     with torch.inference_mode():
-        fastgen_triton.prefill(weights, state, prompts[:, :19].to(device), slots.to(device))
-    torch.testing.assert_close(state.kv[:, :, slots.to(device)], expected.kv, rtol=1e-4, atol=1e-4)
+        fastgen_triton.prefill(weights, state, prompts[:, :19].to(device), slots)
+    torch.testing.assert_close(state.kv[:, :, slots], expected.kv, rtol=1e-4, atol=1e-4)
     assert bool(state.kv[:, :, :, :, :19].abs().sum(-1).gt(0).all())  # every layer, row, head, position
 
 
