@@ -24,7 +24,6 @@ from Hugging Face's warpers; greedy decoding (temperature 0) gives exactly the t
 
 from __future__ import annotations
 
-import array
 import logging
 import time
 from collections import deque
@@ -36,6 +35,7 @@ import torch
 
 from model.engine import EngineJob, EngineResult
 from model.fastgen_graphs import StepGraphs
+from model.fastgen_inputs import prefill_inputs
 from model.fastgen_ops import (
     REASON_MAX_NEW,
     REASON_MAX_SEQ,
@@ -126,41 +126,6 @@ def _step_functions(
             raise ValueError("the fused decode step needs CUDA (or Triton's interpreter, TRITON_INTERPRET=1)")
         return decode_step, prefill
     return fastgen_triton.decode_step, fastgen_triton.prefill
-
-
-def _right_padded(sequences: Sequence[Sequence[int]], width: int) -> torch.Tensor:
-    """[len(sequences), width] int64; each row padded with its own last id (0 for an empty row)."""
-    # A flat buffer: torch.tensor of 256 nested lists of 256 ids took ~5 ms (BENCHMARKS.md, Generation).
-    # Each row goes in as an array made from the tuple: half the time of extending by the tuple itself.
-    flat = array.array("q")
-    for sequence in sequences:
-        flat.extend(array.array("q", sequence))
-        flat.extend(array.array("q", (sequence[-1] if sequence else 0,)) * (width - len(sequence)))
-    if not flat:
-        return torch.zeros((len(sequences), width), dtype=torch.long)
-    return torch.frombuffer(flat, dtype=torch.long).view(len(sequences), width)
-
-
-def _uniforms(jobs: Sequence[EngineJob], count: int) -> torch.Tensor:
-    """[len(jobs), count]: each job's random numbers, one per generated token. Seeded jobs draw from
-    their own generator, so they repeat; the others share one draw from torch's RNG (one call, not one
-    a job); greedy jobs use none (zeros)."""
-    params = [job.params for job in jobs]
-    is_shared = any(not p.is_greedy and p.seed is None for p in params)
-    uniforms = torch.rand(len(jobs), count) if is_shared else torch.zeros(len(jobs), count)
-    greedy_rows = [row for row, p in enumerate(params) if p.is_greedy]
-    if is_shared and greedy_rows:
-        uniforms[greedy_rows] = 0.0
-    for row, p in enumerate(params):
-        if not p.is_greedy and p.seed is not None:
-            uniforms[row] = torch.rand(count, generator=torch.Generator().manual_seed(p.seed))
-    return uniforms
-
-
-def _row_settings(job: EngineJob) -> tuple[list[int], list[float]]:
-    p = job.params
-    ints = [len(job.prompt_ids) - 1, 0, p.max_new_tokens, p.top_k, p.no_repeat_ngram_size]
-    return ints, [p.temperature, p.top_p, p.repetition_penalty]
 
 
 class BatchedGPT2Engine:
@@ -334,32 +299,26 @@ class BatchedGPT2Engine:
 
     def _install(self, first_slot: int, chunk: list[_Running]) -> None:
         jobs = [r.job for r in chunk]
-        prompts = [job.prompt_ids for job in jobs]
-        settings = [_row_settings(job) for job in jobs]
-        vocab = self._weights.vocab_size
-        stops = [sorted(i for i in job.stop_token_ids if 0 <= i < vocab) for job in jobs]
-        stop_width = max(1, *(len(s) for s in stops))
-        stop_index = torch.tensor([s + [vocab] * (stop_width - len(s)) for s in stops], dtype=torch.long)
-        draws = max(r.max_steps for r in chunk) + 1
-        longest = max(len(p) for p in prompts)
+        longest = max(len(job.prompt_ids) for job in jobs)
         # The last prompt token is fed by the first decode step, which also picks the first new token;
         # the prefill writes the cache for the rest, `prefix` positions rounded up to a bucket.
         prefix = longest - 1
         length = self._prefill_length(prefix) if prefix > 0 else 0
+        draws = max(r.max_steps for r in chunk) + 1
         # One padded copy serves both: a prefill's input past a prompt's own prefix is padding, whose
         # keys/values the decode steps overwrite before any row attends to them.
-        padded = _right_padded(prompts, max(longest, length))
+        inputs = prefill_inputs(jobs, max(longest, length), draws, self._weights.vocab_size)
         install_rows(
             self._state,
             first_slot,
-            tokens=padded[:, :longest],
-            rows=torch.tensor([ints for ints, _ in settings], dtype=torch.long),
-            floats=torch.tensor([floats for _, floats in settings], dtype=torch.float32),
-            stop_index=stop_index,
-            uniforms=_uniforms(jobs, draws),
+            tokens=inputs.ids[:, :longest],
+            rows=inputs.rows,
+            floats=inputs.floats,
+            stop_index=inputs.stop_index,
+            uniforms=inputs.uniforms,
         )
         if length > 0:
-            ids = padded[:, :length]
+            ids = inputs.ids[:, :length]
             if self._graphs is not None and len(chunk) == 1:  # a replay, not ~170 launches (fastgen_graphs)
                 self._graphs.prefill_one(ids, first_slot)
             else:

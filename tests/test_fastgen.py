@@ -22,6 +22,7 @@ from transformers.generation.logits_process import (
 )
 
 import model.fastgen as fastgen
+import model.fastgen_inputs as fastgen_inputs
 from model.engine import EngineJob, EngineResult
 from model.fastgen import BatchedGPT2Engine
 from model.fastgen_sampling import (
@@ -421,18 +422,18 @@ def test_gpu_warm_up_captures_every_batch_size_before_serving(tiny_model_dir) ->
 
 
 def test_right_padded_pads_each_row_with_its_own_last_id() -> None:
-    padded = fastgen._right_padded([(1, 2, 3), (7,), ()], width=4)
+    padded = fastgen_inputs.right_padded([(1, 2, 3), (7,), ()], width=4)
     assert padded.tolist() == [[1, 2, 3, 3], [7, 7, 7, 7], [0, 0, 0, 0]]
-    assert fastgen._right_padded([(), ()], width=2).tolist() == [[0, 0], [0, 0]]
-    assert fastgen._right_padded([(5, 6)], width=2).tolist() == [[5, 6]]
+    assert fastgen_inputs.right_padded([(), ()], width=2).tolist() == [[0, 0], [0, 0]]
+    assert fastgen_inputs.right_padded([(5, 6)], width=2).tolist() == [[5, 6]]
 
 
 def test_uniforms_repeat_for_seeded_jobs_and_are_unused_for_greedy_ones() -> None:
     seeded, other = sampled(seed=7), sampled(seed=None)
     jobs = [job(0, (1,), seeded), job(1, (1,), GREEDY), job(2, (1,), other), job(3, (1,), seeded)]
-    uniforms = fastgen._uniforms(jobs, 5)
+    uniforms = fastgen_inputs.uniforms(jobs, 5)
     expected = torch.rand(5, generator=torch.Generator().manual_seed(7))
     assert torch.equal(uniforms[0], expected) and torch.equal(uniforms[3], expected)
     assert not uniforms[1].any()  # greedy
     assert uniforms[2].all() and (uniforms[2] < 1).all() and not torch.equal(uniforms[2], expected)
-    assert not fastgen._uniforms([job(0, (1,), GREEDY)], 3).any()
+    assert not fastgen_inputs.uniforms([job(0, (1,), GREEDY)], 3).any()
