@@ -74,7 +74,7 @@ def allocate_state(weights: GPT2Weights, max_batch: int, max_seq: int) -> Decode
     device, dtype = weights.wte.device, weights.wte.dtype
     n_layer, n_head = len(weights.layers), weights.n_head
     vocab = weights.vocab_size
-    kv_shape = (n_layer, 2, max_batch, n_head, max_seq, weights.width // n_head)
+    kv_shape = (n_layer, 2, max_batch, n_head, max_seq, weights.head_dim)
     return DecodeState(
         kv=torch.zeros(kv_shape, dtype=dtype, device=device),
         tokens=torch.zeros((max_batch, max_seq), dtype=torch.long, device=device),
@@ -143,8 +143,7 @@ def split_prompt_qkv(
     weights: GPT2Weights, qkv: torch.Tensor, n_prompts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Views q, k, v [P, L, H, D] of one layer's qkv [P·L, 3C] for P = n_prompts prompts."""
-    head_dim = weights.width // weights.n_head
-    q, k, v = qkv.view(n_prompts, -1, 3, weights.n_head, head_dim).unbind(2)
+    q, k, v = qkv.view(n_prompts, -1, 3, weights.n_head, weights.head_dim).unbind(2)
     return q, k, v
 
 
@@ -197,8 +196,7 @@ def _decode_block(
     mask: torch.Tensor,
 ) -> torch.Tensor:
     batch, width = x.shape
-    n_head, window = weights.n_head, mask.shape[-1]
-    head_dim = width // n_head
+    n_head, head_dim, window = weights.n_head, weights.head_dim, mask.shape[-1]
     h = F.layer_norm(x, (width,), *layer.ln_1, weights.eps)
     qkv = torch.addmm(layer.attn_b, h, layer.attn_w)  # [B, 3C]
     kv[:, rows, :, pos] = qkv[:, width:].view(batch, 2, n_head, head_dim)  # this token's key and value

@@ -169,8 +169,7 @@ def prefill(weights: GPT2Weights, state: DecodeState, ids: torch.Tensor, slots: 
 def _cache_prompt(weights: GPT2Weights, cache: torch.Tensor, slots: torch.Tensor, qkv: torch.Tensor) -> None:
     """model.fastgen_ops.cache_prompt's cache writes in one kernel: index_copy_ of the strided keys and
     values moved ~0.25 TB/s, 5.1 ms of a 256 × 256-token prefill's 25.7 on an H200 (BENCHMARKS.md)."""
-    n_prompts, length = len(slots), qkv.shape[0] // len(slots)
-    head_dim = weights.width // weights.n_head
+    n_prompts, length, head_dim = len(slots), qkv.shape[0] // len(slots), weights.head_dim
     # The kernel's layout: qkv rows [3C] and each cache slot [H, L, D] with unit inner strides; the
     # engine's slots are below max_batch (the kernel does not check them, as index_copy_ did).
     assert qkv.stride(1) == 1 and cache.stride(3) == head_dim and cache.stride(4) == 1
@@ -241,8 +240,7 @@ def _norm(
 
 def _attention(weights: GPT2Weights, state: DecodeState, index: int, qkv: torch.Tensor) -> torch.Tensor:
     """Attention output [B, C] for every row's new token; its key/value goes into the cache."""
-    batch, width, n_head = qkv.shape[0], weights.width, weights.n_head
-    head_dim = width // n_head
+    batch, width, n_head, head_dim = qkv.shape[0], weights.width, weights.n_head, weights.head_dim
     block_d = triton.next_power_of_2(head_dim)
     splits = _attention_splits(batch * n_head, state.max_seq)
     chunk = triton.cdiv(state.max_seq, splits)

@@ -72,6 +72,10 @@ class GPT2Weights:
         return int(self.wte.shape[1])
 
     @property
+    def head_dim(self) -> int:
+        return self.width // self.n_head
+
+    @property
     def vocab_size(self) -> int:
         return int(self.lm_head.shape[0])
 

@@ -133,15 +133,16 @@ def test_small_linear_kernel_equals_addmm(rows: int, epilogue: str) -> None:
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def sixty_fourths(generator: torch.Generator, *shape: int) -> torch.Tensor:
+    """Multiples of 1/64 in [-1, 1]: their float32 sums are exact in any order."""
+    return torch.randint(-64, 65, shape, generator=generator) / 64
+
+
 def test_small_linear_kernel_rounds_a_residual_add_as_hf_does() -> None:
     """In half precision the product is rounded, then added to the residual and rounded again."""
     device = device_under_test()
     generator = torch.Generator().manual_seed(6)
-
-    def sixty_fourths(*shape: int) -> torch.Tensor:  # their float32 sums are exact in any order
-        return torch.randint(-64, 65, shape, generator=generator) / 64
-
-    weight, bias, x = sixty_fourths(72, 216), sixty_fourths(216), sixty_fourths(3, 72)
+    weight, bias, x = (sixty_fourths(generator, *shape) for shape in ((72, 216), (216,), (3, 72)))
     into = 8 * torch.randn(3, 216, generator=generator)
     product = torch.addmm(bias, x, weight)
     expected = (into.half().float() + product.half().float()).half()
@@ -160,13 +161,9 @@ def test_skinny_linear_kernel_equals_addmm(rows: int, epilogue: str) -> None:
     device = device_under_test()
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     generator = torch.Generator().manual_seed(7)
-
-    def sixty_fourths(*shape: int) -> torch.Tensor:
-        return torch.randint(-64, 65, shape, generator=generator) / 64
-
     # K = 3 × SKINNY_LINEAR_BLOCK_K: the loop over K runs three times
-    weight, bias = sixty_fourths(384, 96), sixty_fourths(96)  # [in, out]
-    x = sixty_fourths(rows, 3 * 384)[:, 384:768]  # strided rows, as the QKV split
+    weight, bias = sixty_fourths(generator, 384, 96), sixty_fourths(generator, 96)  # [in, out]
+    x = sixty_fourths(generator, rows, 3 * 384)[:, 384:768]  # strided rows, as the QKV split
     expected = torch.addmm(bias, x, weight)
     if epilogue == "gelu":
         expected = torch.nn.functional.gelu(expected, approximate="tanh")
