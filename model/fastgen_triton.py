@@ -76,8 +76,7 @@ from model.fastgen_top_k_kernels import (
     chunk_max_kernel,
     segment_best_kernel,
     select_kernel,
-    top_candidates_kernel,
-    top_k_kernel,
+    selected_top_k_kernel,
 )
 from model.fastgen_weights import FC, OUT, PROJ, QKV, GPT2Weights, LayerWeights
 
@@ -89,12 +88,10 @@ CANDIDATE_CHUNK = 4096  # vocabulary entries per argmax program (13 chunks for G
 MODE_GIVEN, MODE_ARGMAX, MODE_SAMPLE = range(3)  # how sample_append_kernel chooses the token
 NUM_WARPS = 4
 ATTENTION_WARPS_UNSPLIT = 2  # from ATTENTION_UNSPLIT_FROM: more programs per SM (BENCHMARKS.md sweep)
-TOP_K_SEGMENT_ROWS = 32  # batches up to this take each segment's exact top K (_top_k), larger ones a bound
-TOP_K_SEGMENT = 2048  # vocabulary entries per top-k candidate program (H200 sweep: 2048-4096 best)
-TOP_K_WARPS = 8
+TOP_K_WARPS = 8  # selected_top_k_kernel's
 SELECT_SEGMENT = 1024  # vocabulary entries per segment_best_kernel program
 SELECT_CAP = 512  # entries at or above the bound that select_kernel keeps (more: the exact search)
-SELECT_CHUNK = 4096  # vocabulary entries per step of select_kernel's pass over a row
+SELECT_CHUNK = 2048  # vocabulary entries per select_kernel program (and per step of the exact search)
 
 
 def can_run_on(device: torch.device) -> bool:
@@ -295,56 +292,39 @@ def _greedy_keys(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _top_k(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(logits, TOP_K_CAP) (values, ids), best first, ties to the smaller id. Each vocabulary
-    segment's exact top K up to TOP_K_SEGMENT_ROWS rows, else a bound from each segment's best few
-    (model/fastgen_top_k_kernels.py); then top_k_kernel picks and sorts the row's K from those keys."""
-    batch, vocab = logits.shape
-    if vocab < TOP_K_CAP or not logits.is_contiguous():  # the kernels pad with the last id, rows V apart
-        raise ValueError(f"top-k needs contiguous rows of a vocabulary of at least {TOP_K_CAP}, got {vocab}")
-    if batch <= TOP_K_SEGMENT_ROWS:
-        keys = _segment_candidates(logits)
-    else:
-        keys, _ = _bounded_candidates(logits)
+    """torch.topk(logits, TOP_K_CAP) (values, ids), best first, ties to the smaller id."""
+    batch = logits.shape[0]
     values = torch.empty((batch, TOP_K_CAP), dtype=torch.float32, device=logits.device)
     ids = torch.empty((batch, TOP_K_CAP), dtype=torch.int64, device=logits.device)
-    n_keys = keys.shape[1]
-    top_k_kernel[(batch,)](
-        keys, n_keys, logits, vocab, values, ids, K=TOP_K_CAP, BLOCK=triton.next_power_of_2(n_keys),
-        num_warps=TOP_K_WARPS,
-    )  # fmt: skip
+    _top_k_from_bound(logits, values, ids)
     return values, ids
 
 
-def _segment_candidates(logits: torch.Tensor) -> torch.Tensor:
-    """[B, segments · K] keys: each TOP_K_SEGMENT entries' exact top K, by a bitwise search."""
+def _top_k_from_bound(logits: torch.Tensor, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Into values and ids, each row's TOP_K_CAP best, from the entries at or above a lower bound of its
+    K-th best value (model/fastgen_top_k_kernels.py). Returns how many qualified in each row ([B] int32;
+    over SELECT_CAP, the row took the exact search instead)."""
     batch, vocab = logits.shape
-    segments = triton.cdiv(vocab, TOP_K_SEGMENT)
-    keys = torch.empty((batch, segments * TOP_K_CAP), dtype=torch.int64, device=logits.device)
-    top_candidates_kernel[(batch, segments)](
-        logits, vocab, keys, K=TOP_K_CAP, SEGMENT=TOP_K_SEGMENT, num_warps=TOP_K_WARPS
-    )  # fmt: skip
-    return keys
-
-
-def _bounded_candidates(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B, SELECT_CAP] keys, [B] counts): every entry at or above a lower bound of the row's K-th best
-    value, then the lowest key; `counts` says how many qualified (over SELECT_CAP: the row took the
-    exact search instead, and its keys are exactly its K best)."""
-    batch, vocab = logits.shape
+    if vocab < TOP_K_CAP or not logits.is_contiguous():  # the kernels pad with the last id, rows V apart
+        raise ValueError(f"top-k needs contiguous rows of a vocabulary of at least {TOP_K_CAP}, got {vocab}")
     segments = triton.cdiv(vocab, SELECT_SEGMENT)
     per_segment = triton.cdiv(TOP_K_CAP, segments)  # so that the segments' best are at least K keys
     n_best = segments * per_segment
     best = torch.empty((batch, n_best), dtype=torch.int64, device=logits.device)
+    counts = torch.empty(batch, dtype=torch.int32, device=logits.device)
     segment_best_kernel[(batch, segments)](
-        logits, vocab, best, SEGMENT=SELECT_SEGMENT, M=per_segment, num_warps=NUM_WARPS
+        logits, vocab, best, counts, SEGMENT=SELECT_SEGMENT, M=per_segment, num_warps=NUM_WARPS
     )  # fmt: skip
     keys = torch.empty((batch, SELECT_CAP), dtype=torch.int64, device=logits.device)
-    counts = torch.empty(batch, dtype=torch.int32, device=logits.device)
-    select_kernel[(batch,)](
+    select_kernel[(batch, triton.cdiv(vocab, SELECT_CHUNK))](
         logits, vocab, best, n_best, keys, counts, K=TOP_K_CAP, CAP=SELECT_CAP,
-        BLOCK_BEST=triton.next_power_of_2(n_best), CHUNK=SELECT_CHUNK, num_warps=TOP_K_WARPS,
+        BLOCK_BEST=triton.next_power_of_2(n_best), CHUNK=SELECT_CHUNK, num_warps=NUM_WARPS,
     )  # fmt: skip
-    return keys, counts
+    selected_top_k_kernel[(batch,)](
+        logits, vocab, keys, counts, values, ids, K=TOP_K_CAP, CAP=SELECT_CAP, CHUNK=SELECT_CHUNK,
+        num_warps=TOP_K_WARPS,
+    )  # fmt: skip
+    return counts
 
 
 def _full_sample(logits: torch.Tensor, state: DecodeState, batch: int) -> torch.Tensor:

@@ -235,12 +235,8 @@ def ranking_logits(vocab: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("vocab", [50257, 4096, 4097, 300])
-@pytest.mark.parametrize("segment_rows", [64, 0], ids=["segments' exact top k", "a bound"])
-def test_top_k_gives_what_a_stable_sort_gives(
-    vocab: int, segment_rows: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_top_k_gives_what_a_stable_sort_gives(vocab: int) -> None:
     """torch.topk's values; equal values (-0.0 == 0.0 too) rank the smaller id first, as a stable sort."""
-    monkeypatch.setattr(fastgen_triton, "TOP_K_SEGMENT_ROWS", segment_rows)
     logits = ranking_logits(vocab).to(device_under_test())
     values, ids = fastgen_triton._top_k(logits)
     expected = logits.sort(dim=-1, descending=True, stable=True)
@@ -252,10 +248,13 @@ def test_top_k_gives_what_a_stable_sort_gives(
 
 
 def test_the_bound_keeps_a_few_hundred_entries_or_takes_the_exact_search() -> None:
-    """Both of select_kernel's ways are taken (the test above checks what each gives): GPT-2's vocabulary
+    """Both of the bound's ways are taken (the test above checks what each gives): GPT-2's vocabulary
     keeps a few hundred entries a row, except where all tie or the best crowd into one stretch."""
-    logits = ranking_logits(50257).to(device_under_test())
-    _, counts = fastgen_triton._bounded_candidates(logits)
+    device, k = device_under_test(), fastgen_triton.TOP_K_CAP
+    logits = ranking_logits(50257).to(device)
+    values, ids = torch.empty((6, k), device=device), torch.empty((6, k), dtype=torch.long, device=device)
+    counts = fastgen_triton._top_k_from_bound(logits, values, ids)
+    assert torch.equal(values, logits.topk(k, -1).values)
     cap = fastgen_triton.SELECT_CAP
     assert all(fastgen_triton.TOP_K_CAP <= count <= cap for count in counts[:4].tolist()), counts
     assert counts[4] == 50257 and counts[5] > cap
