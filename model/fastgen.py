@@ -2,14 +2,14 @@
 
 A job's life (every call comes from the worker thread, so nothing here locks):
 - `admit()` gives the job the next slot; slots [0, n) are always the occupied ones.
-- `step()` prefills every newly admitted job together (prompt minus its last token, right-padded to a
-  bucketed length; a lone job's prefill is a CUDA-graph replay), reads the outputs of earlier steps that
-  the GPU has finished, retires jobs that finished or passed their deadline (the last slots move into the
-  holes), then launches one decode step over all rows: a CUDA-graph replay on the GPU, the same Python
-  eagerly on the CPU. On CUDA with Triton installed the step is the fused one (model/fastgen_triton.py),
-  whose graphs serve every window: one per batch bucket × sampling features, captured up front for the
-  `warm_up` settings (capture_graphs); the plain step (model/fastgen_ops.py) needs one per window bucket
-  too, captured when first needed.
+- `step()` prefills every newly admitted job together (prompt minus its last token, right-padded to a bucketed
+  length; on the GPU a few CUDA-graph replays, model/fastgen_graphs.py), reads the outputs of earlier steps
+  that the GPU has finished, retires jobs that finished or passed their deadline (the last slots move into the
+  holes), then launches one decode step over all rows: a CUDA-graph replay on the GPU, the same Python eagerly
+  on the CPU. On CUDA with Triton installed the step is the fused one (model/fastgen_triton.py), whose graphs
+  serve every window: one per batch bucket × sampling features, captured up front for the `warm_up` settings
+  (capture_graphs); the plain step (model/fastgen_ops.py) needs one per window bucket too, captured when first
+  needed.
 - The host never waits for the step it just launched. Each step's tokens and finish reasons are copied
   to pinned host memory behind an event and read when ready; the host waits only when it is
   MAX_STEPS_AHEAD steps ahead. A row that finishes freezes on the GPU until the host has seen it.
@@ -60,6 +60,11 @@ OUTPUT_RING_SIZE = 8  # pinned output buffers; more than MAX_STEPS_AHEAD + 1 so 
 WINDOW_BUCKET = 32  # CUDA-graph path: attended cache length rounded up to this (few graphs, little waste)
 PREFILL_BUCKET = 64  # CUDA-graph path: prefill length rounded up to this
 PREFILL_TOKENS = {"cuda": 65_536, "cpu": 4_096}  # rows × length in one prefill call (bounds activations)
+# CUDA-graph path: prefills of up to this many rows × length are graph replays. Up to here the eager
+# prefill's ~170 launches take longer on the host than its kernels on the GPU (64 × 256 tokens: 5.1 ms of
+# launches for 5.7 ms of GPU work on an H200); above it they overlap, and the graphs' memory pool would
+# grow with it (BENCHMARKS.md).
+PREFILL_GRAPH_TOKENS = 16_384
 
 
 @dataclass(eq=False)
@@ -215,11 +220,14 @@ class BatchedGPT2Engine:
                 self._graphs.decode(StepPlan(batch, self._fixed_window, *features))
 
     def _capture_prefill_graphs(self) -> None:
-        """Capture now a lone job's prefill graph for every prompt length bucket; captured on first use
-        instead, the first reply of each bucket waited ~0.9 s on an H100 (BENCHMARKS.md, Generation)."""
+        """Capture now the prefill graph of every prompt length bucket and power-of-two count of prompts up
+        to PREFILL_GRAPH_TOKENS; captured on first use instead, the first reply of each bucket waited ~0.9 s
+        on an H100 (BENCHMARKS.md, Generation). The largest first: the smaller ones reuse their memory."""
         assert self._graphs is not None
         lengths = dict.fromkeys(self._prefill_length(prefix) for prefix in range(1, self._max_seq))
-        self._graphs.capture_prefills(list(lengths))
+        counts = [1 << bit for bit in range(self._max_batch.bit_length())]
+        shapes = [(n, length) for n in counts for length in lengths if n * length <= PREFILL_GRAPH_TOKENS]
+        self._graphs.capture_prefills(sorted(shapes, key=lambda shape: shape[0] * shape[1], reverse=True))
 
     # ---- the DecodeEngine protocol ----
 
@@ -319,8 +327,8 @@ class BatchedGPT2Engine:
         )
         if length > 0:
             ids = inputs.ids[:, :length]
-            if self._graphs is not None and len(chunk) == 1:  # a replay, not ~170 launches (fastgen_graphs)
-                self._graphs.prefill_one(ids, first_slot)
+            if self._graphs is not None and len(chunk) * length <= PREFILL_GRAPH_TOKENS:
+                self._graphs.prefill(ids, first_slot)
             else:
                 slots = torch.arange(first_slot, first_slot + len(chunk))
                 self._prefill(self._weights, self._state, self._on_device(ids), self._on_device(slots))

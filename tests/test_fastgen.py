@@ -22,6 +22,7 @@ from transformers.generation.logits_process import (
 )
 
 import model.fastgen as fastgen
+import model.fastgen_graphs as fastgen_graphs
 import model.fastgen_inputs as fastgen_inputs
 from model.engine import EngineJob, EngineResult
 from model.fastgen import BatchedGPT2Engine
@@ -411,14 +412,22 @@ def test_gpu_warm_up_captures_every_batch_size_before_serving(tiny_model_dir) ->
     assert graphs is not None
     captured = set(graphs.decode_graphs)
     assert sorted(plan.batch for plan in captured) == [1, 2, 4, 8]
-    prefills = set(graphs.prefill_graphs)  # a lone job's prefill: one graph per 64-token bucket
-    assert sorted(prefills) == list(range(64, model.config.n_positions + 1, 64))
+    prefills = set(graphs.prefill_graphs)  # one graph per power-of-two count of prompts × 64-token bucket
+    lengths = range(64, model.config.n_positions + 1, 64)
+    assert prefills == {(count, length) for count in (1, 2, 4, 8) for length in lengths}
     for count in (3, 8, 1, 5, 1):
         for i in range(count):
             engine.admit(job(100 * count + i, random_prompt(5 + 70 * i + count, seed=i), params))
         assert len(drain(engine)) == count
     assert set(graphs.decode_graphs) == captured
     assert set(graphs.prefill_graphs) == prefills
+
+
+def test_a_prefill_replays_in_parts_of_a_power_of_two() -> None:
+    assert fastgen_graphs._powers_of_two(63) == [32, 16, 8, 4, 2, 1]
+    assert fastgen_graphs._powers_of_two(64) == [64]
+    assert fastgen_graphs._powers_of_two(11) == [8, 2, 1]
+    assert fastgen_graphs._powers_of_two(1) == [1]
 
 
 def test_right_padded_pads_each_row_with_its_own_last_id() -> None:
