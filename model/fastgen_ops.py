@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model.fastgen_sampling import (
     TOP_K_CAP,
@@ -31,6 +32,9 @@ POS, GEN, MAX_NEW, TOP_K, NGRAM = range(5)
 TEMPERATURE, TOP_P, PENALTY = range(3)
 
 # Per-row outcome of a step, written to DecodeState.out for the host.
+# attend_prompt's SDPA backends, in PyTorch's order of preference: every one but cuDNN's
+PROMPT_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
 REASON_IDLE = -1  # the row was already finished or empty: its token means nothing
 REASON_RUNNING = 0
 REASON_STOP_TOKEN = 1
@@ -148,10 +152,13 @@ def split_prompt_qkv(
 
 
 def attend_prompt(weights: GPT2Weights, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal self-attention within each prompt: [P, L, H, D] each → [P·L, C]."""
-    y = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=weights.attn_scale
-    )  # [P, H, L, D]
+    """Causal self-attention within each prompt: [P, L, H, D] each → [P·L, C]. Not cuDNN's, which PyTorch
+    picks on Hopper: it builds a plan for every new shape, ~70 ms on an H200 (flash: none; BENCHMARKS.md),
+    and prompts come in many shapes."""
+    with sdpa_kernel(PROMPT_ATTENTION_BACKENDS):
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=weights.attn_scale
+        )  # [P, H, L, D]
     return y.transpose(1, 2).reshape(-1, weights.width)
 
 
