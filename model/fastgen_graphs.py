@@ -74,7 +74,8 @@ class StepGraphs:
                     self.prefill_graphs[shape] = self._capture_prefill(*shape)
 
     def _replay_prefill(self, ids: torch.Tensor, first_slot: int) -> None:
-        shape = (prompts, length) = ids.shape
+        prompts, length = ids.shape
+        shape = (prompts, length)
         self._prefill_input[:prompts, :length].copy_(ids.to(self._device, non_blocking=True))
         self._prefill_slots[:prompts].copy_(self._state.arange[first_slot : first_slot + prompts])
         graph = self.prefill_graphs.get(shape)
