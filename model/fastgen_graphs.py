@@ -7,8 +7,9 @@ side stream (kernel choice, cuBLAS workspace, Triton compiles), and reads and wr
 preallocated buffers, so a replay serves any rows those buffers hold. Graphs in one pool share its memory:
 they run one at a time, and none leaves anything there that a later one reads.
 
-A prefill's prompts are replayed in parts of a power of two (63 = 32 + 16 + 8 + 4 + 2 + 1), so
-log2(max_batch) + 1 graphs per length serve every count, and no graph computes padding rows.
+A prefill's prompts are replayed in parts of a power of two (63 = 32 + 16 + 8 + 4 + 2 + 1), so one graph
+per power of two and length serves every count, and no graph computes padding rows. The engine replays
+prefills only up to a number of tokens (fastgen.PREFILL_GRAPH_TOKENS), and captures only those shapes.
 """
 
 from __future__ import annotations

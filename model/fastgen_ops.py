@@ -31,10 +31,10 @@ from model.fastgen_weights import GPT2Weights, LayerWeights
 POS, GEN, MAX_NEW, TOP_K, NGRAM = range(5)
 TEMPERATURE, TOP_P, PENALTY = range(3)
 
-# Per-row outcome of a step, written to DecodeState.out for the host.
 # attend_prompt's SDPA backends, in PyTorch's order of preference: every one but cuDNN's
 PROMPT_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
+# Per-row outcome of a step, written to DecodeState.out for the host.
 REASON_IDLE = -1  # the row was already finished or empty: its token means nothing
 REASON_RUNNING = 0
 REASON_STOP_TOKEN = 1

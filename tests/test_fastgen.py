@@ -379,7 +379,7 @@ def test_gpu_greedy_matches_generate_with_joins_and_leaves(tiny_model_dir, use_c
         engine.admit(job(i, prompts[i], params[i]))
     for _ in range(6):
         results.update((r.job_id, r) for r in engine.step())
-    for i in range(3, 6):  # one at a time: a lone job's prefill is a graph replay, reused across slots
+    for i in range(3, 6):  # one at a time: one prefill graph serves every slot
         engine.admit(job(i, prompts[i], params[i]))
         results.update((r.job_id, r) for r in engine.step())
     drain(engine, results)
