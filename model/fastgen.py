@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from model.engine import EngineJob, EngineResult
-from model.fastgen_graphs import StepGraphs
+from model.fastgen_graphs import StepGraphs, prefill_shapes
 from model.fastgen_inputs import prefill_inputs
 from model.fastgen_ops import (
     REASON_MAX_NEW,
@@ -222,12 +222,10 @@ class BatchedGPT2Engine:
     def _capture_prefill_graphs(self) -> None:
         """Capture now the prefill graph of every prompt length bucket and power-of-two count of prompts up
         to PREFILL_GRAPH_TOKENS; captured on first use instead, the first reply of each bucket waited ~0.9 s
-        on an H100 (BENCHMARKS.md, Generation). The largest first: the smaller ones reuse their memory."""
+        on an H100 (BENCHMARKS.md, Generation)."""
         assert self._graphs is not None
         lengths = dict.fromkeys(self._prefill_length(prefix) for prefix in range(1, self._max_seq))
-        counts = [1 << bit for bit in range(self._max_batch.bit_length())]
-        shapes = [(n, length) for n in counts for length in lengths if n * length <= PREFILL_GRAPH_TOKENS]
-        self._graphs.capture_prefills(sorted(shapes, key=lambda shape: shape[0] * shape[1], reverse=True))
+        self._graphs.capture_prefills(prefill_shapes(self._max_batch, lengths, PREFILL_GRAPH_TOKENS))
 
     # ---- the DecodeEngine protocol ----
 

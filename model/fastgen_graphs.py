@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -114,3 +114,12 @@ class StepGraphs:
 def _powers_of_two(count: int) -> list[int]:
     """The powers of two that sum to `count`, largest first: 11 → [8, 2, 1]."""
     return [1 << bit for bit in reversed(range(count.bit_length())) if count >> bit & 1]
+
+
+def prefill_shapes(max_prompts: int, lengths: Iterable[int], max_tokens: int) -> list[tuple[int, int]]:
+    """Every (power-of-two count up to max_prompts, length) of at most max_tokens, largest first (the smaller
+    captures then reuse the pool's memory): the parts `prefill` replays for any count of prompts up to
+    max_prompts at those lengths, within max_tokens."""
+    counts = [1 << bit for bit in range(max_prompts.bit_length())]
+    shapes = [(n, length) for n in counts for length in lengths if n * length <= max_tokens]
+    return sorted(shapes, key=lambda shape: shape[0] * shape[1], reverse=True)

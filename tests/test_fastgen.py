@@ -430,6 +430,20 @@ def test_a_prefill_replays_in_parts_of_a_power_of_two() -> None:
     assert fastgen_graphs._powers_of_two(1) == [1]
 
 
+@pytest.mark.parametrize("max_batch", [1, 6, 8, 100, 256])
+def test_every_part_of_a_prefill_within_the_cap_is_captured(max_batch: int) -> None:
+    """The engine replays P prompts of a length when P × length is within the cap: each power-of-two part of
+    P must be among the shapes the warm-up captures, or serving would capture it mid-burst."""
+    lengths, cap = range(64, 1025, 64), fastgen.PREFILL_GRAPH_TOKENS
+    shapes = fastgen_graphs.prefill_shapes(max_batch, lengths, cap)
+    assert all(n * length <= cap for n, length in shapes)
+    assert [n * length for n, length in shapes] == sorted((n * length for n, length in shapes), reverse=True)
+    for prompts in range(1, max_batch + 1):
+        for length in lengths:
+            if prompts * length <= cap:
+                assert {(part, length) for part in fastgen_graphs._powers_of_two(prompts)} <= set(shapes)
+
+
 def test_right_padded_pads_each_row_with_its_own_last_id() -> None:
     padded = fastgen_inputs.right_padded([(1, 2, 3), (7,), ()], width=4)
     assert padded.tolist() == [[1, 2, 3, 3], [7, 7, 7, 7], [0, 0, 0, 0]]
