@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+import model.generation as generation
 from model.api import FALLBACK_REPLY
 from model.engine import EngineJob
 from model.generation import (
@@ -255,6 +257,16 @@ def test_engine_is_batch_size_one_and_keeps_a_failed_job_for_abort(
 )
 def test_clean_reply(raw: str, expected: str) -> None:
     assert clean_reply(raw, ["Alice", "アリス", "Bot"]) == expected
+
+
+def test_the_last_sentence_end_is_where_the_last_match_ends() -> None:
+    """_last_sentence_end searches from the right; scanning every match of the pattern is the reference."""
+    rng = random.Random(0)
+    alphabet = "ab3 \n.!?…。！？\"')」"
+    for _ in range(5000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(15)))
+        ends = [match.end() for match in generation._SENTENCE_END.finditer(text)]
+        assert generation._last_sentence_end(text) == (ends[-1] if ends else 0), repr(text)
 
 
 def test_clean_reply_keeps_a_line_the_model_ended_itself() -> None:
