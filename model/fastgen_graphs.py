@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -116,7 +116,7 @@ def _powers_of_two(count: int) -> list[int]:
     return [1 << bit for bit in reversed(range(count.bit_length())) if count >> bit & 1]
 
 
-def prefill_shapes(max_prompts: int, lengths: Iterable[int], max_tokens: int) -> list[tuple[int, int]]:
+def prefill_shapes(max_prompts: int, lengths: Collection[int], max_tokens: int) -> list[tuple[int, int]]:
     """Every (power-of-two count up to max_prompts, length) of at most max_tokens, largest first (the smaller
     captures then reuse the pool's memory): the parts `prefill` replays for any count of prompts up to
     max_prompts at those lengths, within max_tokens."""

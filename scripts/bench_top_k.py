@@ -4,7 +4,10 @@ Sampling takes each row's TOP_K_CAP best logits. How long a top-k takes can depe
 GPT-2's best entries crowd into low ids (its frequent tokens), which random logits never do. So every figure
 is taken twice: on random logits (normal, ×3) and on the bundled starter model's logits, one row per position
 of a few chat prompts, repeated to the row count. Prints one table: µs per call, the median of 7 replays of a
-CUDA graph of 20 calls, and whether `_top_k` gave torch.topk's values on every row.
+CUDA graph of CALLS_PER_GRAPH calls, and whether `_top_k` gave torch.topk's values on every row. Above
+fastgen_triton.TOP_K_TRITON_ROWS rows `_top_k` is torch.topk itself; and the search it runs up to there does
+the same work whatever the values, so the two kinds of logits differ only for a kernel whose work depends on
+them (such as the top-k from a bound in BENCHMARKS.md).
 
     python scripts/bench_top_k.py                  # rows 1, 8, 32, 64, 128, 256, on the GPU
     TRITON_INTERPRET=1 python scripts/bench_top_k.py --device cpu --rows 2   # a smoke run in the interpreter
@@ -29,6 +32,7 @@ from model import fastgen_triton
 from model.fastgen_sampling import TOP_K_CAP
 from model.loading import bundled_tokenizer_dir, load_tokenizer, starter_model_dir
 
+CALLS_PER_GRAPH = 20
 CHATS = (
     "Alice: hi! how are you?\nBot: I am good, thanks. What music do you like?\nAlice:",
     "Bob: I went to the park today and saw a dog.\nBot: That sounds nice! What kind of dog was it?\nBob:",
@@ -52,7 +56,7 @@ def rows_of(source: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def time_us(call: Callable[[], object], device: torch.device) -> float:
-    """Median µs per call: replays of a CUDA graph of 20 calls on the GPU, plain calls elsewhere."""
+    """Median µs per call: replays of a graph of CALLS_PER_GRAPH calls on the GPU, plain calls elsewhere."""
     if device.type != "cuda":
         samples = []
         for _ in range(3):
@@ -67,7 +71,7 @@ def time_us(call: Callable[[], object], device: torch.device) -> float:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(20):
+        for _ in range(CALLS_PER_GRAPH):
             call()
     samples = []
     for _ in range(7):
@@ -76,7 +80,7 @@ def time_us(call: Callable[[], object], device: torch.device) -> float:
         graph.replay()
         end.record()
         end.synchronize()
-        samples.append(1000 * start.elapsed_time(end) / 20)
+        samples.append(1000 * start.elapsed_time(end) / CALLS_PER_GRAPH)
     return statistics.median(samples)
 
 
