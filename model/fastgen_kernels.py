@@ -1,5 +1,6 @@
-"""Triton kernels of the fused decode step and prefill (model/fastgen_triton.py launches them; the
-blocks' matrix products have their own, in model/fastgen_product_kernels.py).
+"""Triton kernels of the fused decode step and prefill, and their launch arguments for programmatic dependent
+launch (model/fastgen_triton.py launches them; the blocks' matrix products have their own, in
+model/fastgen_product_kernels.py).
 
 Each kernel works on one row (or one row × head × cache split, or one row × vocabulary segment) of the
 batch, in float32 whatever the model dtype (the prefill's cache copy: one prompt × head × block of
@@ -16,6 +17,10 @@ before has finished, which had itself waited for the one before it, so every ear
 
 from __future__ import annotations
 
+import functools
+import types
+
+import torch
 import triton
 import triton.language as tl
 
@@ -33,6 +38,18 @@ except ImportError:
     @triton.jit
     def gdc_wait():  # Triton helper: never called without PDL
         pass
+
+
+@functools.cache
+def pdl_arguments(device: torch.device) -> types.MappingProxyType[str, bool]:
+    """Launch arguments for programmatic dependent launch, on from Hopper (sm_90): a kernel launches
+    while the one before it runs and waits inside for its results (this module's docstring). The
+    products, norms and attention use it; at one row it took a layer's four products from 14.5 to 8.6
+    µs on an H100 (BENCHMARKS.md)."""
+    is_nvidia = device.type == "cuda" and torch.version.cuda is not None  # not ROCm
+    if HAS_PDL and is_nvidia and torch.cuda.get_device_capability(device) >= (9, 0):
+        return types.MappingProxyType({"PDL": True, "launch_pdl": True})
+    return types.MappingProxyType({"PDL": False})  # no launch_pdl: Triton before 3.4 does not take it
 
 
 @triton.jit

@@ -122,25 +122,22 @@ def _prefill_block(
     width = x.shape[-1]
     h = F.layer_norm(x, (width,), *layer.ln_1, weights.eps)
     qkv = torch.addmm(layer.attn_b, h.view(-1, width), layer.attn_w)
+    cache_prompt(weights, cache, slots, qkv)
     if not need_output:
-        cache_prompt(weights, cache, slots, qkv)
         return x
-    y = attend_prompt(weights, *cache_prompt(weights, cache, slots, qkv))
+    y = attend_prompt(weights, *split_prompt_qkv(weights, qkv, len(slots)))
     x = torch.addmm(layer.proj_b, y, layer.proj_w).view_as(x) + x
     h = F.layer_norm(x, (width,), *layer.ln_2, weights.eps)
     h = weights.act(torch.addmm(layer.fc_b, h.view(-1, width), layer.fc_w))
     return x + torch.addmm(layer.out_b, h, layer.out_w).view_as(x)
 
 
-def cache_prompt(
-    weights: GPT2Weights, cache: torch.Tensor, slots: torch.Tensor, qkv: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split one layer's qkv [P·L, 3C] of P prompts into q, k, v [P, L, H, D]; k and v go into the
-    cache slots listed in `slots` [P]."""
-    q, k, v = split_prompt_qkv(weights, qkv, slots.shape[0])
+def cache_prompt(weights: GPT2Weights, cache: torch.Tensor, slots: torch.Tensor, qkv: torch.Tensor) -> None:
+    """Write the keys and values of one layer's qkv [P·L, 3C] of P prompts into the cache slots listed in
+    `slots` [P]."""
+    _, k, v = split_prompt_qkv(weights, qkv, slots.shape[0])
     cache[0].index_copy_(0, slots, k.transpose(1, 2))
     cache[1].index_copy_(0, slots, v.transpose(1, 2))
-    return q, k, v
 
 
 def split_prompt_qkv(

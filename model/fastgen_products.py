@@ -8,22 +8,20 @@
 - otherwise: cuBLAS, with the bias and GELU in its epilogue.
 The two Triton kernels (model/fastgen_product_kernels.py) read [out, in] copies of the weights
 (LayerWeights.out_in): the blocks' matrices once more in memory, 170 MB for GPT-2 124M. From Hopper on
-they launch with programmatic dependent launch (`pdl_arguments`), as the step's norms and attention do.
+they launch with programmatic dependent launch (fastgen_kernels.pdl_arguments), as the norms and attention do.
 At one row on an H100 that took a step from 0.46 to 0.27 ms; at 8 / 64 rows on an H200, the
 tensor-core products took it from 0.468 / 0.770 to 0.420 / 0.696 ms (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import types
 
 import torch
 import torch.nn.functional as F
 import triton
 
-from model.fastgen_kernels import HAS_PDL
+from model.fastgen_kernels import pdl_arguments
 from model.fastgen_product_kernels import skinny_linear_kernel, small_linear_kernel
 from model.fastgen_weights import FC, PROJ, QKV, LayerWeights
 
@@ -55,7 +53,6 @@ def linear(
     `gelu` GELU's tanh form of it; with `into`, into += that. Only small_linear_kernel takes the layer
     norm `norm` (weight, bias; `eps`) of x first, and only it adds a bias in place: cuBLAS's in-place
     product cannot."""
-    weight = layer.matrices()[which]
     bias = layer.biases()[which] if add_bias else None
     if is_small(x, layer):
         assert layer.out_in is not None
@@ -64,6 +61,7 @@ def linear(
     if _is_skinny(x, layer, which):
         assert layer.out_in is not None and into is None, "skinny_linear_kernel's products are not in place"
         return _skinny_linear(x, layer.out_in[which], bias, gelu=gelu)
+    weight = layer.matrices()[which]  # cuBLAS reads the [in, out] matrices
     if into is not None:
         assert bias is None, "cuBLAS's in-place product cannot add a bias: add it beforehand"
         return into.addmm_(x, weight)
@@ -150,15 +148,3 @@ def _small_linear(
         num_warps=2 if block_k <= 1024 else 4 if block_k <= 4096 else 8,  # 64-128 weights a thread
     )  # fmt: skip
     return out
-
-
-@functools.cache
-def pdl_arguments(device: torch.device) -> types.MappingProxyType[str, bool]:
-    """Launch arguments for programmatic dependent launch, on from Hopper (sm_90): a kernel launches
-    while the one before it runs and waits inside for its results (fastgen_kernels' docstring). The
-    products, norms and attention use it; at one row it took a layer's four products from 14.5 to 8.6
-    µs on an H100 (BENCHMARKS.md)."""
-    is_nvidia = device.type == "cuda" and torch.version.cuda is not None  # not ROCm
-    if HAS_PDL and is_nvidia and torch.cuda.get_device_capability(device) >= (9, 0):
-        return types.MappingProxyType({"PDL": True, "launch_pdl": True})
-    return types.MappingProxyType({"PDL": False})  # no launch_pdl: Triton before 3.4 does not take it

@@ -49,6 +49,7 @@ from model.fastgen_kernels import (
     cache_prompt_kernel,
     chunk_max_kernel,
     norm_kernel,
+    pdl_arguments,
     process_kernel,
     sample_append_kernel,
     top_candidates_kernel,
@@ -73,7 +74,7 @@ from model.fastgen_ops import (
     attend_prompt,
     split_prompt_qkv,
 )
-from model.fastgen_products import is_small, linear, pdl_arguments
+from model.fastgen_products import is_small, linear
 from model.fastgen_sampling import TOP_K_CAP, sample_top_k_top_p
 from model.fastgen_weights import FC, OUT, PROJ, QKV, GPT2Weights, LayerWeights
 
