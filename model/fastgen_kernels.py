@@ -1,13 +1,12 @@
 """Triton kernels of the fused decode step and prefill, and their launch arguments for programmatic dependent
 launch (model/fastgen_triton.py launches them; the blocks' matrix products have their own, in
-model/fastgen_product_kernels.py).
+model/fastgen_product_kernels.py, and so does the ranking of the logits, in model/fastgen_top_k_kernels.py).
 
-Each kernel works on one row (or one row × head × cache split, or one row × vocabulary segment) of the
-batch, in float32 whatever the model dtype (the prefill's cache copy: one prompt × head × block of
-positions, in the model dtype); the step's kernels read each row's position from
-DecodeState.rows on the device, so one CUDA graph serves every row length (the prefill's norms get plain
-rows). Kernels are compiled on first use; with TRITON_INTERPRET=1 they run in Triton's
-interpreter on CPU tensors (the tests).
+Each kernel works on one row (or one row × head × cache split) of the batch, in float32 whatever the model
+dtype (the prefill's cache copy: one prompt × head × block of positions, in the model dtype); the step's
+kernels read each row's position from DecodeState.rows on the device, so one CUDA graph serves every row
+length (the prefill's norms get plain rows). Kernels are compiled on first use; with TRITON_INTERPRET=1 they
+run in Triton's interpreter on CPU tensors (the tests).
 
 With PDL (programmatic dependent launch, Hopper on) a kernel launches while the kernel before it still
 runs: it calls gdc_launch_dependents() first, so the next one can launch too, may read only weights
@@ -23,6 +22,8 @@ import types
 import torch
 import triton
 import triton.language as tl
+
+from model.fastgen_top_k_kernels import LOWEST_KEY
 
 try:  # Triton >= 3.4; before it the kernels run without programmatic dependent launch (HAS_PDL)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -229,94 +230,6 @@ def process_kernel(  # Triton kernel: untyped, many arguments
             suffix = tl.load(history + at, mask=at >= 0, other=-2)
             is_banned &= (before == suffix) | (n - 1 < back)
         tl.store(logits + ids, tl.full([BLOCK_S], float("-inf"), tl.float32), mask=is_banned)
-
-
-LOWEST_KEY: tl.constexpr = tl.constexpr(-(2**63))  # below every key _pack makes
-
-
-@triton.jit
-def _pack(values, ids, vocab):  # Triton helper: untyped
-    """(float32 value, id) → int64 keys that sort by value, then by smaller id (argmax's tie-break)."""
-    bits = tl.where(values == 0, 0.0, values).to(tl.int32, bitcast=True)  # -0.0 ties with 0.0
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats count down: now signed order = value order
-    return (ordered.to(tl.int64) << 32) | tl.where(ids < vocab, vocab - 1 - ids, 0).to(tl.int64)
-
-
-@triton.jit
-def chunk_max_kernel(  # Triton kernel: untyped, many arguments
-    logits_ptr, vocab, keys_ptr, CHUNK: tl.constexpr
-):
-    """Row r, chunk c: the best (value, id) key of logits[r, c·CHUNK:(c+1)·CHUNK]."""
-    row, chunk = tl.program_id(0), tl.program_id(1)
-    ids = chunk * CHUNK + tl.arange(0, CHUNK)
-    values = tl.load(logits_ptr + row * vocab + ids, mask=ids < vocab, other=float("-inf"))
-    tl.store(keys_ptr + row * tl.num_programs(1) + chunk, tl.max(_pack(values, ids, vocab), 0))
-
-
-@triton.jit
-def _value_rank(keys):  # Triton helper: untyped
-    """A key's value part (its high half) as an int64 in [0, 2^32), in value order."""
-    return (keys >> 32) + 2147483648
-
-
-@triton.jit
-def _kth_largest(u, K: tl.constexpr):  # Triton helper: untyped
-    """The K-th largest of u (int64 values in [0, 2^32)), bit by bit from the top: 32 block counts."""
-    result = tl.full([], 0, tl.int64)
-    for bit in tl.static_range(31, -1, -1):
-        candidate = result | (1 << bit)
-        result = tl.where(tl.sum((u >= candidate).to(tl.int32), 0) >= K, candidate, result)
-    return result
-
-
-@triton.jit
-def _first_k(u, K: tl.constexpr):  # Triton helper: untyped
-    """Mask of exactly the K largest of u, ties to the earlier position, and each one's place 0..K-1
-    in block order."""
-    threshold = _kth_largest(u, K)
-    above = u > threshold
-    is_tie = u == threshold
-    tie_rank = tl.cumsum(is_tie.to(tl.int32), 0) - 1
-    chosen = above | (is_tie & (tie_rank < K - tl.sum(above.to(tl.int32), 0)))
-    return chosen, tl.cumsum(chosen.to(tl.int32), 0) - 1
-
-
-@triton.jit
-def top_candidates_kernel(  # Triton kernel: untyped, many arguments
-    logits_ptr, vocab, keys_ptr, K: tl.constexpr, SEGMENT: tl.constexpr
-):
-    """Row r, segment s: the keys (_pack order) of the K best entries of logits[r, s·SEGMENT:(s+1)·SEGMENT],
-    in id order; entries past the vocabulary fill up with the lowest key. The row's top K are among
-    its segments' (top_k_kernel picks them)."""
-    row, segment = tl.program_id(0), tl.program_id(1)
-    ids = segment * SEGMENT + tl.arange(0, SEGMENT)
-    is_id = ids < vocab
-    values = tl.load(logits_ptr + row * vocab + ids, mask=is_id, other=0.0)
-    keys = tl.where(is_id, _pack(values, ids, vocab), LOWEST_KEY)
-    chosen, place = _first_k(_value_rank(keys), K)  # by value; ties to the smaller id, as _pack
-    tl.store(keys_ptr + (row * tl.num_programs(1) + segment) * K + place, keys, mask=chosen)
-
-
-@triton.jit
-def top_k_kernel(  # Triton kernel: untyped, many arguments
-    keys_ptr, n_keys, logits_ptr, vocab, values_ptr, ids_ptr, K: tl.constexpr, BLOCK: tl.constexpr
-):
-    """Row r: its K best (value, id) from its segments' candidate keys, best first (ties: smaller id),
-    as torch.topk(K) gives them up to the order of ties. ids_ptr doubles as scratch for the sort."""
-    row = tl.program_id(0)
-    slots = tl.arange(0, BLOCK)
-    keys = tl.load(keys_ptr + row * n_keys + slots, mask=slots < n_keys, other=LOWEST_KEY)
-    # Candidates lie in id order, so "ties to the earlier position" keeps the larger keys.
-    chosen, place = _first_k(_value_rank(keys), K)
-    tl.store(ids_ptr + row * K + place, keys, mask=chosen)
-    tl.debug_barrier()  # the chosen keys, stored by many threads, are all in the scratch before it is read
-    rank = tl.arange(0, K)
-    best = tl.sort(tl.load(ids_ptr + row * K + rank), descending=True)
-    ids = vocab - 1 - (best & 0xFFFFFFFF)
-    values = tl.load(logits_ptr + row * vocab + ids)
-    tl.debug_barrier()  # every thread has read the scratch before any overwrites it
-    tl.store(values_ptr + row * K + rank, values)
-    tl.store(ids_ptr + row * K + rank, ids)
 
 
 @triton.jit

@@ -12,7 +12,7 @@ projection above SMALL_LINEAR_ROWS (4); cuBLAS otherwise:
                 is split, the last split to finish merges)  →  a = product(·) + b_proj  →  ln_2 of
                 x + a (resid = x + a + b_out)  →  f = GELU(product(·) + b_fc)  →  resid += f · W_out (in
                 place, cuBLAS's beta = 1)  →  next ln_1 or ln_f
-    LM head → penalty + n-gram ban → top-k (Triton up to 32 rows, torch above) or chunked argmax →
+    LM head → penalty + n-gram ban → top-k (model/fastgen_top_k_kernels.py) or chunked argmax →
     sample + append
 
 A prompt's prefill (`prefill`) uses the same fusions as a step of more rows (_after_attention), and
@@ -47,13 +47,10 @@ import triton
 from model.fastgen_kernels import (
     attention_kernel,
     cache_prompt_kernel,
-    chunk_max_kernel,
     norm_kernel,
     pdl_arguments,
     process_kernel,
     sample_append_kernel,
-    top_candidates_kernel,
-    top_k_kernel,
 )
 from model.fastgen_ops import (
     GEN,
@@ -76,6 +73,12 @@ from model.fastgen_ops import (
 )
 from model.fastgen_products import is_small, linear
 from model.fastgen_sampling import TOP_K_CAP, sample_top_k_top_p
+from model.fastgen_top_k_kernels import (
+    chunk_max_kernel,
+    segment_best_kernel,
+    select_kernel,
+    selected_top_k_kernel,
+)
 from model.fastgen_weights import FC, OUT, PROJ, QKV, GPT2Weights, LayerWeights
 
 ATTENTION_BLOCK = 64  # cache positions per attention iteration
@@ -86,9 +89,10 @@ CANDIDATE_CHUNK = 4096  # vocabulary entries per argmax program (13 chunks for G
 MODE_GIVEN, MODE_ARGMAX, MODE_SAMPLE = range(3)  # how sample_append_kernel chooses the token
 NUM_WARPS = 4
 ATTENTION_WARPS_UNSPLIT = 2  # from ATTENTION_UNSPLIT_FROM: more programs per SM (BENCHMARKS.md sweep)
-TOP_K_TRITON_ROWS = 32  # batches up to this take the Triton top-k (_top_k); larger ones torch.topk
-TOP_K_SEGMENT = 2048  # vocabulary entries per top-k candidate program (H200 sweep: 2048-4096 best)
-TOP_K_WARPS = 8
+TOP_K_WARPS = 8  # selected_top_k_kernel's
+SELECT_SEGMENT = 1024  # vocabulary entries per segment_best_kernel program
+SELECT_CAP = 512  # entries at or above the bound that select_kernel keeps (more: the exact search)
+SELECT_CHUNK = 2048  # vocabulary entries per select_kernel program (and per step of the exact search)
 
 
 def can_run_on(device: torch.device) -> bool:
@@ -289,28 +293,39 @@ def _greedy_keys(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _top_k(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(logits, TOP_K_CAP) (values, ids), best first. Up to TOP_K_TRITON_ROWS rows in two
-    kernels: each vocabulary segment's TOP_K_CAP best by a bitwise search for the K-th largest value,
-    then the best of those; larger batches take torch.topk, as fast at 64 rows and faster from 256
-    (BENCHMARKS.md, the top-k sweep)."""
-    batch, vocab = logits.shape
-    if batch > TOP_K_TRITON_ROWS:
-        return logits.topk(TOP_K_CAP, -1)  # sorted, largest first
-    if vocab < TOP_K_CAP or not logits.is_contiguous():  # the kernels pad with the last id, rows V apart
-        raise ValueError(f"top-k needs contiguous rows of a vocabulary of at least {TOP_K_CAP}, got {vocab}")
-    segments = triton.cdiv(vocab, TOP_K_SEGMENT)
-    n_keys = segments * TOP_K_CAP
-    keys = torch.empty((batch, n_keys), dtype=torch.int64, device=logits.device)
-    top_candidates_kernel[(batch, segments)](
-        logits, vocab, keys, K=TOP_K_CAP, SEGMENT=TOP_K_SEGMENT, num_warps=TOP_K_WARPS
-    )  # fmt: skip
+    """torch.topk(logits, TOP_K_CAP) (values, ids), best first, ties to the smaller id."""
+    batch = logits.shape[0]
     values = torch.empty((batch, TOP_K_CAP), dtype=torch.float32, device=logits.device)
     ids = torch.empty((batch, TOP_K_CAP), dtype=torch.int64, device=logits.device)
-    top_k_kernel[(batch,)](
-        keys, n_keys, logits, vocab, values, ids, K=TOP_K_CAP, BLOCK=triton.next_power_of_2(n_keys),
+    _top_k_from_bound(logits, values, ids)
+    return values, ids
+
+
+def _top_k_from_bound(logits: torch.Tensor, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Into values and ids, each row's TOP_K_CAP best, from the entries at or above a lower bound of its
+    K-th best value (model/fastgen_top_k_kernels.py). Returns how many qualified in each row ([B] int32;
+    over SELECT_CAP, the row took the exact search instead)."""
+    batch, vocab = logits.shape
+    if vocab < TOP_K_CAP or not logits.is_contiguous():  # the kernels pad with the last id, rows V apart
+        raise ValueError(f"top-k needs contiguous rows of a vocabulary of at least {TOP_K_CAP}, got {vocab}")
+    segments = triton.cdiv(vocab, SELECT_SEGMENT)
+    per_segment = triton.cdiv(TOP_K_CAP, segments)  # so that the segments' best are at least K keys
+    n_best = segments * per_segment
+    best = torch.empty((batch, n_best), dtype=torch.int64, device=logits.device)
+    counts = torch.empty(batch, dtype=torch.int32, device=logits.device)
+    segment_best_kernel[(batch, segments)](
+        logits, vocab, best, counts, SEGMENT=SELECT_SEGMENT, M=per_segment, num_warps=NUM_WARPS
+    )  # fmt: skip
+    keys = torch.empty((batch, SELECT_CAP), dtype=torch.int64, device=logits.device)
+    select_kernel[(batch, triton.cdiv(vocab, SELECT_CHUNK))](
+        logits, vocab, best, n_best, keys, counts, K=TOP_K_CAP, CAP=SELECT_CAP,
+        BLOCK_BEST=triton.next_power_of_2(n_best), CHUNK=SELECT_CHUNK, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    selected_top_k_kernel[(batch,)](
+        logits, vocab, keys, counts, values, ids, K=TOP_K_CAP, CAP=SELECT_CAP, CHUNK=SELECT_CHUNK,
         num_warps=TOP_K_WARPS,
     )  # fmt: skip
-    return values, ids
+    return counts
 
 
 def _full_sample(logits: torch.Tensor, state: DecodeState, batch: int) -> torch.Tensor:

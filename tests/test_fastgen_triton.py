@@ -220,23 +220,44 @@ def test_argmax_keys_break_ties_like_argmax() -> None:
     )
 
 
-@pytest.mark.parametrize("vocab", [50257, 4096, 4097, 300])
-def test_top_k_gives_what_a_stable_sort_gives(vocab: int) -> None:
-    """torch.topk's values; equal values (-0.0 == 0.0 too) rank the smaller id first, as a stable sort."""
-    device = device_under_test()
-    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(vocab))
+def ranking_logits(vocab: int) -> torch.Tensor:
+    """[6, vocab] rows that test a top-k: ties, banned ids, signed zeros, the last id, all equal, and the
+    best entries crowded into one stretch of ids."""
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(vocab))
     logits[0, : vocab // 2] = logits[0, : vocab // 2].round(decimals=1)  # many ties, across segments
     logits[1, 3:250] = float("-inf")  # banned ids; at 300 fewer than 128 are finite, and -inf ties fill up
     logits[2] = -logits[2].abs()
     logits[2, 0], logits[2, 1] = -0.0, 0.0  # the best two, equal
     logits[3, vocab - 1] = 40.0  # the last id, in the last, partial segment
-    logits = logits.to(device)
+    logits[4] = 0.5  # every entry ties
+    logits[5, 1000 : 1000 + 600] += 20.0  # the best 600 in one stretch: few segments hold them
+    return logits
+
+
+@pytest.mark.parametrize("vocab", [50257, 4096, 4097, 300])
+def test_top_k_gives_what_a_stable_sort_gives(vocab: int) -> None:
+    """torch.topk's values; equal values (-0.0 == 0.0 too) rank the smaller id first, as a stable sort."""
+    logits = ranking_logits(vocab).to(device_under_test())
     values, ids = fastgen_triton._top_k(logits)
     expected = logits.sort(dim=-1, descending=True, stable=True)
     assert torch.equal(values, expected.values[:, : fastgen_triton.TOP_K_CAP])
     assert torch.equal(ids, expected.indices[:, : fastgen_triton.TOP_K_CAP])
     assert torch.equal(values, logits.topk(fastgen_triton.TOP_K_CAP, -1).values)
     assert ids[3, 0] == vocab - 1 and ids[2, :2].tolist() == [0, 1]
+    assert ids[4].tolist() == list(range(fastgen_triton.TOP_K_CAP))
+
+
+def test_the_bound_keeps_a_few_hundred_entries_or_takes_the_exact_search() -> None:
+    """Both of the bound's ways are taken (the test above checks what each gives): GPT-2's vocabulary
+    keeps a few hundred entries a row, except where all tie or the best crowd into one stretch."""
+    device, k = device_under_test(), fastgen_triton.TOP_K_CAP
+    logits = ranking_logits(50257).to(device)
+    values, ids = torch.empty((6, k), device=device), torch.empty((6, k), dtype=torch.long, device=device)
+    counts = fastgen_triton._top_k_from_bound(logits, values, ids)
+    assert torch.equal(values, logits.topk(k, -1).values)
+    cap = fastgen_triton.SELECT_CAP
+    assert all(fastgen_triton.TOP_K_CAP <= count <= cap for count in counts[:4].tolist()), counts
+    assert counts[4] == 50257 and counts[5] > cap
 
 
 def test_top_k_refuses_a_vocabulary_smaller_than_k() -> None:
