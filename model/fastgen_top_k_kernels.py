@@ -7,13 +7,13 @@ id, reversed, in the low half, so a larger key is a larger value or, on a tie, a
 stable sort's tie-break). Each kernel works on one row, or one row × vocabulary segment or chunk, in
 float32.
 
-The top K of a row (best first, as torch.topk gives them) take three kernels: segment_best_kernel takes each
-segment's best few keys, whose K-th best bounds the row's K-th best value from below; select_kernel, a
-program per chunk of the row, keeps every entry at or above the bound (a few hundred); selected_top_k_kernel
-sorts those and gives the K best. Many ties at the bound, or the best crowded into a few segments, can
-qualify more than it keeps: then the row's exact K-th best value comes from a bitwise search over the whole
-row. On an H200 this took 16 / 38 / 142 µs at 1 / 64 / 256 rows, against 47 / 87 / 252 µs for torch.topk
-and 24 / 84 / 294 µs for an earlier exact search within each segment (BENCHMARKS.md).
+The top K of a row (best first, as torch.topk gives them) take four kernels: segment_best_kernel takes each
+segment's best few keys; bound_kernel takes the K-th best of those, which bounds the row's K-th best value
+from below; select_kernel, a program per chunk of the row, keeps every entry at or above the bound (a few
+hundred); selected_top_k_kernel sorts those and gives the K best. A trained model's best entries crowd into
+few segments (frequent tokens have small ids), so each segment gives several keys. Many ties at the bound, or
+the best crowded into a very few segments, can still qualify more than it keeps: then the row's exact K-th
+best value comes from a bitwise search over the whole row.
 """
 
 from __future__ import annotations
@@ -61,12 +61,11 @@ def _kth_largest(u, K: tl.constexpr):  # Triton helper: untyped
 
 @triton.jit
 def segment_best_kernel(  # Triton kernel: untyped, many arguments
-    logits_ptr, vocab, best_ptr, counts_ptr, SEGMENT: tl.constexpr, M: tl.constexpr
+    logits_ptr, vocab, best_ptr, SEGMENT: tl.constexpr, M: tl.constexpr
 ):
     """Row r, segment s: the keys of the M best entries of logits[r, s·SEGMENT:(s+1)·SEGMENT], best
-    first (the lowest key for missing entries past the vocabulary); segment 0 zeroes counts[r] for
-    select_kernel."""
-    row, segment = tl.program_id(0), tl.program_id(1)
+    first (the lowest key for missing entries past the vocabulary)."""
+    row, segment = tl.program_id(0).to(tl.int64), tl.program_id(1)
     ids = segment * SEGMENT + tl.arange(0, SEGMENT)
     is_id = ids < vocab
     values = tl.load(logits_ptr + row * vocab + ids, mask=is_id, other=0.0)
@@ -76,25 +75,32 @@ def segment_best_kernel(  # Triton kernel: untyped, many arguments
         top = tl.max(keys, 0)
         tl.store(best + place, top)
         keys = tl.where(keys == top, LOWEST_KEY, keys)  # keys are unique: this drops exactly one
-    if segment == 0:
-        tl.store(counts_ptr + row, 0)
+
+
+@triton.jit
+def bound_kernel(  # Triton kernel: untyped, many arguments
+    best_ptr, n_best, bounds_ptr, counts_ptr, K: tl.constexpr, BLOCK_BEST: tl.constexpr
+):
+    """Row r: bounds[r] = the value rank of the K-th best of its segments' best keys (n_best of them, at
+    least K from whole segments: K distinct entries of the row, so at most the row's K-th best value);
+    counts[r] = 0, for select_kernel."""
+    row = tl.program_id(0).to(tl.int64)
+    slots = tl.arange(0, BLOCK_BEST)
+    best = tl.load(best_ptr + row * n_best + slots, mask=slots < n_best, other=LOWEST_KEY)
+    tl.store(bounds_ptr + row, _kth_largest(_value_rank(best), K))
+    tl.store(counts_ptr + row, 0)
 
 
 @triton.jit
 def select_kernel(  # Triton kernel: untyped, many arguments
-    logits_ptr, vocab, best_ptr, n_best, keys_ptr, counts_ptr,
-    K: tl.constexpr, CAP: tl.constexpr, BLOCK_BEST: tl.constexpr, CHUNK: tl.constexpr,
-):  # fmt: skip
+    logits_ptr, vocab, bounds_ptr, keys_ptr, counts_ptr, CAP: tl.constexpr, CHUNK: tl.constexpr
+):
     """Row r, chunk c: append to keys[r, :CAP] (in no particular order) the keys of the chunk's entries
-    whose value is at least the K-th best of the row's segments' best keys: n_best of them, at least K,
-    K distinct entries of the row, so their K-th best value is at most the row's. counts[r] counts every
-    entry that qualified, also those past CAP, which are not stored."""
+    whose value rank reaches bounds[r]; counts[r] counts every entry that qualified, also those past CAP,
+    which are not stored."""
     row, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    slots = tl.arange(0, BLOCK_BEST)
-    best = tl.load(best_ptr + row * n_best + slots, mask=slots < n_best, other=LOWEST_KEY)
-    bound = _kth_largest(_value_rank(best), K)
     is_id, keys, u = _row_chunk(logits_ptr + row * vocab, chunk * CHUNK, vocab, CHUNK)
-    is_kept = is_id & (u >= bound)
+    is_kept = is_id & (u >= tl.load(bounds_ptr + row))
     first = tl.atomic_add(counts_ptr + row, tl.sum(is_kept.to(tl.int32), 0))  # this chunk's places
     place = first + tl.cumsum(is_kept.to(tl.int32), 0) - 1
     tl.store(keys_ptr + row * CAP + place, keys, mask=is_kept & (place < CAP))

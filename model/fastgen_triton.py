@@ -74,6 +74,7 @@ from model.fastgen_ops import (
 from model.fastgen_products import is_small, linear
 from model.fastgen_sampling import TOP_K_CAP, sample_top_k_top_p
 from model.fastgen_top_k_kernels import (
+    bound_kernel,
     chunk_max_kernel,
     segment_best_kernel,
     select_kernel,
@@ -90,7 +91,10 @@ MODE_GIVEN, MODE_ARGMAX, MODE_SAMPLE = range(3)  # how sample_append_kernel choo
 NUM_WARPS = 4
 ATTENTION_WARPS_UNSPLIT = 2  # from ATTENTION_UNSPLIT_FROM: more programs per SM (BENCHMARKS.md sweep)
 TOP_K_WARPS = 8  # selected_top_k_kernel's
-SELECT_SEGMENT = 1024  # vocabulary entries per segment_best_kernel program
+SELECT_SEGMENT = 512  # vocabulary entries per segment_best_kernel program
+# Keys per segment (at least). On the starter's logits 128-319 entries a row reach the bound, against
+# 240-1,407 with 3 keys per 1,024 entries (BENCHMARKS.md).
+SELECT_KEYS = 8
 SELECT_CAP = 512  # entries at or above the bound that select_kernel keeps (more: the exact search)
 SELECT_CHUNK = 2048  # vocabulary entries per select_kernel program (and per step of the exact search)
 
@@ -309,17 +313,22 @@ def _top_k_from_bound(logits: torch.Tensor, values: torch.Tensor, ids: torch.Ten
     if vocab < TOP_K_CAP or not logits.is_contiguous():  # the kernels pad with the last id, rows V apart
         raise ValueError(f"top-k needs contiguous rows of a vocabulary of at least {TOP_K_CAP}, got {vocab}")
     segments = triton.cdiv(vocab, SELECT_SEGMENT)
-    per_segment = triton.cdiv(TOP_K_CAP, segments)  # so that the segments' best are at least K keys
+    # At least K keys from whole segments: a short last one may hold fewer than its share.
+    per_segment = max(SELECT_KEYS, triton.cdiv(TOP_K_CAP, max(1, vocab // SELECT_SEGMENT)))
     n_best = segments * per_segment
     best = torch.empty((batch, n_best), dtype=torch.int64, device=logits.device)
-    counts = torch.empty(batch, dtype=torch.int32, device=logits.device)
     segment_best_kernel[(batch, segments)](
-        logits, vocab, best, counts, SEGMENT=SELECT_SEGMENT, M=per_segment, num_warps=NUM_WARPS
+        logits, vocab, best, SEGMENT=SELECT_SEGMENT, M=per_segment, num_warps=NUM_WARPS
+    )  # fmt: skip
+    bounds = torch.empty(batch, dtype=torch.int64, device=logits.device)
+    counts = torch.empty(batch, dtype=torch.int32, device=logits.device)
+    bound_kernel[(batch,)](
+        best, n_best, bounds, counts, K=TOP_K_CAP, BLOCK_BEST=triton.next_power_of_2(n_best),
+        num_warps=TOP_K_WARPS,
     )  # fmt: skip
     keys = torch.empty((batch, SELECT_CAP), dtype=torch.int64, device=logits.device)
     select_kernel[(batch, triton.cdiv(vocab, SELECT_CHUNK))](
-        logits, vocab, best, n_best, keys, counts, K=TOP_K_CAP, CAP=SELECT_CAP,
-        BLOCK_BEST=triton.next_power_of_2(n_best), CHUNK=SELECT_CHUNK, num_warps=NUM_WARPS,
+        logits, vocab, bounds, keys, counts, CAP=SELECT_CAP, CHUNK=SELECT_CHUNK, num_warps=NUM_WARPS
     )  # fmt: skip
     selected_top_k_kernel[(batch,)](
         logits, vocab, keys, counts, values, ids, K=TOP_K_CAP, CAP=SELECT_CAP, CHUNK=SELECT_CHUNK,

@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 
 from model import fastgen_ops, fastgen_products, fastgen_triton, fastgen_weights
 from model.fastgen_ops import POS
+from model.loading import bundled_tokenizer_dir, load_tokenizer, starter_model_dir
 from tests.test_fastgen import perturbed
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -258,6 +259,23 @@ def test_the_bound_keeps_a_few_hundred_entries_or_takes_the_exact_search() -> No
     cap = fastgen_triton.SELECT_CAP
     assert all(fastgen_triton.TOP_K_CAP <= count <= cap for count in counts[:4].tolist()), counts
     assert counts[4] == 50257 and counts[5] > cap
+
+
+@pytest.mark.skipif(not (starter_model_dir() / "config.json").is_file(), reason="the starter model is absent")
+def test_the_bound_keeps_under_the_cap_on_a_trained_models_logits() -> None:
+    """A trained model's best entries crowd into few segments (GPT-2's frequent tokens have small ids); with
+    3 keys per 1,024 entries most rows of the starter's went over the cap. Random logits cannot show it."""
+    device, k = device_under_test(), fastgen_triton.TOP_K_CAP
+    model = GPT2LMHeadModel.from_pretrained(starter_model_dir()).eval()
+    tokenizer = load_tokenizer(str(bundled_tokenizer_dir()))
+    chat = "Alice: hi! how are you?\nBot: I am good, thanks. What music do you like?\nAlice:"
+    ids = tokenizer(chat).input_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float().contiguous().to(device)  # every position
+    values = torch.empty((len(ids), k), device=device)
+    counts = fastgen_triton._top_k_from_bound(logits, values, torch.empty_like(values, dtype=torch.long))
+    assert torch.equal(values, logits.topk(k, -1).values)
+    assert int(counts.max()) <= fastgen_triton.SELECT_CAP, counts
 
 
 def test_top_k_refuses_a_vocabulary_smaller_than_k() -> None:
