@@ -4,10 +4,8 @@ Sampling takes each row's TOP_K_CAP best logits. How long a top-k takes can depe
 GPT-2's best entries crowd into low ids (its frequent tokens), which random logits never do. So every figure
 is taken twice: on random logits (normal, ×3) and on the bundled starter model's logits, one row per position
 of a few chat prompts, repeated to the row count. Prints one table: µs per call, the median of 7 replays of a
-CUDA graph of CALLS_PER_GRAPH calls, and whether `_top_k` gave torch.topk's values on every row. Above
-fastgen_triton.TOP_K_TRITON_ROWS rows `_top_k` is torch.topk itself; and the search it runs up to there does
-the same work whatever the values, so the two kinds of logits differ only for a kernel whose work depends on
-them (such as the top-k from a bound in BENCHMARKS.md).
+CUDA graph of CALLS_PER_GRAPH calls, and whether `_top_k` gave torch.topk's values on every row. `_top_k`
+takes a bound from each segment's best keys, so how many entries it keeps, and its time, depend on the values.
 
     python scripts/bench_top_k.py                  # rows 1, 8, 32, 64, 128, 256, on the GPU
     TRITON_INTERPRET=1 python scripts/bench_top_k.py --device cpu --rows 2   # a smoke run in the interpreter
