@@ -1,12 +1,14 @@
 """Exact and fast tokenizer calls for prompt building: the Rust tokenizer directly wherever that gives
 exactly what `tokenizer(text, add_special_tokens=False)` gives, and when per-line ids may be joined; and
-for decoding replies (Decoder), likewise exact to `tokenizer.decode(ids, skip_special_tokens=True)`.
+for decoding replies (Decoder), likewise exact to `tokenizer.decode(ids, skip_special_tokens=True)`; and a
+tokenizer's copy for another thread (thread_copy).
 
 Split out of model/prompt.py, which decides what goes into a prompt; this decides how it is tokenised.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -164,3 +166,18 @@ class Decoder:
         if self.rust is not None:  # the batch call releases the GIL
             return list(self.rust.decode_batch(sequences, skip_special_tokens=True))
         return [str(self.tokenizer.decode(ids, skip_special_tokens=True)) for ids in sequences]
+
+
+def thread_copy(tokenizer: Any) -> Any:
+    """A copy of `tokenizer` for another thread: a fast tokenizer gets its own Rust tokenizer.
+
+    Not copy.deepcopy for fast tokenizers: unpickling the Rust tokenizer holds the GIL for ~100 ms, which
+    would stall the event loop; rebuilding it from its JSON (`from_str`) releases the GIL. The rest of the
+    wrapper (special tokens, settings) is only read, so a shallow copy shares it safely.
+    """
+    if not tokenizer.is_fast:
+        return copy.deepcopy(tokenizer)
+    backend = tokenizer.backend_tokenizer
+    clone = copy.copy(tokenizer)
+    clone._tokenizer = type(backend).from_str(backend.to_str())  # what backend_tokenizer returns
+    return clone

@@ -53,7 +53,7 @@ THREAD_STOP_TIMEOUT_SECONDS = 30.0  # after the grace period, how long close() w
 # tokenizer calls, and the hand-offs convoy. A burst of 256 distinct 256-token prompts on a 16-core H100
 # host (scripts/bench_prompt_builders.py), built one job a call: 1 thread 196 ms, 2 threads 92 ms,
 # 4 threads 214 ms, 8 threads 774 ms (without the tokenizers' Rust thread pool; with it 132 ms at 2
-# threads). Now a thread builds every job waiting together, in one Rust call (model.jobs.PromptBuilders):
+# threads). Now a thread builds every job waiting together, in one Rust call (model.prompt_builders):
 # two threads let one batch's Python (GIL held) overlap the other's tokenizing. Batched, 2 threads, the
 # same burst: 21.8 ms with the Rust pool on that host, 51.0 ms without (BENCHMARKS.md, Generation).
 MAX_PROMPT_THREADS = 2

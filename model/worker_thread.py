@@ -3,7 +3,7 @@
 Its loop: take what is on the inbox now (hand new jobs to the prompt builders) → admit jobs whose prompt
 is ready while the engine has room → engine.step() → hand finished replies back → repeat, blocking on
 the inbox only when there is nothing to step. Prompts are built by a small pool of threads, each with
-its own copy of the tokenizer (model.jobs.PromptBuilders), so this thread never tokenizes. A reload is
+its own copy of the tokenizer (model.prompt_builders), so this thread never tokenizes. A reload is
 a queued job that runs once every job queued before it has finished, so it never lands in the middle
 of a generation; jobs queued after it wait for it. Answers go back through `loop.call_soon_threadsafe`
 to the callbacks the event-loop side (model.worker.ModelWorker) gave: futures are never touched here.
@@ -40,7 +40,6 @@ from model.jobs import (
     ActiveJob,
     BuiltPrompt,
     GenerateJob,
-    PromptBuilders,
     ReloadJob,
     Serving,
     StepFailed,
@@ -52,6 +51,7 @@ from model.jobs import (
     release_memory,
     resolve_future,
 )
+from model.prompt_builders import PromptBuilders
 from model.sampling import SamplingParams
 
 if TYPE_CHECKING:

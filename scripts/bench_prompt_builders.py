@@ -28,9 +28,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from model.api import ReplyRequest
-from model.jobs import BuiltPrompt, GenerateJob, PromptBuilders, Serving, thread_copy
+from model.encoding import thread_copy
+from model.jobs import BuiltPrompt, GenerateJob, Serving
 from model.loading import bundled_tokenizer_dir, load_tokenizer
 from model.prompt import Turn, build_prompt
+from model.prompt_builders import PromptBuilders
 from model.sampling import SamplingParams
 
 WORDS = ("hello", "world", "how", "are", "you", "today", "music", "movie", "great", "thanks")

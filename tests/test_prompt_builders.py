@@ -1,4 +1,4 @@
-"""model.jobs.PromptBuilders: jobs waiting together are built together, each delivered as it was alone."""
+"""model.prompt_builders: jobs waiting together are built together, each delivered as it was alone."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from model import jobs
+from model import prompt_builders
 from model.api import GenerationFailed, ReplyRequest
-from model.jobs import BuiltPrompt, GenerateJob, PromptBuilders, Serving
+from model.jobs import BuiltPrompt, GenerateJob, Serving
 from model.prompt import Turn, build_prompt
+from model.prompt_builders import PromptBuilders
 from model.sampling import SamplingParams
 from tests.test_prompt import counting_copy
 
@@ -112,8 +113,8 @@ def test_a_failing_batch_is_built_again_one_by_one(
             raise KeyError("boom")
         return build_prompt(tokenizer, persona, history, *args)
 
-    monkeypatch.setattr(jobs, "build_prompts", failing_build_prompts)
-    monkeypatch.setattr(jobs, "build_prompt", build_prompt_failing_on_boom)
+    monkeypatch.setattr(prompt_builders, "build_prompts", failing_build_prompts)
+    monkeypatch.setattr(prompt_builders, "build_prompt", build_prompt_failing_on_boom)
     burst = [job(loop, "first"), job(loop, "hello"), job(loop, "boom"), job(loop, "bye")]
     built = build_burst(serving_with(gpt2_tokenizer), burst, Deliveries(len(burst)))
     assert [one.job for one in built] == burst

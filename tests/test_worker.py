@@ -18,6 +18,7 @@ import torch
 
 from model import jobs
 from model.api import FALLBACK_REPLY, GenerationFailed, Reply, WorkerBusy, WorkerClosed
+from model.encoding import thread_copy
 from model.generation import HFGenerateEngine
 from model.loading import LoadedModel, ModelLoadError, load_model
 from model.prompt import Turn, build_prompt
@@ -119,7 +120,7 @@ async def test_prompts_are_built_off_the_gpu_thread_each_builder_with_its_own_to
 
 
 def test_a_thread_copy_encodes_the_same_with_its_own_rust_tokenizer(loaded: LoadedModel) -> None:
-    clone = jobs.thread_copy(loaded.tokenizer)
+    clone = thread_copy(loaded.tokenizer)
     assert clone.backend_tokenizer is not loaded.tokenizer.backend_tokenizer
     text = "Alice: hello there 😀 <|endoftext|>\nBot:"
     assert clone(text)["input_ids"] == loaded.tokenizer(text)["input_ids"]
