@@ -262,7 +262,7 @@ def sample_append_kernel(  # Triton kernel: untyped, many arguments
         rank = tl.arange(0, K)
         values = tl.load(top_values_ptr + row * K + rank)
         ids = tl.load(top_ids_ptr + row * K + rank)
-        # argmax's tie-break: the smallest id among the best values (topk orders ties arbitrarily)
+        # argmax's tie-break: the smallest id among the best values (_top_k gives ties in id order already)
         greedy = tl.min(tl.where(values == tl.max(values, 0), ids, vocab), 0)
         temperature = tl.load(floats_ptr + row * floats_stride + TEMPERATURE_COL)
         top_p = tl.load(floats_ptr + row * floats_stride + TOP_P_COL)

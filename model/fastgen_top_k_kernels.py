@@ -81,9 +81,9 @@ def segment_best_kernel(  # Triton kernel: untyped, many arguments
 def bound_kernel(  # Triton kernel: untyped, many arguments
     best_ptr, n_best, bounds_ptr, counts_ptr, K: tl.constexpr, BLOCK_BEST: tl.constexpr
 ):
-    """Row r: bounds[r] = the value rank of the K-th best of its segments' best keys (n_best of them, at
-    least K from whole segments: K distinct entries of the row, so at most the row's K-th best value);
-    counts[r] = 0, for select_kernel."""
+    """Row r: bounds[r] = the value rank of the K-th best of its segments' best keys (n_best of them),
+    which is at most the row's K-th best value: the keys are distinct entries of the row, or padding that
+    ranks lowest. counts[r] = 0, for select_kernel."""
     row = tl.program_id(0).to(tl.int64)
     slots = tl.arange(0, BLOCK_BEST)
     best = tl.load(best_ptr + row * n_best + slots, mask=slots < n_best, other=LOWEST_KEY)
@@ -133,23 +133,9 @@ def selected_top_k_kernel(  # Triton kernel: untyped, many arguments
 @triton.jit
 def _keep_exact_k(logits, vocab, out, K: tl.constexpr, CHUNK: tl.constexpr):  # Triton helper: untyped
     """Store at `out`, in id order, the keys of exactly the K best entries of the row at `logits` (ties to
-    the smaller id), found by _kth_largest's bitwise search over the whole row, chunk by chunk; return K."""
-    threshold = tl.full([], 0, tl.int64)
-    for bit in tl.static_range(31, -1, -1):
-        candidate = threshold | (1 << bit)
-        at_least = tl.full([], 0, tl.int32)
-        start = 0
-        while start < vocab:
-            is_id, _, u = _row_chunk(logits, start, vocab, CHUNK)
-            at_least += tl.sum((is_id & (u >= candidate)).to(tl.int32), 0)
-            start += CHUNK
-        threshold = tl.where(at_least >= K, candidate, threshold)
-    above = tl.full([], 0, tl.int32)
-    start = 0
-    while start < vocab:
-        is_id, _, u = _row_chunk(logits, start, vocab, CHUNK)
-        above += tl.sum((is_id & (u > threshold)).to(tl.int32), 0)
-        start += CHUNK
+    the smaller id); return K. Every entry above the K-th best value goes in, then the first ties."""
+    threshold = _exact_kth_rank(logits, vocab, K, CHUNK)
+    above = _count_reaching(logits, vocab, threshold + 1, CHUNK)
     kept = tl.full([], 0, tl.int32)
     ties = tl.full([], 0, tl.int32)
     start = 0
@@ -163,6 +149,29 @@ def _keep_exact_k(logits, vocab, out, K: tl.constexpr, CHUNK: tl.constexpr):  # 
         ties += tl.sum(is_tie.to(tl.int32), 0)
         start += CHUNK
     return kept
+
+
+@triton.jit
+def _exact_kth_rank(logits, vocab, K: tl.constexpr, CHUNK: tl.constexpr):  # Triton helper: untyped
+    """The value rank of the K-th best entry of the row at `logits`: _kth_largest's bitwise search, each
+    of its 32 counts a pass over the whole row."""
+    threshold = tl.full([], 0, tl.int64)
+    for bit in tl.static_range(31, -1, -1):
+        candidate = threshold | (1 << bit)
+        threshold = tl.where(_count_reaching(logits, vocab, candidate, CHUNK) >= K, candidate, threshold)
+    return threshold
+
+
+@triton.jit
+def _count_reaching(logits, vocab, rank, CHUNK: tl.constexpr):  # Triton helper: untyped
+    """How many entries of the row at `logits` have a value rank of at least `rank`."""
+    count = tl.full([], 0, tl.int32)
+    start = 0
+    while start < vocab:
+        is_id, _, u = _row_chunk(logits, start, vocab, CHUNK)
+        count += tl.sum((is_id & (u >= rank)).to(tl.int32), 0)
+        start += CHUNK
+    return count
 
 
 @triton.jit

@@ -90,7 +90,7 @@ CANDIDATE_CHUNK = 4096  # vocabulary entries per argmax program (13 chunks for G
 MODE_GIVEN, MODE_ARGMAX, MODE_SAMPLE = range(3)  # how sample_append_kernel chooses the token
 NUM_WARPS = 4
 ATTENTION_WARPS_UNSPLIT = 2  # from ATTENTION_UNSPLIT_FROM: more programs per SM (BENCHMARKS.md sweep)
-TOP_K_WARPS = 8  # selected_top_k_kernel's
+TOP_K_WARPS = 8  # bound_kernel's and selected_top_k_kernel's
 SELECT_SEGMENT = 512  # vocabulary entries per segment_best_kernel program
 # Keys per segment (at least). On the starter's logits 128-319 entries a row reach the bound, against
 # 240-1,407 with 3 keys per 1,024 entries (BENCHMARKS.md).
@@ -310,10 +310,11 @@ def _top_k_from_bound(logits: torch.Tensor, values: torch.Tensor, ids: torch.Ten
     K-th best value (model/fastgen_top_k_kernels.py). Returns how many qualified in each row ([B] int32;
     over SELECT_CAP, the row took the exact search instead)."""
     batch, vocab = logits.shape
-    if vocab < TOP_K_CAP or not logits.is_contiguous():  # the kernels pad with the last id, rows V apart
+    if vocab < TOP_K_CAP or not logits.is_contiguous():  # no K-th best; the kernels read rows V apart
         raise ValueError(f"top-k needs contiguous rows of a vocabulary of at least {TOP_K_CAP}, got {vocab}")
     segments = triton.cdiv(vocab, SELECT_SEGMENT)
-    # At least K keys from whole segments: a short last one may hold fewer than its share.
+    # At least K keys from whole segments (a short last one may hold fewer than its share): with fewer, the
+    # bound would still be a lower bound, but too low to keep any row under SELECT_CAP.
     per_segment = max(SELECT_KEYS, triton.cdiv(TOP_K_CAP, max(1, vocab // SELECT_SEGMENT)))
     n_best = segments * per_segment
     best = torch.empty((batch, n_best), dtype=torch.int64, device=logits.device)

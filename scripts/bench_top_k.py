@@ -2,10 +2,12 @@
 
 Sampling takes each row's TOP_K_CAP best logits. How long a top-k takes can depend on the values: a trained
 GPT-2's best entries crowd into low ids (its frequent tokens), which random logits never do. So every figure
-is taken twice: on random logits (normal, ×3) and on the bundled starter model's logits, one row per position
-of a few chat prompts, repeated to the row count. Prints one table: µs per call, the median of 7 replays of a
-CUDA graph of CALLS_PER_GRAPH calls, and whether `_top_k` gave torch.topk's values on every row. `_top_k`
-takes a bound from each segment's best keys, so how many entries it keeps, and its time, depend on the values.
+is taken on random logits (normal, ×3) and on the bundled starter model's logits, one row per position of a
+few chat prompts, repeated to the row count; and once more with the first row's best 600 in one stretch of
+ids, which sends that row to the exact search over the whole row (the slow way, for rows the bound cannot
+narrow). Prints one table: µs per call, the median of 7 replays of a CUDA graph of CALLS_PER_GRAPH calls, and
+whether `_top_k` gave torch.topk's values on every row. `_top_k` takes a bound from each segment's best keys,
+so how many entries it keeps, and its time, depend on the values.
 
     python scripts/bench_top_k.py                  # rows 1, 8, 32, 64, 128, 256, on the GPU
     TRITON_INTERPRET=1 python scripts/bench_top_k.py --device cpu --rows 2   # a smoke run in the interpreter
@@ -31,6 +33,7 @@ from model.fastgen_sampling import TOP_K_CAP
 from model.loading import bundled_tokenizer_dir, load_tokenizer, starter_model_dir
 
 CALLS_PER_GRAPH = 20
+CROWDED = 600  # over fastgen_triton.SELECT_CAP
 CHATS = (
     "Alice: hi! how are you?\nBot: I am good, thanks. What music do you like?\nAlice:",
     "Bob: I went to the park today and saw a dog.\nBot: That sounds nice! What kind of dog was it?\nBob:",
@@ -51,6 +54,14 @@ def starter_logits(device: torch.device) -> torch.Tensor:
 def rows_of(source: torch.Tensor, rows: int) -> torch.Tensor:
     """`rows` rows of `source`, repeated as needed, contiguous."""
     return source.repeat(-(-rows // source.shape[0]), 1)[:rows].contiguous()
+
+
+def first_row_crowded(logits: torch.Tensor) -> torch.Tensor:
+    """`logits` with its first row's best CROWDED entries in one stretch of ids: more of them reach the
+    bound than select_kernel keeps, so that row takes the exact search over the whole row."""
+    crowded = logits.clone()
+    crowded[0, 1000 : 1000 + CROWDED] += 20.0
+    return crowded
 
 
 def time_us(call: Callable[[], object], device: torch.device) -> float:
@@ -92,14 +103,19 @@ def main() -> int:
     if not fastgen_triton.can_run_on(device):
         parser.error("the kernels need CUDA, or Triton's interpreter (TRITON_INTERPRET=1) on the CPU")
     torch.manual_seed(0)
-    sources = {"random": torch.randn(64, 50257, device=device) * 3, "starter": starter_logits(device)}
+    random, starter = torch.randn(64, 50257, device=device) * 3, starter_logits(device)
+    cases = {
+        "random": functools.partial(rows_of, random),
+        "starter": functools.partial(rows_of, starter),
+        "starter, first row crowded": lambda rows: first_row_crowded(rows_of(starter, rows)),
+    }
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (Triton's interpreter)"
     print(f"{name} · torch {torch.__version__} · top {TOP_K_CAP} of 50,257 · µs per call")
     print("| rows | logits | `torch.topk` | `_top_k` | same values |")
     print("|---:|---|---:|---:|---|")
     for rows in args.rows:
-        for label, source in sources.items():
-            logits = rows_of(source, rows)
+        for label, make in cases.items():
+            logits = make(rows)
             same = torch.equal(fastgen_triton._top_k(logits)[0], logits.topk(TOP_K_CAP, -1).values)
             plain = time_us(functools.partial(torch.topk, logits, TOP_K_CAP, -1), device)
             fused = time_us(functools.partial(fastgen_triton._top_k, logits), device)

@@ -223,7 +223,7 @@ def test_argmax_keys_break_ties_like_argmax() -> None:
 
 def ranking_logits(vocab: int) -> torch.Tensor:
     """[6, vocab] rows that test a top-k: ties, banned ids, signed zeros, the last id, all equal, and the
-    best entries crowded into one stretch of ids."""
+    best entries crowded into one stretch of ids (ids 1,000-1,599: past a vocabulary of 300)."""
     logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(vocab))
     logits[0, : vocab // 2] = logits[0, : vocab // 2].round(decimals=1)  # many ties, across segments
     logits[1, 3:250] = float("-inf")  # banned ids; at 300 fewer than 128 are finite, and -inf ties fill up
@@ -248,17 +248,19 @@ def test_top_k_gives_what_a_stable_sort_gives(vocab: int) -> None:
     assert ids[4].tolist() == list(range(fastgen_triton.TOP_K_CAP))
 
 
-def test_the_bound_keeps_a_few_hundred_entries_or_takes_the_exact_search() -> None:
-    """Both of the bound's ways are taken (the test above checks what each gives): GPT-2's vocabulary
-    keeps a few hundred entries a row, except where all tie or the best crowd into one stretch."""
+@pytest.mark.parametrize("vocab", [50257, 4096, 4097])
+def test_the_bound_keeps_a_few_hundred_entries_or_takes_the_exact_search(vocab: int) -> None:
+    """Both of the bound's ways are taken (the test above checks what each gives): a few hundred entries a
+    row qualify, except where all tie or the best crowd into one stretch. With 8 or 9 segments, each must
+    give more than 8 keys for the 128 that bound the row, or every entry would qualify."""
     device, k = device_under_test(), fastgen_triton.TOP_K_CAP
-    logits = ranking_logits(50257).to(device)
+    logits = ranking_logits(vocab).to(device)
     values, ids = torch.empty((6, k), device=device), torch.empty((6, k), dtype=torch.long, device=device)
     counts = fastgen_triton._top_k_from_bound(logits, values, ids)
     assert torch.equal(values, logits.topk(k, -1).values)
     cap = fastgen_triton.SELECT_CAP
     assert all(fastgen_triton.TOP_K_CAP <= count <= cap for count in counts[:4].tolist()), counts
-    assert counts[4] == 50257 and counts[5] > cap
+    assert counts[4] == vocab and counts[5] > cap
 
 
 @pytest.mark.skipif(not (starter_model_dir() / "config.json").is_file(), reason="the starter model is absent")
