@@ -251,8 +251,8 @@ def test_top_k_gives_what_a_stable_sort_gives(vocab: int) -> None:
 @pytest.mark.parametrize("vocab", [50257, 4096, 4097])
 def test_the_bound_keeps_a_few_hundred_entries_or_takes_the_exact_search(vocab: int) -> None:
     """Both of the bound's ways are taken (the test above checks what each gives): a few hundred entries a
-    row qualify, except where all tie or the best crowd into one stretch. With 8 or 9 segments, each must
-    give more than 8 keys for the 128 that bound the row, or every entry would qualify."""
+    row qualify, except where all tie or the best crowd into one stretch. With 8 whole segments (4,096 and
+    4,097 ids) each must give 16 keys for the 128 that bound the row, or every entry would qualify."""
     device, k = device_under_test(), fastgen_triton.TOP_K_CAP
     logits = ranking_logits(vocab).to(device)
     values, ids = torch.empty((6, k), device=device), torch.empty((6, k), dtype=torch.long, device=device)
