@@ -13,7 +13,7 @@ from below; select_kernel, a program per chunk of the row, keeps every entry at 
 hundred); selected_top_k_kernel sorts those and gives the K best. A trained model's best entries crowd into
 few segments (frequent tokens have small ids), so each segment gives several keys. Many ties at the bound, or
 the best crowded into a very few segments, can still qualify more than it keeps: then the row's exact K-th
-best value comes from a bitwise search over the whole row.
+best value comes from a radix select over the whole row (_exact_kth_rank).
 """
 
 from __future__ import annotations
@@ -134,8 +134,7 @@ def selected_top_k_kernel(  # Triton kernel: untyped, many arguments
 def _keep_exact_k(logits, vocab, out, K: tl.constexpr, CHUNK: tl.constexpr):  # Triton helper: untyped
     """Store at `out`, in id order, the keys of exactly the K best entries of the row at `logits` (ties to
     the smaller id); return K. Every entry above the K-th best value goes in, then the first ties."""
-    threshold = _exact_kth_rank(logits, vocab, K, CHUNK)
-    above = _count_reaching(logits, vocab, threshold + 1, CHUNK)
+    threshold, above = _exact_kth_rank(logits, vocab, K, CHUNK)
     kept = tl.full([], 0, tl.int32)
     ties = tl.full([], 0, tl.int32)
     start = 0
@@ -153,25 +152,33 @@ def _keep_exact_k(logits, vocab, out, K: tl.constexpr, CHUNK: tl.constexpr):  # 
 
 @triton.jit
 def _exact_kth_rank(logits, vocab, K: tl.constexpr, CHUNK: tl.constexpr):  # Triton helper: untyped
-    """The value rank of the K-th best entry of the row at `logits`: _kth_largest's bitwise search, each
-    of its 32 counts a pass over the whole row."""
-    threshold = tl.full([], 0, tl.int64)
-    for bit in tl.static_range(31, -1, -1):
-        candidate = threshold | (1 << bit)
-        threshold = tl.where(_count_reaching(logits, vocab, candidate, CHUNK) >= K, candidate, threshold)
-    return threshold
+    """(the value rank of the K-th best entry of the row at `logits`, how many entries rank above it): a
+    radix select from the top, 8 bits of the rank a pass over the whole row (4 passes, not 32 of a bitwise
+    search). Each pass counts, among the entries that share the digits found so far, each next digit."""
+    digits = tl.arange(0, 256)
+    prefix = tl.full([], 0, tl.int64)
+    above = tl.full([], 0, tl.int32)
+    for shift in tl.static_range(24, -8, -8):
+        counts = _digit_counts(logits, vocab, prefix, shift, CHUNK)
+        reaching = above + tl.cumsum(counts, 0, reverse=True)  # entries ranking at or above each digit
+        digit = tl.max(tl.where(reaching >= K, digits, 0), 0)
+        above += tl.sum(tl.where(digits > digit, counts, 0), 0)
+        prefix = (prefix << 8) | digit
+    return prefix, above
 
 
 @triton.jit
-def _count_reaching(logits, vocab, rank, CHUNK: tl.constexpr):  # Triton helper: untyped
-    """How many entries of the row at `logits` have a value rank of at least `rank`."""
-    count = tl.full([], 0, tl.int32)
+def _digit_counts(logits, vocab, prefix, shift: tl.constexpr, CHUNK: tl.constexpr):  # Triton helper: untyped
+    """[256]: how many entries of the row at `logits` whose value rank's bits above `shift + 8` are `prefix`
+    have each 8-bit digit at `shift`."""
+    counts = tl.zeros([256], dtype=tl.int32)
     start = 0
     while start < vocab:
         is_id, _, u = _row_chunk(logits, start, vocab, CHUNK)
-        count += tl.sum((is_id & (u >= rank)).to(tl.int32), 0)
+        is_match = is_id & ((u >> (shift + 8)) == prefix)
+        counts += tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=is_match)
         start += CHUNK
-    return count
+    return counts
 
 
 @triton.jit
