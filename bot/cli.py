@@ -74,7 +74,7 @@ def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     """Export consented conversations (or an open corpus) as train/val JSONL for fine-tuning."""
     if args.corpus:
-        from model.corpus import export_corpus
+        from model.training.corpus import export_corpus
 
         manifest = export_corpus(args.corpus, args.out, bot_name=settings.bot_name)
     else:
@@ -140,7 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     console.set_defaults(func=cmd_console)
     _add_db(sub)
     _add_export(sub)
-    for name, module, text in (("train", "model.train", "fine-tune"), ("eval", "model.evaluate", "evaluate")):
+    passthrough = (
+        ("train", "model.training.train", "fine-tune"),
+        ("eval", "model.training.evaluate", "evaluate"),
+    )
+    for name, module, text in passthrough:
         cmd = sub.add_parser(name, help=f"{text} a model (see `chatbot {name} --help`)", add_help=False)
         cmd.set_defaults(func=cmd_passthrough(module), rest=[])
     sub.add_parser("models", help="list model versions").set_defaults(func=cmd_models)
@@ -177,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in PASSTHROUGH_COMMANDS:
         parser.error("unrecognized arguments: " + " ".join(extra))
-    args.rest = extra  # train and eval hand their flags (--help too) to model.train / model.evaluate
+    args.rest = extra  # train and eval hand their flags (--help too) to model.training
     try:
         settings = load_settings(args.env_file)
     except ConfigError as exc:

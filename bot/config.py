@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from model.dataset import DEFAULT_PERSONA
 from model.sampling import SamplingParams
+from model.training.dataset import DEFAULT_PERSONA
 
 T = TypeVar("T")
 

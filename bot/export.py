@@ -1,6 +1,6 @@
-"""`chatbot export` from the database: consented, scrubbed Discord conversations → model.dataset's writer.
+"""`chatbot export` from the database: consented, scrubbed Discord conversations → the export writer.
 
-What leaves the database (docs/RETRAINING.md says the same for admins):
+What leaves the database (README, "Retraining", says the same for admins):
 - only guilds whose training export is on, only non-deleted messages, never a `/forget-me` user (storage's
   export_rows enforces these three);
 - a channel's messages are cut into conversations at gaps longer than BOT_EXPORT_GAP_MINUTES; the id
@@ -30,8 +30,8 @@ from pathlib import Path
 from bot.config import Settings
 from bot.scrub import USER_MENTION, scrub_text
 from bot.storage import ExportRow, Storage
-from model.dataset import Conversation, Manifest, write_export
 from model.prompt import Turn
+from model.training.dataset import Conversation, Manifest, write_export
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from bot.config import Settings, load_settings
-from model.registry import VERSIONS_DIR, PromotionRefused, Registry, RegistryError, current_source
+from model.training.registry import VERSIONS_DIR, PromotionRefused, Registry, RegistryError, current_source
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,8 @@ class PipelineResult:
 def serving_source(settings: Settings) -> str:
     """What the bot serves: the registry's current version, else BOT_MODEL (as bot.runtime decides).
 
-    A BOT_MODEL that names a registry version becomes its folder: model.train and model.evaluate load by
-    path or hub id and know no registry.
+    A BOT_MODEL that names a registry version becomes its folder: training and evaluation load by path
+    or hub id and know no registry.
     """
     version_dir = settings.models_dir / VERSIONS_DIR / settings.model
     if os.sep not in settings.model and (version_dir / "config.json").is_file():
@@ -157,9 +157,9 @@ def progress_callback(emit: Emit, interval_seconds: float = TRAIN_EVENT_INTERVAL
 def train_step(
     settings: Settings, options: RetrainOptions, export_dir: Path, out_dir: Path, emit: Emit
 ) -> Path:
-    """Fine-tune the base on the export into out_dir (model.train does the work)."""
-    from model import train as training
+    """Fine-tune the base on the export into out_dir (model.training.train does the work)."""
     from model.loading import ModelLoadError
+    from model.training import train as training
 
     emit({"event": "stage", "stage": "train"})
     args = training.TrainArguments(
@@ -174,7 +174,7 @@ def train_step(
         train: Callable[..., Path] = training.train
         if "callbacks" in inspect.signature(train).parameters:
             return train(args, callbacks=[callback])
-        log.warning("model.train.train takes no callbacks: no step progress for this run")
+        log.warning("model.training.train.train takes no callbacks: no step progress for this run")
         return training.train(args)
     except training.TrainError as exc:
         raise PipelineError("train", str(exc)) from exc
@@ -183,7 +183,7 @@ def train_step(
 
 
 def _train_device(device: str) -> Literal["auto", "cpu", "cuda"]:
-    """BOT_DEVICE for training: model.train picks no GPU index, so "cuda:N" becomes "cuda"."""
+    """BOT_DEVICE for training: model.training.train picks no GPU index, so "cuda:N" becomes "cuda"."""
     if device.startswith("cuda"):
         return "cuda"
     return "cpu" if device == "cpu" else "auto"
@@ -213,8 +213,8 @@ def compare(
     settings: Settings, models: list[ModelRef], export_dir: Path, sample_prompts: int = 8
 ) -> tuple[dict[str, float], str]:
     """Evaluate models on the same val blocks: ({label: perplexity}, Markdown side by side)."""
-    from model.evaluate import DEFAULT_PROMPTS, evaluate, markdown_report
     from model.loading import ModelLoadError
+    from model.training.evaluate import DEFAULT_PROMPTS, evaluate, markdown_report
 
     # One block size for all, or the numbers would not be comparable.
     contexts = [_context_tokens(m.source, settings.models_dir) for m in models]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from bot.config import Settings
 
 if TYPE_CHECKING:  # importing the worker loads torch: only create_worker needs it
-    from model.worker import ModelWorker
+    from model.serving.worker import ModelWorker
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def setup_logging(level: str) -> None:
 
 def model_source(settings: Settings) -> str:
     """The model to serve: the registry's promoted `current` version when there is one, else BOT_MODEL."""
-    from model.registry import current_source
+    from model.training.registry import current_source
 
     promoted = current_source(settings.models_dir)
     if promoted is not None:
@@ -38,7 +38,7 @@ def model_source(settings: Settings) -> str:
 def create_worker(settings: Settings) -> ModelWorker:
     """A model worker configured from the settings (not started: use `async with`); seeds fixed first."""
     from model.loading import set_seed
-    from model.worker import ModelWorker
+    from model.serving.worker import ModelWorker
 
     set_seed(settings.seed)
     return ModelWorker(

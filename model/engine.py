@@ -2,9 +2,9 @@
 
 The worker owns queueing, prompt building, reply cleanup, reloads and error policy; an engine only
 runs token generation. Two engines implement this protocol:
-- `model.generation.HFGenerateEngine`: one request at a time through Hugging Face `generate` (any
+- `model.hf_engine.HFGenerateEngine`: one request at a time through Hugging Face `generate` (any
   causal LM, any device; the reference for correctness);
-- `model.fastgen.BatchedGPT2Engine`: continuous batching with a preallocated KV cache (GPT-2
+- `model.fastgen.engine.BatchedGPT2Engine`: continuous batching with a preallocated KV cache (GPT-2
   architecture), CUDA graphs on the GPU.
 Every method is called from the worker thread only, so engines need no locks.
 """

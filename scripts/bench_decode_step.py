@@ -23,9 +23,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from model import fastgen_ops, fastgen_triton, fastgen_weights
-from model.fastgen_ops import DecodeState, StepPlan
-from model.fastgen_weights import GPT2Weights
+from model.fastgen import ops as fastgen_ops
+from model.fastgen import weights as fastgen_weights
+from model.fastgen.ops import DecodeState, StepPlan
+from model.fastgen.triton import fused_step as fastgen_triton
+from model.fastgen.weights import GPT2Weights
 from model.sampling import SamplingParams
 
 PROMPT_TOKENS = 256

@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from model.api import ReplyRequest
 from model.engine import DecodeEngine, EngineJob, EngineResult
-from model.fastgen import BatchedGPT2Engine
-from model.generation import generation_config
+from model.fastgen.engine import BatchedGPT2Engine
+from model.hf_engine import generation_config
 from model.loading import LoadedModel, bundled_tokenizer_dir, count_parameters, load_tokenizer
 from model.prompt import Turn, build_prompt
 from model.sampling import SamplingParams
-from model.worker import ModelWorker
+from model.serving.worker import ModelWorker
 
 log = logging.getLogger("bench_generation")
 
@@ -388,7 +388,8 @@ def parse_options(argv: list[str] | None) -> tuple[Options, Path | None]:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the table."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("model.fastgen").setLevel(logging.WARNING)  # one line per captured graph is noise
+    # One line per captured graph is noise.
+    logging.getLogger("model.fastgen.engine").setLevel(logging.WARNING)
     options, out = parse_options(argv)
     asyncio.run(run(options, out))
     return 0

@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from model.api import ReplyRequest
 from model.encoding import thread_copy
-from model.jobs import BuiltPrompt, GenerateJob, Serving
 from model.loading import bundled_tokenizer_dir, load_tokenizer
 from model.prompt import Turn, build_prompt
-from model.prompt_builders import PromptBuilders
 from model.sampling import SamplingParams
+from model.serving.jobs import BuiltPrompt, GenerateJob, Serving
+from model.serving.prompt_builders import PromptBuilders
 
 WORDS = ("hello", "world", "how", "are", "you", "today", "music", "movie", "great", "thanks")
 PERSONA, BOT_NAME, MAX_NEW_TOKENS, N_POSITIONS = "A friendly chat.", "Bot", 48, 1024

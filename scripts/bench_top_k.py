@@ -28,8 +28,8 @@ from transformers import GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from model import fastgen_triton
-from model.fastgen_sampling import TOP_K_CAP
+from model.fastgen.sampling import TOP_K_CAP
+from model.fastgen.triton import fused_step as fastgen_triton
 from model.loading import bundled_tokenizer_dir, load_tokenizer, starter_model_dir
 
 CALLS_PER_GRAPH = 20

@@ -3,7 +3,7 @@
 One command on a GPU (runs on the CPU too, slowly):
     python scripts/train_starter.py --export-dir data/chitchat --out model/starter
 It exports the corpus with the project's own exporter (skipped when --export-dir already holds a verified
-export), trains with `model.train` using the starter settings below (any `chatbot train` flag given after
+export), trains with `chatbot train` using the starter settings below (any `chatbot train` flag given after
 them overrides them), swaps in the bundled tokenizer files and writes MODEL_CARD.md.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing the package
 
-from model.dataset import ExportError, verify_export  # noqa: E402
+from model.training.dataset import ExportError, verify_export  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ REPLACED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map
 
 def ensure_export(export_dir: Path) -> None:
     """Export chitchat-dataset into export_dir unless a verified export is already there."""
-    from model.corpus import export_corpus
+    from model.training.corpus import export_corpus
 
     try:
         verify_export(export_dir)
@@ -67,8 +67,8 @@ def sample_replies(out_dir: Path, persona: str, bot_name: str) -> list[tuple[str
     """Replies to the evaluation prompts with the serving defaults (seeded), for the card."""
     from dataclasses import replace
 
-    from model.evaluate import DEFAULT_PROMPTS, EVAL_SAMPLING, answer_prompts
     from model.loading import load_model
+    from model.training.evaluate import DEFAULT_PROMPTS, EVAL_SAMPLING, answer_prompts
 
     loaded = load_model(str(out_dir), device="auto", dtype="float32")
     serving = replace(EVAL_SAMPLING, repetition_penalty=1.15, no_repeat_ngram_size=3)
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     """Export (if needed), train, ship the tokenizer files, write the model card."""
     from transformers import HfArgumentParser
 
-    from model.train import TrainArguments, TrainError, train
+    from model.training.train import TrainArguments, TrainError, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raw = sys.argv[1:] if argv is None else argv

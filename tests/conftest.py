@@ -8,25 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.japanese import build_japanese_model, build_japanese_tokenizer
+from tests.helpers.models import GPT2_TOKENIZER_DIR, build_tiny_gpt2
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub, even when run by hand
 if not torch.cuda.is_available():
     # Without a GPU the fused decode step's Triton kernels run in Triton's interpreter. Triton reads
     # this when it is imported, so it is set before any test imports it.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-GPT2_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "model" / "assets" / "gpt2-tokenizer"
-
-
-def build_tiny_gpt2(out_dir: Path, n_layer: int = 2, n_embd: int = 64, seed: int = 0) -> Path:
-    """Save a randomly initialised GPT-2 (real vocabulary) with the real tokenizer into out_dir."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
-
-    torch.manual_seed(seed)
-    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=2, n_positions=1024, vocab_size=50257)
-    GPT2LMHeadModel(config).save_pretrained(out_dir)  # safetensors by default
-    GPT2TokenizerFast.from_pretrained(GPT2_TOKENIZER_DIR).save_pretrained(out_dir)
-    return out_dir
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +32,15 @@ def gpt2_tokenizer():
     tokenizer = GPT2TokenizerFast.from_pretrained(GPT2_TOKENIZER_DIR)
     assert len(tokenizer) == 50257
     return tokenizer
+
+
+@pytest.fixture(scope="session")
+def japanese_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """spiece.model (vocabulary 1,500, <pad> = 3) + tokenizer_config.json naming T5Tokenizer."""
+    return build_japanese_tokenizer(tmp_path_factory.mktemp("ja-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def japanese_model_dir(tmp_path_factory: pytest.TempPathFactory, japanese_tokenizer_dir: Path) -> Path:
+    """A 2-layer × 64-wide GPT-2 with the Japanese vocabulary, laid out like rinna/japanese-gpt2-small."""
+    return build_japanese_model(tmp_path_factory.mktemp("ja-gpt2"), japanese_tokenizer_dir)

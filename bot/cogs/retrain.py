@@ -28,7 +28,7 @@ from bot.cogs import admin_check, admin_group, answer, audit, defer
 from bot.config import Settings
 from bot.retrain import RetrainOptions
 from bot.text import split_message
-from model.registry import WATCH_INTERVAL_SECONDS, CurrentWatcher, RegistryError, current_source
+from model.training.registry import WATCH_INTERVAL_SECONDS, CurrentWatcher, RegistryError, current_source
 
 if TYPE_CHECKING:
     from bot.discord_app import ChatBot

@@ -1,0 +1,6 @@
+"""Training data and training: the export format, the open corpora, `chatbot train` / `eval`, the registry.
+
+Read in this order: `dataset` (the export format, hash split, atomic writer, packing into blocks), `corpus`
+(the open corpora as exports), `train` (the Trainer entry point), `evaluate` (held-out perplexity and reply
+metrics) and `registry` (model versions, current / previous, promote and rollback).
+"""

@@ -1,0 +1,82 @@
+"""Settings: defaults, validation messages that name the variable, and .env.example completeness."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from bot.config import ConfigError, Settings, env_variables, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_are_valid_and_token_is_unset() -> None:
+    settings = Settings.from_env({})
+    assert settings.discord_token is None
+    assert settings.model == "starter"
+    assert settings.db_path == Path("data") / "chatbot.db"
+    assert settings.sampling().max_new_tokens == 60
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("BOT_MAX_NEW_TOKENS", "abc", "BOT_MAX_NEW_TOKENS must be an integer 1–1024, got 'abc'"),
+        ("BOT_MAX_NEW_TOKENS", "0", "BOT_MAX_NEW_TOKENS must be an integer 1–1024, got '0'"),
+        ("BOT_ANSWER_DMS", "maybe", "BOT_ANSWER_DMS must be one of true/false"),
+        ("BOT_TEMPERATURE", "nan", "BOT_TEMPERATURE must be a number"),
+        ("BOT_TOP_P", "1.5", "BOT_TOP_P must be a number"),
+        ("BOT_DEVICE", "tpu", "BOT_DEVICE must be one of auto, cpu, cuda, cuda:N"),
+        ("BOT_DEVICE", "cuda:x", "BOT_DEVICE must be one of auto, cpu, cuda, cuda:N"),
+        ("BOT_DTYPE", "cuda:0", "BOT_DTYPE must be one of auto, float32, float16, bfloat16, got"),
+        ("BOT_BLOCKED_USERS", "12,abc", "BOT_BLOCKED_USERS must be a comma-separated list"),
+        ("BOT_NAME", "Bot: evil", "BOT_NAME must not contain ':'"),
+        ("BOT_PERSONA", "   ", "BOT_PERSONA must not be empty"),
+    ],
+)
+def test_bad_values_name_the_variable_and_value(variable: str, value: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({variable: value})
+    assert expected in str(info.value)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"BOT_QUEUE_SIZE": "-1", "BOT_SEED": "x"})
+    assert "BOT_QUEUE_SIZE" in str(info.value) and "BOT_SEED" in str(info.value)
+
+
+def test_a_cuda_index_is_a_device() -> None:
+    assert Settings.from_env({"BOT_DEVICE": "cuda:1"}).device == "cuda:1"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("yes", True), ("OFF", False), ("1", True), (" false ", False)]
+)
+def test_booleans_accept_only_clear_spellings(raw: str, expected: bool) -> None:
+    assert Settings.from_env({"BOT_ANSWER_DMS": raw}).answer_dms is expected
+
+
+def test_token_never_appears_in_repr_or_errors() -> None:
+    token = "MTA" + "x" * 60
+    settings = Settings.from_env({"DISCORD_TOKEN": token, "BOT_OWNER_IDS": "5, 6"})
+    assert settings.discord_token == token
+    assert token not in repr(settings)
+    assert settings.owner_ids == frozenset({5, 6})
+
+
+def test_env_file_is_read_and_real_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("BOT_NAME=Robo\nBOT_QUEUE_SIZE=7\n")
+    monkeypatch.setenv("BOT_QUEUE_SIZE", "9")
+    settings = load_settings(env_file)
+    assert (settings.bot_name, settings.queue_size) == ("Robo", 9)
+
+
+def test_env_example_documents_every_variable_with_its_default() -> None:
+    text = (ROOT / ".env.example").read_text()
+    documented = dict(re.findall(r"^([A-Z_]+)=(.*)$", text, flags=re.MULTILINE))
+    assert documented == env_variables()
+    assert Settings.from_env(documented) == Settings.from_env({})
