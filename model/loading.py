@@ -257,7 +257,7 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(origin, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"the tokenizer in {origin} cannot be loaded: {exc}", step="tokenizer") from exc
-    # transformers 5 can return an empty tokenizer instead of raising (see docs/PLATFORM.md).
+    # transformers 5 can return an empty tokenizer instead of raising (offline, for a hub id it cannot reach).
     if len(tokenizer) < 2:
         raise ModelLoadError(f"the tokenizer in {origin} is empty ({len(tokenizer)} tokens)", "tokenizer")
     _set_pad_token(tokenizer, origin)

@@ -19,7 +19,7 @@ per-row settings held in tensors, so rows with different settings share one grap
 numbers are drawn up front, a seeded job's from its own generator, so a seeded job samples the same
 tokens whatever else is in the batch. Tie-breaking inside top-k and rounding inside top-p can differ
 from Hugging Face's warpers; greedy decoding (temperature 0) gives exactly the tokens `generate` gives
-(tests/test_fastgen.py).
+(tests/model/fastgen/test_engine.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""A small synthetic export that a 2×64 model can learn in a few dozen CPU steps."""
+"""Small exports for tests: patterned conversations a 2×64 model learns in a few dozen CPU steps, and
+deterministic two-speaker conversations for the export format's own tests."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import random
 from pathlib import Path
 
 from model.prompt import Turn
+from model.training import dataset
 from model.training.dataset import Conversation, write_export
 
 QUESTIONS_AND_ANSWERS = [
@@ -29,3 +31,23 @@ def make_synthetic_export(out_dir: Path, count: int = 300, seed: int = 0) -> Pat
         conversations.append(Conversation(id=f"synthetic:{n}", source="test", turns=tuple(turns)))
     write_export(out_dir, conversations, source="test", filters={})
     return out_dir
+
+
+def make_conversations(count: int, start: int = 0, words: int = 8) -> list[Conversation]:
+    """Deterministic two-speaker conversations with ids conv-<n>."""
+    return [
+        Conversation(
+            id=f"conv-{n}",
+            source="test",
+            turns=(
+                Turn("alice", f"hello number {n} " + "word " * words),
+                Turn("Bot", f"hi {n}, nice to meet you", is_bot=True),
+                Turn("alice", "こんにちは、元気ですか？"),
+            ),
+        )
+        for n in range(start, start + count)
+    ]
+
+
+def export(out_dir: Path, conversations: list[Conversation]) -> dataset.Manifest:
+    return write_export(out_dir, conversations, source="test", filters={"min_turns": 2})

@@ -228,7 +228,7 @@ def scripted(**kwargs: Any) -> tuple[Callable[[LoadedModel], ScriptedEngine], li
 
 @torch.no_grad()
 def force_next_token(loaded: LoadedModel, token_id: int) -> LoadedModel:
-    """Make a loaded GPT-2 predict `token_id` at every position (tests/test_generation.py says how)."""
+    """Make a loaded GPT-2 predict `token_id` at every position (tests/model/test_hf_engine.py says how)."""
     force_model_next_token(loaded.model, token_id)
     return loaded
 

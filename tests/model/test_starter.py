@@ -66,7 +66,7 @@ def test_model_card_states_the_measured_perplexity(card: dict) -> None:
     assert perplexity <= 50
     assert f"**{perplexity:.2f}**" in text
     assert "chitchat-dataset" in text and "MIT" in text
-    assert re.search(r"python scripts/train_starter\.py", text)
+    assert re.search(re.escape("python scripts/train_starter.py"), text)
 
 
 def test_generates_a_non_empty_reply_on_the_cpu() -> None:

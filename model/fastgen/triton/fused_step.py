@@ -31,7 +31,7 @@ Numerics: layer norm, attention and sampling run in float32 whatever the model d
 differ from Hugging Face's by a few ulps: GELU takes the float32 sum (HF rounds before it), and outside
 _small_blocks (steps above SMALL_LINEAR_ROWS rows, prefills) the MLP's bias joins the residual before
 its product does (cuBLAS's in-place product cannot add one). So greedy tokens agree with `generate`
-except at exact near-ties (tests/test_fastgen.py checks equality on the test models).
+except at exact near-ties (tests/model/fastgen/test_engine.py checks equality on the test models).
 
 Imported only when Triton is installed.
 """

@@ -24,7 +24,7 @@ from transformers.generation.logits_process import (
 import model.fastgen.engine as fastgen
 import model.fastgen.graphs as fastgen_graphs
 import model.fastgen.inputs as fastgen_inputs
-from model.engine import EngineJob, EngineResult
+from model.engine import EngineResult
 from model.fastgen.engine import BatchedGPT2Engine
 from model.fastgen.sampling import (
     TOP_K_CAP,
@@ -33,11 +33,17 @@ from model.fastgen.sampling import (
     sample_top_k_top_p,
 )
 from model.sampling import SamplingParams
+from tests.helpers.fastgen import (
+    EOS_ID,
+    GREEDY,
+    drain,
+    job,
+    make_engine,
+    random_prompt,
+    sampled,
+)
 from tests.helpers.models import perturbed
 
-EOS_ID = 50256
-FAR_DEADLINE = float("inf")
-GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -62,25 +68,10 @@ def tiny_model(tiny_model_dir: Path) -> GPT2LMHeadModel:
     return perturbed(GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval())
 
 
-def random_prompt(length: int, seed: int) -> tuple[int, ...]:
-    generator = torch.Generator().manual_seed(seed)
-    return tuple(torch.randint(0, EOS_ID, (length,), generator=generator).tolist())
-
-
 def greedy(max_new_tokens: int = 16, penalty: float = 1.0, ngram: int = 0) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=penalty, no_repeat_ngram_size=ngram
     )
-
-
-def job(
-    job_id: int,
-    prompt: tuple[int, ...],
-    params: SamplingParams = GREEDY,
-    stop: frozenset[int] = frozenset(),
-    deadline: float = FAR_DEADLINE,
-) -> EngineJob:
-    return EngineJob(job_id, prompt, params, deadline, stop)
 
 
 @torch.inference_mode()
@@ -99,21 +90,6 @@ def hf_generate(
     ids = torch.tensor([prompt], device=model.device)
     output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
     return output[0, len(prompt) :].tolist()
-
-
-def drain(
-    engine: BatchedGPT2Engine, results: dict[int, EngineResult] | None = None
-) -> dict[int, EngineResult]:
-    results = {} if results is None else results
-    for _ in range(10_000):
-        if not engine.has_work():
-            return results
-        results.update((r.job_id, r) for r in engine.step())
-    raise AssertionError("the engine never drained")
-
-
-def make_engine(model: Any, **kwargs: Any) -> BatchedGPT2Engine:
-    return BatchedGPT2Engine(model, SimpleNamespace(eos_token_id=EOS_ID), **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,11 +198,6 @@ def test_deadline_stops_one_row_and_the_others_finish(tiny_model, monkeypatch, f
 
 # ----------------------------------------------------------------------------------------------------
 # sampling
-
-
-def sampled(seed: int | None, **overrides: Any) -> SamplingParams:
-    settings: dict[str, Any] = {"max_new_tokens": 12, "temperature": 1.0, "top_k": 50, "top_p": 0.95}
-    return SamplingParams(seed=seed, **(settings | overrides))
 
 
 def test_a_seeded_job_samples_the_same_tokens_whatever_shares_its_batch(tiny_model, fused) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from model.prompt import Turn, render_dialogue
+from model.prompt import render_dialogue
 from model.training import dataset
 from model.training.dataset import (
     DEFAULT_PERSONA,
@@ -25,31 +25,11 @@ from model.training.dataset import (
     read_conversations,
     split_of,
     verify_export,
-    write_export,
 )
+from tests.helpers.exports import export, make_conversations
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 FINAL_NAMES = ("train.jsonl", "val.jsonl", "manifest.json")
-
-
-def make_conversations(count: int, start: int = 0, words: int = 8) -> list[Conversation]:
-    """Deterministic two-speaker conversations with ids conv-<n>."""
-    return [
-        Conversation(
-            id=f"conv-{n}",
-            source="test",
-            turns=(
-                Turn("alice", f"hello number {n} " + "word " * words),
-                Turn("Bot", f"hi {n}, nice to meet you", is_bot=True),
-                Turn("alice", "こんにちは、元気ですか？"),
-            ),
-        )
-        for n in range(start, start + count)
-    ]
-
-
-def export(out_dir: Path, conversations: list[Conversation]) -> dataset.Manifest:
-    return write_export(out_dir, conversations, source="test", filters={"min_turns": 2})
 
 
 def test_split_is_the_documented_hash() -> None:
@@ -155,7 +135,7 @@ CHILD = textwrap.dedent(
     import sys
     from pathlib import Path
     sys.path.insert(0, sys.argv[3])
-    from tests.test_dataset import export, make_conversations
+    from tests.helpers.exports import export, make_conversations
     print("ready", flush=True)
     export(Path(sys.argv[1]), make_conversations(int(sys.argv[2]), words=60))
     """

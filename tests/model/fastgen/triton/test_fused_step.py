@@ -291,7 +291,7 @@ def test_top_k_refuses_a_vocabulary_smaller_than_k() -> None:
 
 
 def test_fused_step_samples_what_the_plain_step_samples(tiny_model_dir: Path) -> None:
-    from tests.test_fastgen import drain, job, make_engine, random_prompt, sampled
+    from tests.helpers.fastgen import drain, job, make_engine, random_prompt, sampled
 
     model = GPT2LMHeadModel.from_pretrained(tiny_model_dir).to(device_under_test()).eval()
     # top_k stays within the cap: full-vocabulary sampling is the plain step's own code in both, and on a
