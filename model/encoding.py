@@ -70,8 +70,8 @@ def joins_lines(rust: Any) -> bool:
     whitespace. Added tokens then never match across a line end, and ByteLevel's regex splits "…x\\ny…"
     (x, y not whitespace) into "…x", "\\n", "y…" exactly as it splits "…x\\n" and "y…" apart: only its
     whitespace alternatives take "\\n", `\\s+(?!\\S)` cannot before y so `\\s+` takes it alone, and no
-    alternative looks behind. BPE merges only inside those pieces. tests/model/test_prompt.py checks the regex's
-    whitespace against str.isspace over every code point, and joined ids against the wrapper's.
+    alternative looks behind. BPE merges only inside those pieces. tests/model/test_prompt.py checks the
+    regex's whitespace against str.isspace over every code point, and joined ids against the wrapper's.
     """
     from tokenizers import models, pre_tokenizers, processors
 

@@ -479,7 +479,7 @@ def test_a_split_special_tokens_mismatch_keeps_the_wrapper(gpt2_tokenizer: Any) 
 
 @pytest.fixture(scope="module")
 def japanese_tokenizer(request: pytest.FixtureRequest) -> Any:
-    """tests/model/test_japanese.py's sentencepiece tokenizer (T5Tokenizer): fast, folds "\\n", joins no lines."""
+    """The conftest's Japanese sentencepiece tokenizer (T5Tokenizer): fast, folds "\\n", joins no lines."""
     from model.loading import load_tokenizer
 
     return load_tokenizer(request.getfixturevalue("japanese_tokenizer_dir"))
