@@ -7,11 +7,12 @@ import hashlib
 import logging
 import sys
 import time
+from collections.abc import Awaitable
 from typing import TextIO
 
 from bot.config import Settings
 from bot.conversation import ConversationService, IncomingMessage
-from bot.storage import Storage
+from bot.storage import Storage, StorageError
 from model.api import GeneratorError, ReplyGenerator
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,10 @@ class ConsoleChat:
         if text in {"/quit", "/exit"}:
             return False
         if text == "/reset":
-            await self.service.storage.reset_channel(self.channel_id, time.time())
-            self._print("(conversation reset)")
+            if await self._stored(self.service.storage.reset_channel(self.channel_id, time.time())):
+                self._print("(conversation reset)")
+            else:
+                self._print("(the database is unavailable: the conversation was not reset)")
         elif text == "/help":
             self._print(HELP)
         elif text:
@@ -66,14 +69,25 @@ class ConsoleChat:
         message = IncomingMessage(
             self.ids.next(), self.channel_id, None, CONSOLE_USER_ID, self.user_name, False, text, time.time()
         )
-        await self.service.record(message)
+        await self._stored(self.service.record(message))
         try:
             draft = await self.service.compose_reply(message)
         except GeneratorError as exc:
             self._print(f"bot: (no reply: {exc})")
             return
         self._print(f"bot: {draft.text}")
-        await self.service.record_reply(message, draft, [(self.ids.next(), draft.text)], time.time())
+        sent = [(self.ids.next(), draft.text)]
+        await self._stored(self.service.record_reply(message, draft, sent, time.time()))
+
+    async def _stored(self, write: Awaitable[object]) -> bool:
+        """Run a write; a busy, full or unwritable database is one log line and the chat goes on (like the
+        Discord bot: it answers from what storage has)."""
+        try:
+            await write
+        except StorageError as exc:
+            log.warning("not stored: %s", exc)
+            return False
+        return True
 
     def _print(self, text: str) -> None:
         print(text, file=self.out, flush=True)

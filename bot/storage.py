@@ -222,11 +222,22 @@ def migrate(path: Path, busy_timeout_seconds: float = 5.0) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DatabaseUnavailable(f"cannot create the data folder {path.parent}: {exc.strerror}") from exc
+    _check_writable(path)
     try:
         return _migrate(path, busy_timeout_seconds)
     except sqlite3.Error as exc:
         _raise_failure(exc, path)
         raise
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse at start what would fail every write later: SQLite opens a read-only file without a word."""
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        kind, text = _FAILURES[sqlite3.SQLITE_READONLY]
+        raise kind(text.format(path=path, error="no write permission"))
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # the -wal and -shm files are created beside it
+        kind, text = _FAILURES[sqlite3.SQLITE_CANTOPEN]
+        raise kind(text.format(path=path, error=f"no write permission on {path.parent}"))
 
 
 def _migrate(path: Path, busy_timeout_seconds: float) -> int:
