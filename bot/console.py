@@ -27,6 +27,17 @@ def channel_id_for(name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"console:{name}".encode()).digest()[:6], "big") + 1000
 
 
+async def try_store(write: Awaitable[object]) -> bool:
+    """Run a write; a busy, full or unwritable database is one log line and the chat goes on, like the
+    Discord bot's (it answers from what storage has). False when nothing was stored."""
+    try:
+        await write
+    except StorageError as exc:
+        log.warning("not stored: %s", exc)
+        return False
+    return True
+
+
 class MessageIds:
     """Increasing, unique message ids derived from the clock (like Discord snowflakes, never repeating)."""
 
@@ -55,7 +66,7 @@ class ConsoleChat:
         if text in {"/quit", "/exit"}:
             return False
         if text == "/reset":
-            if await self._stored(self.service.storage.reset_channel(self.channel_id, time.time())):
+            if await try_store(self.service.storage.reset_channel(self.channel_id, time.time())):
                 self._print("(conversation reset)")
             else:
                 self._print("(the database is unavailable: the conversation was not reset)")
@@ -69,7 +80,7 @@ class ConsoleChat:
         message = IncomingMessage(
             self.ids.next(), self.channel_id, None, CONSOLE_USER_ID, self.user_name, False, text, time.time()
         )
-        await self._stored(self.service.record(message))
+        await try_store(self.service.record(message))
         try:
             draft = await self.service.compose_reply(message)
         except GeneratorError as exc:
@@ -77,17 +88,7 @@ class ConsoleChat:
             return
         self._print(f"bot: {draft.text}")
         sent = [(self.ids.next(), draft.text)]
-        await self._stored(self.service.record_reply(message, draft, sent, time.time()))
-
-    async def _stored(self, write: Awaitable[object]) -> bool:
-        """Run a write; a busy, full or unwritable database is one log line and the chat goes on (like the
-        Discord bot: it answers from what storage has)."""
-        try:
-            await write
-        except StorageError as exc:
-            log.warning("not stored: %s", exc)
-            return False
-        return True
+        await try_store(self.service.record_reply(message, draft, sent, time.time()))
 
     def _print(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -121,7 +122,7 @@ async def run_console(
     """Open the database and chat on the terminal with an already started generator; returns an exit code."""
     async with await Storage.open(settings.db_path, settings.db_busy_timeout_seconds) as storage:
         service = ConversationService(storage, generator, settings, bot_user_id=CONSOLE_BOT_ID)
-        await storage.upsert_user(CONSOLE_BOT_ID, settings.bot_name)
+        await try_store(storage.upsert_user(CONSOLE_BOT_ID, settings.bot_name))
         chat = ConsoleChat(service, channel, user_name="User", out=stdout)
         await chat_loop(chat, stdin)
     return 0
