@@ -3,8 +3,8 @@
 One write connection and one read-only connection per Storage. Every write is one `BEGIN IMMEDIATE`
 transaction under an asyncio.Lock, because coroutines sharing one connection would otherwise run inside each
 other's transactions; reads go through the second connection and never queue behind writes (WAL).
-Time is passed in by the caller (the clock for tombstone expiry too); nothing here reads the host clock on its
-own. The schema lives in bot/migrations.py.
+Time is passed in by the caller; the one clock here, for tombstone expiry, is injected (Storage.open's
+`clock`). The schema lives in bot/migrations.py; the errors and their one-line messages in bot/db_errors.py.
 
 A deletion or edit that arrives before its message is stored leaves a tombstone, which the insert consults and
 consumes in its own transaction: no order of events stores deleted text. After a delete or edit a checkpoint
@@ -31,6 +31,16 @@ from typing import Any
 
 import aiosqlite
 
+from bot.db_errors import (
+    FAILURES,
+    DatabaseFull,
+    DatabaseTooNew,
+    DatabaseUnavailable,
+    StorageError,
+    raise_failure,
+    storage_failure,
+)
+from bot.db_errors import DatabaseBusy as DatabaseBusy  # re-exported: every storage error is importable here
 from bot.migrations import SCHEMA_VERSION, SchemaTooNew, read_version, upgrade
 
 log = logging.getLogger(__name__)
@@ -44,7 +54,6 @@ TOMBSTONE_TTL_SECONDS = 15 * 60.0
 # them in the -wal file, where the erased text would stay until overwritten. TRUNCATE empties the file; it
 # waits only for readers, and the read connection holds no transaction between queries.
 SCRUB_CHECKPOINT_DELAY_SECONDS = 2.0
-_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 _GUILD_COLUMNS = frozenset({"logging_enabled", "training_export_enabled", "persona", "sampling_json"})
 _MESSAGE_COLUMNS = """m.message_id, m.channel_id, c.guild_id, m.author_id, u.display_name AS author_name,
     m.is_bot, m.content, m.created_at, m.reply_to_id, m.edited_at, m.deleted"""
@@ -57,72 +66,6 @@ _REPLIES_TO_USER = f"""SELECT reply_message_id FROM bot_replies WHERE answers_me
     UNION SELECT message_id FROM messages WHERE is_bot = 1 AND reply_to_id IN ({_USER_MESSAGES})"""
 _GUILD_MESSAGES = """SELECT message_id FROM messages
     WHERE channel_id IN (SELECT channel_id FROM channels WHERE guild_id = :guild)"""
-
-
-class StorageError(Exception):
-    """Base of the storage errors a user may be told about."""
-
-
-class DatabaseTooNew(StorageError):
-    """The database schema is newer than this code; it is refused, never downgraded."""
-
-
-class DatabaseBusy(StorageError):
-    """The write lock was not obtained within busy_timeout (another process holds it)."""
-
-
-class DatabaseUnavailable(StorageError):
-    """The database file cannot be opened, written or read as a database (permissions, I/O, not SQLite)."""
-
-
-class DatabaseFull(StorageError):
-    """The disk (or SQLite's page limit) is full; nothing of the failed write was stored."""
-
-
-# SQLite primary result code → (error class, what is wrong and what to do). The message never holds SQL
-# parameters (message text): only the path and SQLite's own short error string.
-_FAILURES: Mapping[int, tuple[type[StorageError], str]] = {
-    sqlite3.SQLITE_READONLY: (
-        DatabaseUnavailable,
-        "the database {path} is read-only ({error}): make the file and its folder writable by the bot's user",
-    ),
-    sqlite3.SQLITE_CANTOPEN: (
-        DatabaseUnavailable,
-        "cannot open the database {path} ({error}): check that its folder exists and is writable",
-    ),
-    sqlite3.SQLITE_IOERR: (
-        DatabaseUnavailable,
-        "disk I/O error on the database {path} ({error}): check the disk and the file's permissions",
-    ),
-    sqlite3.SQLITE_NOTADB: (
-        DatabaseUnavailable,
-        "{path} is not a SQLite database ({error}): move it away or restore a backup (chatbot db backup)",
-    ),
-    sqlite3.SQLITE_CORRUPT: (
-        DatabaseUnavailable,
-        "the database {path} is corrupt ({error}): restore a backup (chatbot db backup)",
-    ),
-    sqlite3.SQLITE_FULL: (
-        DatabaseFull,
-        "the disk holding the database {path} is full ({error}): free space; nothing is stored until then",
-    ),
-}
-
-
-def storage_failure(exc: sqlite3.Error, path: Path) -> Exception:
-    """The StorageError an operator can act on for a SQLite error (busy included); others unchanged."""
-    if isinstance(exc, sqlite3.OperationalError):
-        busy = _busy_error(exc, path)
-        if busy is not exc:
-            return busy
-    code = getattr(exc, "sqlite_errorcode", None)
-    known = _FAILURES.get(code & 0xFF) if isinstance(code, int) else None
-    if known is None and "file is not a database" in str(exc):  # raised without a code by some paths
-        known = _FAILURES[sqlite3.SQLITE_NOTADB]
-    if known is None:
-        return exc
-    kind, text = known
-    return kind(text.format(path=path, error=str(exc)))
 
 
 @dataclass(frozen=True)
@@ -226,17 +169,17 @@ def migrate(path: Path, busy_timeout_seconds: float = 5.0) -> int:
     try:
         return _migrate(path, busy_timeout_seconds)
     except sqlite3.Error as exc:
-        _raise_failure(exc, path)
+        raise_failure(exc, path)
         raise
 
 
 def _check_writable(path: Path) -> None:
     """Refuse at start what would fail every write later: SQLite opens a read-only file without a word."""
     if path.exists() and not os.access(path, os.R_OK | os.W_OK):
-        kind, text = _FAILURES[sqlite3.SQLITE_READONLY]
+        kind, text = FAILURES[sqlite3.SQLITE_READONLY]
         raise kind(text.format(path=path, error="no write permission"))
     if not os.access(path.parent, os.W_OK | os.X_OK):  # the -wal and -shm files are created beside it
-        kind, text = _FAILURES[sqlite3.SQLITE_CANTOPEN]
+        kind, text = FAILURES[sqlite3.SQLITE_CANTOPEN]
         raise kind(text.format(path=path, error=f"no write permission on {path.parent}"))
 
 
@@ -259,23 +202,8 @@ def _upgrade(conn: sqlite3.Connection, path: Path) -> int:
     except SchemaTooNew as exc:  # another process upgraded it between our two reads
         raise DatabaseTooNew(str(exc)) from exc
     except sqlite3.Error as exc:
-        _raise_failure(exc, path)
+        raise_failure(exc, path)
         raise
-
-
-def _raise_failure(exc: sqlite3.Error, path: Path) -> None:
-    """Raise the operator-facing StorageError for `exc`, if it has one (the caller re-raises otherwise)."""
-    failure = storage_failure(exc, path)
-    if failure is not exc:
-        raise failure from exc
-
-
-def _busy_error(exc: sqlite3.OperationalError, path: Path) -> Exception:
-    """DatabaseBusy for a lock timeout (logged); any other OperationalError unchanged."""
-    if getattr(exc, "sqlite_errorcode", None) not in _BUSY_CODES and "locked" not in str(exc):
-        return exc
-    log.warning("database write lock not obtained in time (%s): %s", path, exc)
-    return DatabaseBusy(f"another process holds the database write lock ({path}); try again later")
 
 
 async def _connect(path: Path, busy_timeout_seconds: float, read_only: bool) -> aiosqlite.Connection:
@@ -360,14 +288,14 @@ class Storage:
         try:
             writer = await _connect(path, busy_timeout_seconds, read_only=False)
         except sqlite3.Error as exc:
-            _raise_failure(exc, path)
+            raise_failure(exc, path)
             raise
         try:
             reader = await _connect(path, busy_timeout_seconds, read_only=True)
         except BaseException as exc:
             await writer.close()
             if isinstance(exc, sqlite3.Error):
-                _raise_failure(exc, path)
+                raise_failure(exc, path)
             raise
         log.info("database %s open at schema version %d", path, version)
         return cls(path, writer, reader, clock)
@@ -410,7 +338,7 @@ class Storage:
             except sqlite3.Error as exc:
                 await self._rollback()
                 self._count_failure(exc)
-                _raise_failure(exc, self._path)
+                raise_failure(exc, self._path)
                 raise
 
     async def _rollback(self) -> None:
