@@ -399,7 +399,7 @@ class Storage:
             log.warning("scrub checkpoint of %s failed: %s", self._path, exc)
 
     async def wait_scrubbed(self) -> None:
-        """Wait for a scheduled scrub checkpoint (tests and shutdown)."""
+        """Wait for a scheduled scrub checkpoint, if any (close() cancels it and checkpoints by itself)."""
         if self._scrub is not None:
             await asyncio.shield(self._scrub)
 
