@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     from bot.runtime import setup_logging
 
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_message_text)
     return run_command(args.func, settings, args)
 
 

@@ -162,6 +162,7 @@ class Settings:
     blocked_channels: frozenset[int] = _setting("BOT_BLOCKED_CHANNELS", "", _id_set)
     owner_ids: frozenset[int] = _setting("BOT_OWNER_IDS", "", _id_set)
     log_level: str = _setting("BOT_LOG_LEVEL", "INFO", _choice("INFO", "DEBUG", "WARNING", "ERROR"))
+    log_message_text: bool = _setting("BOT_LOG_MESSAGE_TEXT", "false", _parse_bool)
     shutdown_grace_seconds: float = _setting("BOT_SHUTDOWN_GRACE_SECONDS", "10", _float_in(0, 600))
     db_busy_timeout_seconds: float = _setting("BOT_DB_BUSY_TIMEOUT_SECONDS", "5", _float_in(0.1, 600))
     export_gap_minutes: float = _setting("BOT_EXPORT_GAP_MINUTES", "30", _float_in(1, 525_600))
@@ -205,9 +206,31 @@ class Settings:
             except ValueError as exc:
                 shown = "<hidden>" if not f.repr else repr(raw)
                 problems.append(f"{env} {exc}, got {shown}")
+        data_dir_problem = _data_dir_problem(values.get("data_dir", cls.data_dir))
+        if data_dir_problem:
+            problems.append(f"BOT_DATA_DIR {data_dir_problem}")
         if problems:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
         return cls(**values)
+
+
+def _data_dir_problem(path: Path) -> str | None:
+    """Why the data folder cannot be used (a file, or a folder that cannot be created), else None.
+
+    Checked without creating anything: the nearest existing ancestor must be a writable folder.
+    """
+    if path.exists():
+        if not path.is_dir():
+            return f"must be a folder, but {str(path)!r} is a file"
+        return None if os.access(path, os.W_OK | os.X_OK) else f"folder {str(path)!r} is not writable"
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"cannot be created: {str(ancestor)!r} is a file, not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot be created: {str(ancestor)!r} is not writable"
+    return None
 
 
 def env_variables() -> dict[str, str]:

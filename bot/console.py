@@ -7,11 +7,12 @@ import hashlib
 import logging
 import sys
 import time
+from collections.abc import Awaitable
 from typing import TextIO
 
 from bot.config import Settings
 from bot.conversation import ConversationService, IncomingMessage
-from bot.storage import Storage
+from bot.storage import Storage, StorageError
 from model.api import GeneratorError, ReplyGenerator
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,17 @@ HELP = "Type a message and press Enter. Commands: /reset (start the conversation
 def channel_id_for(name: str) -> int:
     """A stable channel id for a console conversation name (48 bits, so it never collides with 0/1/2)."""
     return int.from_bytes(hashlib.sha256(f"console:{name}".encode()).digest()[:6], "big") + 1000
+
+
+async def try_store(write: Awaitable[object]) -> bool:
+    """Run a write; a busy, full or unwritable database is one log line and the chat goes on, like the
+    Discord bot's (it answers from what storage has). False when nothing was stored."""
+    try:
+        await write
+    except StorageError as exc:
+        log.warning("not stored: %s", exc)
+        return False
+    return True
 
 
 class MessageIds:
@@ -54,8 +66,10 @@ class ConsoleChat:
         if text in {"/quit", "/exit"}:
             return False
         if text == "/reset":
-            await self.service.storage.reset_channel(self.channel_id, time.time())
-            self._print("(conversation reset)")
+            if await try_store(self.service.storage.reset_channel(self.channel_id, time.time())):
+                self._print("(conversation reset)")
+            else:
+                self._print("(the database is unavailable: the conversation was not reset)")
         elif text == "/help":
             self._print(HELP)
         elif text:
@@ -66,14 +80,15 @@ class ConsoleChat:
         message = IncomingMessage(
             self.ids.next(), self.channel_id, None, CONSOLE_USER_ID, self.user_name, False, text, time.time()
         )
-        await self.service.record(message)
+        await try_store(self.service.record(message))
         try:
             draft = await self.service.compose_reply(message)
         except GeneratorError as exc:
             self._print(f"bot: (no reply: {exc})")
             return
         self._print(f"bot: {draft.text}")
-        await self.service.record_reply(message, draft, [(self.ids.next(), draft.text)], time.time())
+        sent = [(self.ids.next(), draft.text)]
+        await try_store(self.service.record_reply(message, draft, sent, time.time()))
 
     def _print(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -107,7 +122,7 @@ async def run_console(
     """Open the database and chat on the terminal with an already started generator; returns an exit code."""
     async with await Storage.open(settings.db_path, settings.db_busy_timeout_seconds) as storage:
         service = ConversationService(storage, generator, settings, bot_user_id=CONSOLE_BOT_ID)
-        await storage.upsert_user(CONSOLE_BOT_ID, settings.bot_name)
+        await try_store(storage.upsert_user(CONSOLE_BOT_ID, settings.bot_name))
         chat = ConsoleChat(service, channel, user_name="User", out=stdout)
         await chat_loop(chat, stdin)
     return 0

@@ -164,7 +164,7 @@ class ConversationService:
         stored = await self.storage.recent_history(
             message.channel_id, self.settings.history_messages, since=channel.reset_at
         )
-        messages = with_newest(stored, message.stored())
+        messages = with_newest(stored, await self._as_stored(message))
         names = await self.storage.display_names(mentioned_user_ids(messages))
         names = {user_id: f"@{name}" for user_id, name in {**names, **dict(message.mentioned)}.items()}
         history = history_to_turns(messages, self.bot_user_id, names)
@@ -180,27 +180,32 @@ class ConversationService:
             request_id=str(message.message_id),
         )
 
+    async def _as_stored(self, message: IncomingMessage) -> StoredMessage:
+        """The message as storage has it now: an edit or a deletion may have arrived meanwhile (a deleted
+        message keeps no text, so it leaves the prompt); as received when its guild stores nothing."""
+        return await self.storage.get_message(message.message_id) or message.stored()
+
     async def record_reply(
         self, message: IncomingMessage, draft: DraftReply, sent: Sequence[tuple[int, str]], sent_at: float
     ) -> None:
-        """Store the sent chunks (message id, text) and the reply's accounting."""
+        """Store the sent chunks (message id, text) and the reply's accounting in one transaction."""
         if not sent or not await self.logging_enabled(message.guild_id):
             return
-        for message_id, text in sent:
-            await self.storage.add_message(
-                StoredMessage(
-                    message_id,
-                    message.channel_id,
-                    message.guild_id,
-                    self.bot_user_id,
-                    self.settings.bot_name,
-                    True,
-                    text,
-                    sent_at,
-                    reply_to_id=message.message_id,
-                )
+        chunks = [
+            StoredMessage(
+                message_id,
+                message.channel_id,
+                message.guild_id,
+                self.bot_user_id,
+                self.settings.bot_name,
+                True,
+                text,
+                sent_at,
+                reply_to_id=message.message_id,
             )
-        await self.storage.add_bot_reply(self._reply_record(message, draft, sent[0][0], sent_at))
+            for message_id, text in sent
+        ]
+        await self.storage.add_reply(chunks, self._reply_record(message, draft, sent[0][0], sent_at))
 
     def _reply_record(
         self, message: IncomingMessage, draft: DraftReply, first_id: int, sent_at: float

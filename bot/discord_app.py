@@ -8,6 +8,10 @@ Exit codes of `chatbot run` (for supervisors, e.g. systemd `RestartPreventExitSt
   78  DISCORD_TOKEN is missing or Discord rejected it. Restarting cannot help, and every failed login counts
       toward Discord's 1000 logins a day, after which the token is reset.
   79  a privileged intent (Message Content) is not enabled for the application in the Developer Portal.
+  2   (bot.cli) invalid settings, e.g. BOT_DATA_DIR is a file or a folder that cannot be created.
+  4   (bot.cli) the database cannot be used at start: read-only, not a SQLite file, corrupt, full, or
+      locked past busy_timeout while upgrading the schema; one line says what to fix. Once serving, a
+      failed write is logged and counted, and the bot keeps answering (bot.cogs.chat).
 """
 
 from __future__ import annotations

@@ -93,7 +93,21 @@ GUILD_CONFIG_AND_INDEXES: Migration = (
     "CREATE INDEX audit_log_by_actor ON audit_log (actor_id)",
 )
 
-MIGRATIONS: tuple[Migration, ...] = (INITIAL_SCHEMA, GUILD_CONFIG_AND_INDEXES)
+# Step 3: tombstones for deletions and edits that arrive before their message is stored (the delete event can
+# be handled while the create is still being handled). The insert consults and consumes them in the same
+# transaction; `content` is the edited text (NULL for a deletion); rows past `expires_at` are pruned.
+MESSAGE_TOMBSTONES: Migration = (
+    """CREATE TABLE message_tombstones (
+        message_id INTEGER PRIMARY KEY,
+        deleted INTEGER NOT NULL DEFAULT 0 CHECK (deleted IN (0, 1)),
+        content TEXT,
+        edited_at REAL,
+        expires_at REAL NOT NULL
+    )""",
+    "CREATE INDEX message_tombstones_by_expiry ON message_tombstones (expires_at)",
+)
+
+MIGRATIONS: tuple[Migration, ...] = (INITIAL_SCHEMA, GUILD_CONFIG_AND_INDEXES, MESSAGE_TOMBSTONES)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         emit({"event": "error", "stage": "start", "message": str(exc)})
         return 2
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_message_text)
     options = RetrainOptions(**{k: v for k, v in vars(args).items() if k != "env_file"})
     try:
         result = run_pipeline(settings, options, emit)

@@ -13,14 +13,21 @@ if TYPE_CHECKING:  # importing the worker loads torch: only create_worker needs 
 log = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-# discord.gateway/http at DEBUG log raw events (message text) and request bodies: never below INFO.
-QUIET_LOGGERS = ("discord", "transformers", "httpx", "urllib3", "filelock", "huggingface_hub")
+# discord.gateway/http at DEBUG log raw events (message text) and request bodies, aiosqlite at DEBUG every
+# SQL statement with its parameters (message text): never below INFO unless BOT_LOG_MESSAGE_TEXT=true.
+MESSAGE_TEXT_LOGGERS = ("discord", "aiosqlite")
+QUIET_LOGGERS = (*MESSAGE_TEXT_LOGGERS, "transformers", "httpx", "urllib3", "filelock", "huggingface_hub")
 
 
-def setup_logging(level: str) -> None:
-    """Configure logging once for the process; discord.* and the HF libraries stay at INFO or above."""
+def setup_logging(level: str, log_message_text: bool = False) -> None:
+    """Configure logging once for the process; the quiet loggers stay at INFO or above.
+
+    With `log_message_text` the loggers whose debug output holds message text follow `level`.
+    """
     logging.basicConfig(level=level, format=LOG_FORMAT)
     for name in QUIET_LOGGERS:
+        if log_message_text and name in MESSAGE_TEXT_LOGGERS:
+            continue
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
 
 

@@ -3,7 +3,12 @@
 One write connection and one read-only connection per Storage. Every write is one `BEGIN IMMEDIATE`
 transaction under an asyncio.Lock, because coroutines sharing one connection would otherwise run inside each
 other's transactions; reads go through the second connection and never queue behind writes (WAL).
-Time is always passed in by the caller; nothing here reads a clock. The schema lives in bot/migrations.py.
+Time is passed in by the caller; the one clock here, for tombstone expiry, is injected (Storage.open's
+`clock`). The schema lives in bot/migrations.py; the errors and their one-line messages in bot/db_errors.py.
+
+A deletion or edit that arrives before its message is stored leaves a tombstone, which the insert consults and
+consumes in its own transaction: no order of events stores deleted text. After a delete or edit a checkpoint
+runs within SCRUB_CHECKPOINT_DELAY_SECONDS, so the erased text leaves the -wal file too.
 This file is longer than the house ~400 lines on purpose: the issue asks for all SQL in one module, and the
 ~35 domain methods are one-statement wrappers that read best side by side.
 """
@@ -11,12 +16,14 @@ This file is longer than the house ~400 lines on purpose: the issue asks for all
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Generator, Iterable, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +31,29 @@ from typing import Any
 
 import aiosqlite
 
+from bot.db_errors import (
+    FAILURES,
+    DatabaseFull,
+    DatabaseTooNew,
+    DatabaseUnavailable,
+    StorageError,
+    raise_failure,
+    storage_failure,
+)
+from bot.db_errors import DatabaseBusy as DatabaseBusy  # re-exported: every storage error is importable here
 from bot.migrations import SCHEMA_VERSION, SchemaTooNew, read_version, upgrade
 
 log = logging.getLogger(__name__)
 
 EXPORT_BATCH_ROWS = 500  # rows per read while exporting, so no read transaction stays open for long
-_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+# A tombstone outlives the handling of one create event by far (busy_timeout is at most 600 s); an edit's text
+# kept for a message that is never stored (e.g. logging off) is gone after this.
+TOMBSTONE_TTL_SECONDS = 15 * 60.0
+# A delete or edit starts this timer (later ones join it, so the bound holds under a stream of deletes); then
+# one TRUNCATE checkpoint. Not PASSIVE: a passive checkpoint copies the frames into the database but leaves
+# them in the -wal file, where the erased text would stay until overwritten. TRUNCATE empties the file; it
+# waits only for readers, and the read connection holds no transaction between queries.
+SCRUB_CHECKPOINT_DELAY_SECONDS = 2.0
 _GUILD_COLUMNS = frozenset({"logging_enabled", "training_export_enabled", "persona", "sampling_json"})
 _MESSAGE_COLUMNS = """m.message_id, m.channel_id, c.guild_id, m.author_id, u.display_name AS author_name,
     m.is_bot, m.content, m.created_at, m.reply_to_id, m.edited_at, m.deleted"""
@@ -42,18 +66,6 @@ _REPLIES_TO_USER = f"""SELECT reply_message_id FROM bot_replies WHERE answers_me
     UNION SELECT message_id FROM messages WHERE is_bot = 1 AND reply_to_id IN ({_USER_MESSAGES})"""
 _GUILD_MESSAGES = """SELECT message_id FROM messages
     WHERE channel_id IN (SELECT channel_id FROM channels WHERE guild_id = :guild)"""
-
-
-class StorageError(Exception):
-    """Base of the storage errors a user may be told about."""
-
-
-class DatabaseTooNew(StorageError):
-    """The database schema is newer than this code; it is refused, never downgraded."""
-
-
-class DatabaseBusy(StorageError):
-    """The write lock was not obtained within busy_timeout (another process holds it)."""
 
 
 @dataclass(frozen=True)
@@ -145,8 +157,33 @@ class AuditEntry:
 
 
 def migrate(path: Path, busy_timeout_seconds: float = 5.0) -> int:
-    """Create or upgrade the database at `path` (WAL mode); return its schema version."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Create or upgrade the database at `path` (WAL mode); return its schema version.
+
+    An unusable file (read-only, not a database, full disk...) raises a StorageError with one clear line.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatabaseUnavailable(f"cannot create the data folder {path.parent}: {exc.strerror}") from exc
+    _check_writable(path)
+    try:
+        return _migrate(path, busy_timeout_seconds)
+    except sqlite3.Error as exc:
+        raise_failure(exc, path)
+        raise
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse at start what would fail every write later: SQLite opens a read-only file without a word."""
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        kind, text = FAILURES[sqlite3.SQLITE_READONLY]
+        raise kind(text.format(path=path, error="no write permission"))
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # the -wal and -shm files are created beside it
+        kind, text = FAILURES[sqlite3.SQLITE_CANTOPEN]
+        raise kind(text.format(path=path, error=f"no write permission on {path.parent}"))
+
+
+def _migrate(path: Path, busy_timeout_seconds: float) -> int:
     conn = sqlite3.connect(path, timeout=busy_timeout_seconds, isolation_level=None)
     try:
         version = read_version(conn)
@@ -164,16 +201,9 @@ def _upgrade(conn: sqlite3.Connection, path: Path) -> int:
         return upgrade(conn)
     except SchemaTooNew as exc:  # another process upgraded it between our two reads
         raise DatabaseTooNew(str(exc)) from exc
-    except sqlite3.OperationalError as exc:
-        raise _busy_error(exc, path) from exc
-
-
-def _busy_error(exc: sqlite3.OperationalError, path: Path) -> Exception:
-    """DatabaseBusy for a lock timeout (logged); any other OperationalError unchanged."""
-    if getattr(exc, "sqlite_errorcode", None) not in _BUSY_CODES and "locked" not in str(exc):
-        return exc
-    log.warning("database write lock not obtained in time (%s): %s", path, exc)
-    return DatabaseBusy(f"another process holds the database write lock ({path}); try again later")
+    except sqlite3.Error as exc:
+        raise_failure(exc, path)
+        raise
 
 
 async def _connect(path: Path, busy_timeout_seconds: float, read_only: bool) -> aiosqlite.Connection:
@@ -209,8 +239,8 @@ def _message(row: sqlite3.Row) -> StoredMessage:
 class _OpeningStorage:
     """What Storage.open returns: `await` it for a Storage, or use it in `async with` to close on exit."""
 
-    def __init__(self, path: Path, busy_timeout_seconds: float) -> None:
-        self._args = (path, busy_timeout_seconds)
+    def __init__(self, path: Path, busy_timeout_seconds: float, clock: Callable[[], float]) -> None:
+        self._args = (path, busy_timeout_seconds, clock)
         self._storage: Storage | None = None
 
     def __await__(self) -> Generator[Any, None, Storage]:
@@ -228,32 +258,52 @@ class _OpeningStorage:
 class Storage:
     """The bot's database. Build with `await Storage.open(path)` or `async with Storage.open(path) as s`."""
 
-    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+    def __init__(
+        self,
+        path: Path,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._path = path
         self._writer = writer
         self._reader = reader
+        self._clock = clock  # only for tombstone expiry
         self._write_lock = asyncio.Lock()
         self._closed = False
+        self._scrub: asyncio.Task[None] | None = None
+        self.scrub_delay_seconds = SCRUB_CHECKPOINT_DELAY_SECONDS
+        self.failed_writes = 0  # writes lost to a full disk or an unwritable file (logged, counted, survived)
 
     @classmethod
-    def open(cls, path: Path, busy_timeout_seconds: float = 5.0) -> _OpeningStorage:
+    def open(
+        cls, path: Path, busy_timeout_seconds: float = 5.0, *, clock: Callable[[], float] = time.time
+    ) -> _OpeningStorage:
         """Create the parent folder, migrate, and open the write and read connections."""
-        return _OpeningStorage(Path(path), busy_timeout_seconds)
+        return _OpeningStorage(Path(path), busy_timeout_seconds, clock)
 
     @classmethod
-    async def _open(cls, path: Path, busy_timeout_seconds: float) -> Storage:
+    async def _open(cls, path: Path, busy_timeout_seconds: float, clock: Callable[[], float]) -> Storage:
         version = await asyncio.to_thread(migrate, path, busy_timeout_seconds)
-        writer = await _connect(path, busy_timeout_seconds, read_only=False)
+        try:
+            writer = await _connect(path, busy_timeout_seconds, read_only=False)
+        except sqlite3.Error as exc:
+            raise_failure(exc, path)
+            raise
         try:
             reader = await _connect(path, busy_timeout_seconds, read_only=True)
-        except BaseException:
+        except BaseException as exc:
             await writer.close()
+            if isinstance(exc, sqlite3.Error):
+                raise_failure(exc, path)
             raise
         log.info("database %s open at schema version %d", path, version)
-        return cls(path, writer, reader)
+        return cls(path, writer, reader, clock)
 
     async def close(self) -> None:
         """Wait for the running write, then close both connections (the last close checkpoints the WAL)."""
+        if self._scrub is not None:  # the close below checkpoints anyway
+            self._scrub.cancel()
         async with self._write_lock:
             if self._closed:
                 return
@@ -271,20 +321,39 @@ class Storage:
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One serialized write transaction; rolled back on any exception, cancellation included."""
+        """One serialized write transaction; rolled back on any exception, cancellation included.
+
+        SQLite's operator-facing failures (busy, full, read-only, I/O) become one StorageError each.
+        """
         async with self._write_lock:
             self._check_open()
             try:
                 await self._writer.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise _busy_error(exc, self._path) from exc
-            try:
-                yield self._writer
-            except BaseException:
-                if self._writer.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
-                    await self._writer.execute("ROLLBACK")
+                try:
+                    yield self._writer
+                except BaseException:
+                    await self._rollback()
+                    raise
+                await self._writer.execute("COMMIT")
+            except sqlite3.Error as exc:
+                await self._rollback()
+                self._count_failure(exc)
+                raise_failure(exc, self._path)
                 raise
-            await self._writer.execute("COMMIT")
+
+    async def _rollback(self) -> None:
+        if self._writer.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
+            try:
+                await self._writer.execute("ROLLBACK")
+            except sqlite3.Error as exc:  # e.g. the file went away: the failure being raised says enough
+                log.warning("rollback failed on %s: %s", self._path, exc)
+
+    def _count_failure(self, exc: sqlite3.Error) -> None:
+        """A write lost to a full disk or an unwritable file is counted and logged (never its parameters)."""
+        failure = storage_failure(exc, self._path)
+        if isinstance(failure, DatabaseFull | DatabaseUnavailable):
+            self.failed_writes += 1
+            log.warning("a database write failed (%d so far): %s", self.failed_writes, failure)
 
     def _check_open(self) -> None:
         if self._closed:  # e.g. an event handled during shutdown
@@ -306,12 +375,33 @@ class Storage:
 
     async def _checkpoint(self) -> None:
         """Copy the WAL into the database and truncate it, so erased bytes leave the -wal file too."""
-        async with self._write_lock, self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cursor:
-            busy, _, _ = await cursor.fetchone() or (1, 0, 0)
+        async with self._write_lock:
+            if self._closed:
+                return
+            async with self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cursor:
+                busy, _, _ = await cursor.fetchone() or (1, 0, 0)
         if busy:
             log.warning(
                 "WAL checkpoint blocked by another connection; erased data stays in the WAL until later"
             )
+
+    def _schedule_scrub(self) -> None:
+        """Checkpoint within scrub_delay_seconds of the first delete or edit since the last checkpoint."""
+        if self._scrub is None or self._scrub.done():
+            self._scrub = asyncio.get_running_loop().create_task(self._scrub_later())
+
+    async def _scrub_later(self) -> None:
+        await asyncio.sleep(self.scrub_delay_seconds)
+        self._scrub = None  # a delete from now on needs a checkpoint of its own
+        try:
+            await self._checkpoint()
+        except sqlite3.Error as exc:  # e.g. disk I/O: the close checkpoints again
+            log.warning("scrub checkpoint of %s failed: %s", self._path, exc)
+
+    async def wait_scrubbed(self) -> None:
+        """Wait for a scheduled scrub checkpoint, if any (close() cancels it and checkpoints by itself)."""
+        if self._scrub is not None:
+            await asyncio.shield(self._scrub)
 
     # -- guilds, channels, users ----------------------------------------------------------------------
 
@@ -355,35 +445,68 @@ class Storage:
     # -- messages -------------------------------------------------------------------------------------
 
     async def add_message(self, message: StoredMessage) -> bool:
-        """Store a message with its user and channel rows; False when its id was already stored (replay)."""
-        m = message
+        """Store a message with its user and channel rows; False when its id was already stored (replay)
+        or it was deleted before it could be stored (then it is stored deleted, without its text)."""
         async with self._transaction() as db:
-            await _ensure_channel(db, m.channel_id, m.guild_id)
-            await _run(db, _UPSERT_USER, (m.author_id, m.author_name))
-            inserted = await _run(db, _INSERT_MESSAGE, (
-                m.message_id, m.channel_id, m.author_id, m.is_bot, "" if m.deleted else m.content,
-                m.created_at, m.edited_at, m.reply_to_id, m.deleted,
-            ))  # fmt: skip
-        return inserted == 1
+            await _ensure_channel(db, message.channel_id, message.guild_id)
+            await _run(db, _UPSERT_USER, (message.author_id, message.author_name))
+            stored = await _insert_message(db, message)
+        return stored is not None and not stored.deleted
+
+    async def add_reply(self, chunks: Sequence[StoredMessage], record: BotReplyRecord) -> None:
+        """Store every sent chunk of a bot reply and its record in ONE transaction: all of it or none."""
+        if not chunks:
+            return
+        first = chunks[0]
+        async with self._transaction() as db:
+            await _ensure_channel(db, first.channel_id, first.guild_id)
+            await _run(db, _UPSERT_USER, (first.author_id, first.author_name))
+            for chunk in chunks:
+                await _insert_message(db, chunk)
+            await _run(db, _INSERT_BOT_REPLY, _reply_params(record))
 
     async def mark_edited(self, message_id: int, content: str, edited_at: float) -> bool:
-        """Replace a stored, non-deleted message's content; False when there is no such message."""
-        changed = await self._write(
-            "UPDATE messages SET content = ?, edited_at = ? WHERE message_id = ? AND deleted = 0",
-            (content, edited_at, message_id),
-        )
+        """Replace a stored, non-deleted message's content; False when there is no such message.
+
+        An edit of a message not stored yet is kept as a tombstone that its insert applies.
+        """
+        async with self._transaction() as db:
+            changed = await _run(
+                db,
+                "UPDATE messages SET content = ?, edited_at = ? WHERE message_id = ? AND deleted = 0",
+                (content, edited_at, message_id),
+            )
+            if changed == 0:
+                await _run(db, _EDIT_TOMBSTONE, (message_id, content, edited_at, self._expiry(), message_id))
+            await self._prune_tombstones(db)
+        if changed:
+            self._schedule_scrub()
         return changed == 1
 
     async def mark_deleted(self, message_ids: Iterable[int]) -> int:
-        """Flag messages deleted and erase their content; return how many were newly deleted."""
-        rows = [(message_id,) for message_id in message_ids]
-        async with (
-            self._transaction() as db,
-            db.executemany(
-                "UPDATE messages SET deleted = 1, content = '' WHERE message_id = ? AND deleted = 0", rows
-            ) as cursor,
-        ):
-            return cursor.rowcount
+        """Flag messages deleted and erase their content; return how many were newly deleted.
+
+        A message not stored yet gets a tombstone, so its insert stores it deleted, without its text.
+        """
+        ids = list(message_ids)
+        expires = self._expiry()
+        async with self._transaction() as db:
+            async with db.executemany(
+                "UPDATE messages SET deleted = 1, content = '' WHERE message_id = ? AND deleted = 0",
+                [(message_id,) for message_id in ids],
+            ) as cursor:
+                changed = cursor.rowcount
+            await db.executemany(_DELETE_TOMBSTONE, [(i, expires, i) for i in ids])
+            await self._prune_tombstones(db)
+        if changed:
+            self._schedule_scrub()
+        return changed
+
+    def _expiry(self) -> float:
+        return self._clock() + TOMBSTONE_TTL_SECONDS
+
+    async def _prune_tombstones(self, db: aiosqlite.Connection) -> None:
+        await _run(db, "DELETE FROM message_tombstones WHERE expires_at < ?", (self._clock(),))
 
     async def recent_history(
         self, channel_id: int, limit: int, since: float | None = None
@@ -429,15 +552,7 @@ class Storage:
 
     async def add_bot_reply(self, record: BotReplyRecord) -> None:
         """Record how a bot reply was produced (idempotent on the reply's message id)."""
-        r = record
-        params_json = json.dumps(dict(r.params), sort_keys=True, allow_nan=False)
-        await self._write(
-            "INSERT INTO bot_replies (reply_message_id, answers_message_id, channel_id, model_name, "
-            "model_version, params_json, latency_seconds, prompt_tokens, completion_tokens, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (reply_message_id) DO NOTHING",
-            (r.reply_message_id, r.answers_message_id, r.channel_id, r.model_name, r.model_version,
-             params_json, r.latency_seconds, r.prompt_tokens, r.completion_tokens, r.created_at),
-        )  # fmt: skip
+        await self._write(_INSERT_BOT_REPLY, _reply_params(record))
 
     async def set_feedback(self, message_id: int, user_id: int, score: int, at: float) -> None:
         """Store one user's +1 / -1 on a message, replacing their earlier score."""
@@ -618,6 +733,32 @@ async def _run(db: aiosqlite.Connection, sql: str, params: Sequence[Any] | Mappi
         return cursor.rowcount
 
 
+async def _insert_message(db: aiosqlite.Connection, message: StoredMessage) -> StoredMessage | None:
+    """Insert one message, applying (and consuming) its tombstone; the row as stored, or None on replay."""
+    m = message
+    async with db.execute(
+        "SELECT deleted, content, edited_at FROM message_tombstones WHERE message_id = ?", (m.message_id,)
+    ) as cursor:
+        tombstone = await cursor.fetchone()
+    if tombstone is not None:
+        await _run(db, "DELETE FROM message_tombstones WHERE message_id = ?", (m.message_id,))
+        if tombstone["deleted"]:
+            m = dataclasses.replace(m, content="", deleted=True)
+        else:
+            m = dataclasses.replace(m, content=tombstone["content"], edited_at=tombstone["edited_at"])
+    inserted = await _run(db, _INSERT_MESSAGE, (
+        m.message_id, m.channel_id, m.author_id, m.is_bot, "" if m.deleted else m.content,
+        m.created_at, m.edited_at, m.reply_to_id, m.deleted,
+    ))  # fmt: skip
+    return m if inserted == 1 else None
+
+
+def _reply_params(r: BotReplyRecord) -> tuple[Any, ...]:
+    params_json = json.dumps(dict(r.params), sort_keys=True, allow_nan=False)
+    return (r.reply_message_id, r.answers_message_id, r.channel_id, r.model_name, r.model_version,
+            params_json, r.latency_seconds, r.prompt_tokens, r.completion_tokens, r.created_at)  # fmt: skip
+
+
 async def _ensure_channel(db: aiosqlite.Connection, channel_id: int, guild_id: int | None) -> None:
     """Create the guild and channel rows if missing; a channel first seen without a guild gains one later."""
     if guild_id is not None:
@@ -651,6 +792,23 @@ def _backup(source: Path, dest: Path) -> None:
 _INSERT_MESSAGE = (
     "INSERT INTO messages (message_id, channel_id, author_id, is_bot, content, created_at, edited_at, "
     "reply_to_id, deleted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING"
+)
+_INSERT_BOT_REPLY = (
+    "INSERT INTO bot_replies (reply_message_id, answers_message_id, channel_id, model_name, "
+    "model_version, params_json, latency_seconds, prompt_tokens, completion_tokens, created_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (reply_message_id) DO NOTHING"
+)
+# Tombstones only for messages not stored; a deletion wins over any edit, a later edit over an earlier one.
+_DELETE_TOMBSTONE = (
+    "INSERT INTO message_tombstones (message_id, deleted, expires_at) SELECT ?, 1, ? "
+    "WHERE NOT EXISTS (SELECT 1 FROM messages WHERE message_id = ?) ON CONFLICT (message_id) "
+    "DO UPDATE SET deleted = 1, content = NULL, edited_at = NULL, expires_at = excluded.expires_at"
+)
+_EDIT_TOMBSTONE = (
+    "INSERT INTO message_tombstones (message_id, content, edited_at, expires_at) SELECT ?, ?, ?, ? "
+    "WHERE NOT EXISTS (SELECT 1 FROM messages WHERE message_id = ?) ON CONFLICT (message_id) "
+    "DO UPDATE SET content = excluded.content, edited_at = excluded.edited_at, "
+    "expires_at = excluded.expires_at WHERE deleted = 0 AND edited_at <= excluded.edited_at"
 )
 _UPSERT_USER = (
     "INSERT INTO users (user_id, display_name) VALUES (?, ?) ON CONFLICT (user_id) "

@@ -215,8 +215,8 @@ class ChatCog(commands.Cog):
         self.last_spoke[incoming.channel_id] = sent_at
         try:
             await self.bot.conversation.record_reply(incoming, draft, sent, sent_at)
-        except StorageError:
-            log.exception("reply to message %d was sent but could not be stored", incoming.message_id)
+        except StorageError as exc:  # counted by Storage.failed_writes; one line, never the text
+            log.warning("reply to message %d was sent but not stored: %s", incoming.message_id, exc)
 
     # -- sending --------------------------------------------------------------------------------------
 
@@ -274,19 +274,29 @@ class ChatCog(commands.Cog):
         edited = payload.message
         if edited.edited_at is None:
             return
-        await self.bot.storage.mark_edited(
-            payload.message_id, prompt_text(edited), edited.edited_at.timestamp()
-        )
+        try:
+            await self.bot.storage.mark_edited(
+                payload.message_id, prompt_text(edited), edited.edited_at.timestamp()
+            )
+        except StorageError as exc:
+            log.warning("edit of message %d was not stored: %s", payload.message_id, exc)
 
     @commands.Cog.listener()
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
         """A deleted message is erased from storage (cached or not), so it never reaches a prompt again."""
-        await self.bot.storage.mark_deleted([payload.message_id])
+        try:
+            await self.bot.storage.mark_deleted([payload.message_id])
+        except StorageError as exc:
+            log.error("deletion of message %d was not stored: %s", payload.message_id, exc)
 
     @commands.Cog.listener()
     async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
         """A bulk deletion (moderation purge) erases every listed message."""
-        count = await self.bot.storage.mark_deleted(payload.message_ids)
+        try:
+            count = await self.bot.storage.mark_deleted(payload.message_ids)
+        except StorageError as exc:
+            log.error("bulk delete in channel %d was not stored: %s", payload.channel_id, exc)
+            return
         log.info("bulk delete in channel %d erased %d stored messages", payload.channel_id, count)
 
 

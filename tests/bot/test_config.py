@@ -80,3 +80,24 @@ def test_env_example_documents_every_variable_with_its_default() -> None:
     documented = dict(re.findall(r"^([A-Z_]+)=(.*)$", text, flags=re.MULTILINE))
     assert documented == env_variables()
     assert Settings.from_env(documented) == Settings.from_env({})
+
+
+def test_data_dir_pointing_at_a_file_is_refused_with_one_line(tmp_path: Path) -> None:
+    a_file = tmp_path / "data"
+    a_file.write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"BOT_DATA_DIR must be a folder, but '.*data' is a file"):
+        Settings.from_env({"BOT_DATA_DIR": str(a_file)})
+    assert a_file.read_text() == "not a folder"  # left alone
+
+
+def test_data_dir_that_cannot_be_created_is_refused_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(
+        ConfigError, match=r"BOT_DATA_DIR cannot be created: '.*file' is a file, not a folder"
+    ):
+        Settings.from_env({"BOT_DATA_DIR": str(tmp_path / "file" / "deeper" / "data")})
+    assert (
+        Settings.from_env({"BOT_DATA_DIR": str(tmp_path / "new" / "data")}).data_dir
+        == tmp_path / "new" / "data"
+    )
+    assert not (tmp_path / "new").exists()  # validation creates nothing

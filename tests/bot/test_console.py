@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from bot.config import Settings
-from bot.console import channel_id_for, run_console
+from bot.console import CONSOLE_BOT_ID, ConsoleChat, channel_id_for, run_console
+from bot.conversation import ConversationService
+from bot.storage import Storage
 from tests.helpers.fakes import FakeGenerator
 
 
@@ -98,3 +100,56 @@ def test_train_and_eval_hand_their_flags_through(capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         main(["--env-file", "/nonexistent", "models", "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+async def test_a_lock_held_elsewhere_leaves_the_console_answering(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """T22 for the console: like the Discord bot it keeps answering; what it cannot store is logged."""
+    settings = Settings.from_env(
+        {"BOT_DATA_DIR": str(tmp_path / "data"), "BOT_DB_BUSY_TIMEOUT_SECONDS": "0.3"}
+    )
+    await run_console(settings, FakeGenerator(), stdin=io.StringIO("before\n"), stdout=io.StringIO())
+    child = Path(__file__).resolve().parents[1] / "helpers" / "storage_child.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    holder = subprocess.Popen(
+        [sys.executable, str(child), "hold", str(settings.db_path), "30"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        out = io.StringIO()
+        fake = FakeGenerator(["one", "two"])
+        code = await run_console(settings, fake, stdin=io.StringIO("during\n/reset\nstill?\n"), stdout=out)
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert code == 0
+    assert out.getvalue().splitlines() == [
+        "bot: one",
+        "(the database is unavailable: the conversation was not reset)",
+        "bot: two",
+    ]
+    assert [t.text for t in fake.requests[-1].history] == ["before", "hello from the fake model", "still?"]
+    assert "another process holds the database write lock" in caplog.text
+    assert stored_rows(settings.db_path) == [(0, "before"), (1, "hello from the fake model")]
+
+
+async def test_a_full_disk_leaves_the_console_answering_and_storing_again(tmp_path: Path) -> None:
+    """T23 for the console: SQLite's SQLITE_FULL (max_page_count); storing resumes when space returns."""
+    settings = settings_for(tmp_path)
+    async with Storage.open(settings.db_path) as storage:
+        service = ConversationService(
+            storage, FakeGenerator(["a", "b"]), settings, bot_user_id=CONSOLE_BOT_ID
+        )
+        out = io.StringIO()
+        chat = ConsoleChat(service, "console", "User", out)
+        await storage._writer.execute("PRAGMA max_page_count = 1")  # no page can be added: full
+        assert await chat.handle_line("lost " * 2000)
+        assert storage.failed_writes >= 1
+        await storage._writer.execute("PRAGMA max_page_count = 1073741823")
+        assert await chat.handle_line("kept")
+    assert out.getvalue().splitlines() == ["bot: a", "bot: b"]
+    assert stored_rows(settings.db_path)[-2:] == [(0, "kept"), (1, "b")]

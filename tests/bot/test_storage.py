@@ -89,6 +89,13 @@ EXPECTED_COLUMNS = {
         ("detail", "TEXT", 1, None, 0),
         ("allowed", "INTEGER", 1, None, 0),
     ],
+    "message_tombstones": [
+        ("message_id", "INTEGER", 0, None, 1),
+        ("deleted", "INTEGER", 1, "0", 0),
+        ("content", "TEXT", 0, None, 0),
+        ("edited_at", "REAL", 0, None, 0),
+        ("expires_at", "REAL", 1, None, 0),
+    ],
 }
 EXPECTED_INDEXES = {
     "messages_by_channel_time": "messages",
@@ -97,6 +104,7 @@ EXPECTED_INDEXES = {
     "bot_replies_by_latency": "bot_replies",
     "feedback_by_user": "feedback",
     "audit_log_by_actor": "audit_log",
+    "message_tombstones_by_expiry": "message_tombstones",
 }
 
 
@@ -171,7 +179,7 @@ async def export_all(storage: Storage, **kwargs: object) -> list[bot.storage.Exp
 
 
 async def test_blank_database_migrates_to_the_pinned_schema(storage: Storage, db_path: Path) -> None:
-    assert await storage.schema_version() == SCHEMA_VERSION == 2
+    assert await storage.schema_version() == SCHEMA_VERSION == 3
     tables = raw_query(
         db_path, "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
     )
@@ -239,6 +247,9 @@ async def test_every_older_version_upgrades_with_data_kept(tmp_path: Path, old_v
         channel = await storage.channel_settings(CHANNEL)
         stats = await storage.stats()
         audit = await storage.audit_log()
+        assert await storage.mark_deleted([77]) == 0  # the tombstones work on an upgraded database
+        assert not await storage.add_message(msg(77, "deleted before it was stored"))
+        assert (await storage.get_message(77)) == msg(77, "", deleted=True)
     assert schema_sql(old) == schema_sql(fresh)  # upgraded exactly as a new database is created
     if old_version == 0:
         assert history == [] and stats.messages == 0

@@ -1,4 +1,4 @@
-"""Process-level storage tests: SIGKILL during writes and migrations, and another process holding the lock."""
+"""Process-level storage tests: SIGKILL during writes, replies and migrations; a lock held elsewhere."""
 
 from __future__ import annotations
 
@@ -188,11 +188,83 @@ async def test_write_lock_held_shorter_than_busy_timeout_waits_and_succeeds(
 ) -> None:
     path = tmp_path / "chatbot.db"
     async with Storage.open(path, busy_timeout_seconds=10.0) as storage:
-        holder = start_child("hold", str(path), "0.6")
+        holder = start_child("hold", str(path), "3")  # T22: another process holds the write lock 3 s
         child_procs.append(holder)
         started = time.monotonic()
         assert await storage.add_message(StoredMessage(1, 2, 3, 4, "ann", False, "waited", 1.0))
         waited_seconds = time.monotonic() - started
         assert holder.wait(timeout=10) == 0
-        assert 0.3 <= waited_seconds < 5.0, waited_seconds
+        assert 2.5 <= waited_seconds < 8.0, waited_seconds
         assert (await storage.get_message(1)) is not None
+
+
+REPLY_KILLS = 120
+REPLY_CHUNKS = 3  # tests/helpers/storage_child.py sends every reply as 3 chunks
+
+
+def spawn_converser(path: Path) -> subprocess.Popen[str]:
+    """Start a `converse` child; it imports, then waits for "go FIRST_ID" (so the next one starts early)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.Popen(
+        [sys.executable, str(CHILD), "converse", str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def go(proc: subprocess.Popen[str], first_id: int) -> None:
+    """Let a spawned child open the database and wait until it says "ready"."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(f"go {first_id}\n")
+    proc.stdin.flush()
+    line = proc.stdout.readline()
+    if line != "ready\n":
+        proc.kill()
+        raise AssertionError(f"child did not start: {line!r} {proc.communicate()[1]}")
+
+
+def check_after_converser_kill(path: Path, lines: list[str]) -> tuple[int, int]:
+    """Integrity ok; every acknowledged message and reply stored; every reply whole or absent."""
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        user_ids = {row[0] for row in conn.execute("SELECT message_id FROM messages WHERE is_bot = 0")}
+        chunks = dict(
+            conn.execute("SELECT reply_to_id, COUNT(*) FROM messages WHERE is_bot = 1 GROUP BY reply_to_id")
+        )
+        records = dict(conn.execute("SELECT answers_message_id, reply_message_id FROM bot_replies"))
+    finally:
+        conn.close()
+    for answered in set(chunks) | set(records):  # no half-written reply, acknowledged or not
+        found = (chunks.get(answered), records.get(answered))
+        assert found == (REPLY_CHUNKS, answered + 1), f"half-written reply to {answered}: {found}"
+    messages = [int(line.split()[1]) for line in lines if line.startswith("message ")]
+    replies = [int(line.split()[1]) for line in lines if line.startswith("reply ")]
+    assert set(messages) <= user_ids, f"acknowledged messages lost: {set(messages) - user_ids}"
+    assert all(base in records for base in replies), "an acknowledged reply was lost"
+    return len(messages), len(replies)
+
+
+def test_sigkill_while_recording_replies_never_leaves_half_a_reply(tmp_path: Path, child_procs: list) -> None:
+    path = tmp_path / "data" / "chatbot.db"
+    rng = random.Random(20261207)
+    next_id, acknowledged_replies = 1, 0
+    started = time.monotonic()
+    proc = spawn_converser(path)
+    child_procs.append(proc)
+    for _ in range(REPLY_KILLS):
+        go(proc, next_id)
+        following = spawn_converser(path)  # imports while this one runs
+        child_procs.append(following)
+        time.sleep(rng.uniform(0.0, 0.08))  # the random kill point, not synchronisation
+        lines = kill(proc)
+        acknowledged_replies += check_after_converser_kill(path, lines)[1]
+        ids = [int(line.split()[1]) for line in lines if line.split()[0] in ("message", "reply")]
+        next_id = max(ids, default=next_id) + 100  # past any unacknowledged id the kill cut short
+        proc = following
+    elapsed = time.monotonic() - started
+    assert acknowledged_replies > REPLY_KILLS, "the kills landed before any reply; the test proves nothing"
+    print(f"{REPLY_KILLS} kills in {elapsed:.1f}s, {acknowledged_replies} acknowledged replies")

@@ -2,6 +2,10 @@
 
     python tests/helpers/storage_child.py write DB FIRST_ID   add messages forever, printing each id once
                                                             it is committed
+    python tests/helpers/storage_child.py converse DB         read "go FIRST_ID" on stdin, then record
+                                                            messages and 3-chunk replies through the
+                                                            conversation core forever, printing
+                                                            "message ID" / "reply ID" once each is stored
     python tests/helpers/storage_child.py migrate DB          migrate DB to the latest schema
     python tests/helpers/storage_child.py hold DB SECONDS     hold the write lock for SECONDS, then commit
 
@@ -17,10 +21,15 @@ import sys
 import time
 from pathlib import Path
 
+from bot.config import Settings
+from bot.conversation import ConversationService, IncomingMessage
 from bot.storage import Storage, StoredMessage, migrate
+from tests.helpers.fakes import FakeGenerator
 
 DELETE_EVERY = 7  # every 7th message, bulk-delete the 5 previous ones in one transaction
 DELETE_BATCH = 5  # ids written by this run only
+REPLY_CHUNKS = 3  # every reply is sent as this many chunks (ids: the message's id + 1, + 2, + 3)
+CONVERSE_BOT_ID = 2
 
 
 def say(line: str) -> None:
@@ -56,6 +65,27 @@ async def write_forever(path: Path, first_id: int) -> None:
                 say("deleted " + " ".join(map(str, batch)))
 
 
+async def converse_forever(path: Path) -> None:
+    """Drive the conversation core the way the chat cog does: record, compose, "send", record the reply."""
+    first_id = int(sys.stdin.readline().split()[1])  # the parent starts the next child while this one runs
+    settings = Settings()
+    async with Storage.open(path) as storage:
+        service = ConversationService(
+            storage, FakeGenerator(default="a reply " * 30), settings, CONVERSE_BOT_ID
+        )
+        say("ready")
+        for base in range(first_id, first_id + 4_000_000, REPLY_CHUNKS + 1):
+            incoming = IncomingMessage(
+                base, 100 + base % 3, 10, 1000 + base % 11, f"user {base % 11}", False, f"hi {base}", base
+            )
+            await service.record(incoming)
+            say(f"message {base}")
+            draft = await service.compose_reply(incoming)
+            sent = [(base + 1 + i, f"part {i} of {draft.text}") for i in range(REPLY_CHUNKS)]
+            await service.record_reply(incoming, draft, sent, float(base))
+            say(f"reply {base}")
+
+
 def hold_write_lock(path: Path, seconds: float) -> None:
     """Take the write lock from this process, keep it for `seconds`, then commit."""
     conn = sqlite3.connect(path, isolation_level=None)
@@ -71,6 +101,8 @@ def main(argv: list[str]) -> int:
     mode, path = argv[0], Path(argv[1])
     if mode == "write":
         asyncio.run(write_forever(path, int(argv[2])))
+    elif mode == "converse":
+        asyncio.run(converse_forever(path))
     elif mode == "migrate":
         say("ready")
         say(f"migrated {migrate(path)}")
