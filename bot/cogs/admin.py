@@ -1,7 +1,8 @@
 """Admin commands: /reload, /stats, /channel, /config and /reset; plus the event-loop lag probe for /stats.
 
-Every admin command is guild-only, checked on the server side (bot.cogs.is_guild_admin), deferred at once
-(Discord's 3-second deadline), answered ephemerally and audited.
+Every admin command is guild-only and checked on the server side (bot.cogs.common.is_guild_admin); its
+work runs through bot.cogs.common.respond: deferred at once (Discord's 3-second deadline), answered
+ephemerally, audited.
 """
 
 from __future__ import annotations
@@ -18,15 +19,14 @@ import discord
 from discord import app_commands
 from discord.ext import commands, tasks
 
-from bot.cogs import (
+from bot.cogs.common import (
+    Answer,
     admin_check,
     admin_group,
     admin_only,
-    answer,
-    audit,
-    defer,
     is_bot_owner,
     is_guild_admin,
+    respond,
 )
 from bot.config import SAMPLING_LIMITS
 from bot.conversation import apply_overrides
@@ -35,7 +35,7 @@ from bot.storage import Stats
 from model.api import ModelInfo, ReloadFailed, ReloadInProgress
 
 if TYPE_CHECKING:
-    from bot.discord_app import ChatBot
+    from bot.chatbot import ChatBot
 
 log = logging.getLogger(__name__)
 
@@ -181,33 +181,34 @@ class AdminCog(commands.Cog):
     @admin_only()
     async def reload(self, interaction: discord.Interaction, model: str | None = None) -> None:
         """Hot-swap the model; the old one keeps serving if anything fails."""
-        await defer(interaction)
+        await respond(interaction, lambda: self._reload(interaction, model))
+
+    async def _reload(self, interaction: discord.Interaction, model: str | None) -> Answer:
         if model is not None and not await is_bot_owner(interaction):
             # One model serves every server the bot is in: only its owners may pick another one.
-            await answer(interaction, REFUSED_OTHER_MODEL)
-            await audit(interaction, f"{model}: refused, not a bot owner", allowed=False)
-            return
+            return Answer(REFUSED_OTHER_MODEL, f"{model}: refused, not a bot owner", allowed=False)
         source = model or model_source(self.bot.settings)
         try:
             info = await self.bot.generator.reload(source)
         except ReloadInProgress:
-            await answer(interaction, "A reload is already running; nothing was changed.")
-            await audit(interaction, f"{source}: already running", allowed=True)
-            return
+            return Answer("A reload is already running; nothing was changed.", f"{source}: already running")
         except ReloadFailed as exc:
-            await answer(
-                interaction, f"Reload failed at step '{exc.step}': {exc.reason}. The old model keeps serving."
+            return Answer(
+                f"Reload failed at step '{exc.step}': {exc.reason}. The old model keeps serving.",
+                f"{source}: failed at {exc.step}",
             )
-            await audit(interaction, f"{source}: failed at {exc.step}", allowed=True)
-            return
-        await answer(interaction, f"Now serving {info.name} {info.version} on {info.device}.")
-        await audit(interaction, f"{source}: now {info.name} {info.version}", allowed=True)
+        return Answer(
+            f"Now serving {info.name} {info.version} on {info.device}.",
+            f"{source}: now {info.name} {info.version}",
+        )
 
     @app_commands.command(name="stats")
     @admin_only()
     async def stats(self, interaction: discord.Interaction) -> None:
         """Uptime, stored messages, reply latency, queue, model and loop lag."""
-        await defer(interaction)
+        await respond(interaction, self._stats)
+
+    async def _stats(self) -> Answer:
         stats = await self.bot.storage.stats()
         text = format_stats(
             self.bot.clock() - self.bot.started_at,
@@ -216,8 +217,7 @@ class AdminCog(commands.Cog):
             self.bot.generator.info(),
             list(self.lag.samples),
         )
-        await answer(interaction, text)
-        await audit(interaction, "viewed", allowed=True)
+        return Answer(text, "viewed")
 
     @channel.command(name="enable")
     @admin_check()
@@ -232,20 +232,22 @@ class AdminCog(commands.Cog):
         await self._set_answer_all(interaction, False)
 
     async def _set_answer_all(self, interaction: discord.Interaction, enabled: bool) -> None:
-        await defer(interaction)
+        await respond(interaction, lambda: self._answer_all(interaction, enabled))
+
+    async def _answer_all(self, interaction: discord.Interaction, enabled: bool) -> Answer:
         assert interaction.channel_id is not None
         await self.bot.storage.set_channel_answer_all(interaction.channel_id, interaction.guild_id, enabled)
         state = "every message" if enabled else "only when addressed"
-        await answer(interaction, f"In this channel I now answer {state}.")
-        await audit(interaction, f"channel {interaction.channel_id}: {state}", allowed=True)
+        return Answer(f"In this channel I now answer {state}.", f"channel {interaction.channel_id}: {state}")
 
     @config.command(name="show")
     @admin_check()
     async def config_show(self, interaction: discord.Interaction) -> None:
         """Show this server's sampling settings and persona."""
-        await defer(interaction)
-        await answer(interaction, await self._describe_config(interaction))
-        await audit(interaction, "viewed", allowed=True)
+        await respond(interaction, lambda: self._show_config(interaction))
+
+    async def _show_config(self, interaction: discord.Interaction) -> Answer:
+        return Answer(await self._describe_config(interaction), "viewed")
 
     @config.command(name="set")
     @app_commands.describe(
@@ -268,58 +270,55 @@ class AdminCog(commands.Cog):
         no_repeat_ngram_size: int | None = None,
     ) -> None:
         """Change sampling settings for this server (only the options you give)."""
-        await defer(interaction)
         change = SamplingChange(
             temperature, top_p, top_k, repetition_penalty, max_new_tokens, no_repeat_ngram_size
         )
-        await self._apply_sampling(interaction, change.given())
+        await respond(interaction, lambda: self._apply_sampling(interaction, change.given()))
 
-    async def _apply_sampling(self, interaction: discord.Interaction, given: dict[str, float]) -> None:
+    async def _apply_sampling(self, interaction: discord.Interaction, given: dict[str, float]) -> Answer:
         error = validate_sampling(given) if given else "Give at least one setting to change."
         if error:
-            await answer(interaction, error)
-            await audit(interaction, f"rejected: {error}", allowed=True)
-            return
+            return Answer(error, f"rejected: {error}")
         assert interaction.guild_id is not None
         current = await self.bot.storage.guild_settings(interaction.guild_id)
         merged = {**current.sampling_overrides, **given}
         await self.bot.storage.set_guild_sampling(interaction.guild_id, merged)
-        await answer(interaction, "Saved.\n" + await self._describe_config(interaction))
-        await audit(interaction, ", ".join(f"{k}={v:g}" for k, v in sorted(given.items())), allowed=True)
+        return Answer(
+            "Saved.\n" + await self._describe_config(interaction),
+            ", ".join(f"{k}={v:g}" for k, v in sorted(given.items())),
+        )
 
     @config.command(name="persona")
     @app_commands.describe(text="the line that introduces every conversation; leave empty for the default")
     @admin_check()
     async def config_persona(self, interaction: discord.Interaction, text: str | None = None) -> None:
         """Set this server's persona (or go back to the default)."""
-        await defer(interaction)
-        persona = (text or "").strip() or None
+        await respond(interaction, lambda: self._set_persona(interaction, (text or "").strip() or None))
+
+    async def _set_persona(self, interaction: discord.Interaction, persona: str | None) -> Answer:
         if persona and len(persona) > PERSONA_MAX_CHARS:
-            await answer(
-                interaction,
+            return Answer(
                 f"The persona must be at most {PERSONA_MAX_CHARS} characters; nothing was changed.",
+                "rejected: too long",
             )
-            await audit(interaction, "rejected: too long", allowed=True)
-            return
         assert interaction.guild_id is not None
         await self.bot.storage.set_guild_persona(interaction.guild_id, persona)
-        await answer(interaction, "Persona saved." if persona else "Persona back to the default.")
-        await audit(
-            interaction,
+        return Answer(
+            "Persona saved." if persona else "Persona back to the default.",
             f"persona {'set' if persona else 'cleared'} ({len(persona or '')} chars)",
-            allowed=True,
         )
 
     @config.command(name="reset")
     @admin_check()
     async def config_reset(self, interaction: discord.Interaction) -> None:
         """Forget this server's sampling overrides and persona."""
-        await defer(interaction)
+        await respond(interaction, lambda: self._reset_config(interaction))
+
+    async def _reset_config(self, interaction: discord.Interaction) -> Answer:
         assert interaction.guild_id is not None
         await self.bot.storage.set_guild_sampling(interaction.guild_id, {})
         await self.bot.storage.set_guild_persona(interaction.guild_id, None)
-        await answer(interaction, "Sampling settings and persona are back to the bot's defaults.")
-        await audit(interaction, "reset to defaults", allowed=True)
+        return Answer("Sampling settings and persona are back to the bot's defaults.", "reset to defaults")
 
     async def _describe_config(self, interaction: discord.Interaction) -> str:
         assert interaction.guild_id is not None
@@ -333,11 +332,14 @@ class AdminCog(commands.Cog):
     @app_commands.check(can_reset)
     async def reset(self, interaction: discord.Interaction) -> None:
         """Start this conversation over: earlier messages no longer shape my replies."""
-        await defer(interaction)
+        await respond(interaction, lambda: self._reset_channel(interaction))
+
+    async def _reset_channel(self, interaction: discord.Interaction) -> Answer:
         assert interaction.channel_id is not None
         await self.bot.storage.reset_channel(interaction.channel_id, self.bot.clock())
-        await answer(interaction, "Done: I'll answer as if this conversation starts now.")
-        await audit(interaction, f"channel {interaction.channel_id}", allowed=True)
+        return Answer(
+            "Done: I'll answer as if this conversation starts now.", f"channel {interaction.channel_id}"
+        )
 
 
 async def setup(bot: ChatBot) -> None:

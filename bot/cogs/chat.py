@@ -22,7 +22,7 @@ from bot.text import BUSY_REPLY, COOLDOWN_REPLY, ERROR_REPLY, SHUTDOWN_REPLY, ch
 from model.api import GenerationFailed, WorkerBusy, WorkerClosed
 
 if TYPE_CHECKING:
-    from bot.discord_app import ChatBot
+    from bot.chatbot import ChatBot
 
 log = logging.getLogger(__name__)
 

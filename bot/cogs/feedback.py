@@ -14,7 +14,7 @@ import discord
 from discord.ext import commands
 
 if TYPE_CHECKING:
-    from bot.discord_app import ChatBot
+    from bot.chatbot import ChatBot
 
 log = logging.getLogger(__name__)
 

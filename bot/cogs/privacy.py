@@ -13,10 +13,10 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs import admin_check, admin_group, answer, audit, defer
+from bot.cogs.common import Answer, admin_check, admin_group, respond
 
 if TYPE_CHECKING:
-    from bot.discord_app import ChatBot
+    from bot.chatbot import ChatBot
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +42,17 @@ class PrivacyCog(commands.Cog):
     @admin_check()
     async def privacy_show(self, interaction: discord.Interaction) -> None:
         """Show whether this server's messages are stored and whether they may be exported for training."""
-        await defer(interaction)
+        await respond(interaction, lambda: self._show(interaction))
+
+    async def _show(self, interaction: discord.Interaction) -> Answer:
         assert interaction.guild_id is not None
         guild = await self.bot.storage.guild_settings(interaction.guild_id)
-        await answer(
-            interaction,
+        return Answer(
             f"Message logging: {_on_off(guild.logging_enabled)}. "
             f"Training export: {_on_off(guild.training_export_enabled)} (off by default; "
             "only messages of users who ran /optin are ever exported).",
+            "viewed",
         )
-        await audit(interaction, "viewed", allowed=True)
 
     @privacy.command(name="logging")
     @app_commands.describe(
@@ -63,70 +64,75 @@ class PrivacyCog(commands.Cog):
         self, interaction: discord.Interaction, enabled: bool, confirm: bool = False
     ) -> None:
         """Turn message logging on or off (off deletes this server's stored messages)."""
-        await defer(interaction)
+        await respond(interaction, lambda: self._set_logging(interaction, enabled, confirm))
+
+    async def _set_logging(self, interaction: discord.Interaction, enabled: bool, confirm: bool) -> Answer:
         assert interaction.guild_id is not None
         if enabled:
             await self.bot.storage.set_guild_logging(interaction.guild_id, True)
-            await answer(
-                interaction, "Message logging is on: I keep recent messages as conversation context."
+            return Answer(
+                "Message logging is on: I keep recent messages as conversation context.", "logging on"
             )
-            await audit(interaction, "logging on", allowed=True)
-            return
         if not confirm:
-            await answer(
-                interaction,
+            return Answer(
                 "Turning logging off deletes every message I stored for this server. "
                 "Run `/privacy logging enabled:False confirm:True` to go ahead; nothing was changed.",
+                "logging off: not confirmed",
             )
-            await audit(interaction, "logging off: not confirmed", allowed=True)
-            return
-        await self._logging_off(interaction, interaction.guild_id)
+        return await self._logging_off(interaction.guild_id)
 
-    async def _logging_off(self, interaction: discord.Interaction, guild_id: int) -> None:
+    async def _logging_off(self, guild_id: int) -> Answer:
         await self.bot.storage.set_guild_logging(guild_id, False)
         purged = await self.bot.storage.purge_guild_messages(guild_id)
-        await answer(
-            interaction,
+        return Answer(
             f"Message logging is off and {purged:,} stored messages were deleted. "
             "I still answer, seeing only the message I am answering.",
+            f"logging off, purged {purged} messages",
         )
-        await audit(interaction, f"logging off, purged {purged} messages", allowed=True)
 
     @privacy.command(name="export")
     @app_commands.describe(enabled="allow exporting opted-in users' messages of this server for training")
     @admin_check()
     async def privacy_export(self, interaction: discord.Interaction, enabled: bool) -> None:
         """Allow or forbid training export of this server's messages (only of users who opted in)."""
-        await defer(interaction)
+        await respond(interaction, lambda: self._set_export(interaction, enabled))
+
+    async def _set_export(self, interaction: discord.Interaction, enabled: bool) -> Answer:
         assert interaction.guild_id is not None
         await self.bot.storage.set_guild_training_export(interaction.guild_id, enabled)
-        await answer(interaction, f"Training export is {_on_off(enabled)} for this server.")
-        await audit(interaction, f"training export {_on_off(enabled)}", allowed=True)
+        return Answer(
+            f"Training export is {_on_off(enabled)} for this server.", f"training export {_on_off(enabled)}"
+        )
 
     @app_commands.command(name="optin")
     async def optin(self, interaction: discord.Interaction) -> None:
         """Allow your messages to be used to train this bot's model."""
-        await defer(interaction)
-        await self.bot.storage.set_training_opt_in(interaction.user.id, True, self.bot.clock())
-        await answer(interaction, f"You opted in. {TRAINING_USE} Use /optout or /forget-me at any time.")
+        await respond(interaction, lambda: self._set_opt_in(interaction, True))
 
     @app_commands.command(name="optout")
     async def optout(self, interaction: discord.Interaction) -> None:
         """Stop your messages from being used to train this bot's model."""
-        await defer(interaction)
-        await self.bot.storage.set_training_opt_in(interaction.user.id, False, self.bot.clock())
-        await answer(interaction, f"You opted out: none of your messages will be exported. {TRAINING_USE}")
+        await respond(interaction, lambda: self._set_opt_in(interaction, False))
+
+    async def _set_opt_in(self, interaction: discord.Interaction, opted_in: bool) -> Answer:
+        """Record the user's consent (not audited: it is the user's own choice, not an admin action)."""
+        await self.bot.storage.set_training_opt_in(interaction.user.id, opted_in, self.bot.clock())
+        if opted_in:
+            return Answer(f"You opted in. {TRAINING_USE} Use /optout or /forget-me at any time.")
+        return Answer(f"You opted out: none of your messages will be exported. {TRAINING_USE}")
 
     @app_commands.command(name="forget-me")
     async def forget_me(self, interaction: discord.Interaction) -> None:
         """Delete everything this bot stored about you."""
-        await defer(interaction)
+        await respond(interaction, lambda: self._forget(interaction))
+
+    async def _forget(self, interaction: discord.Interaction) -> Answer:
+        """Delete the user's data (their own request, not an admin action: not audited)."""
         deleted = await self.bot.storage.delete_user_data(interaction.user.id, self.bot.clock())
         log.info("forget-me: deleted %d rows", deleted)
-        await answer(
-            interaction,
+        return Answer(
             f"Done: deleted {deleted:,} stored records about you (your messages, the replies to them and "
-            "your reactions), and you are excluded from training data.",
+            "your reactions), and you are excluded from training data."
         )
 
 

@@ -24,7 +24,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands, tasks
 
-from bot.cogs import admin_check, admin_group, answer, audit, defer
+from bot.cogs.common import admin_check, admin_group, answer, audit, defer
 from bot.config import Settings
 from bot.retrain import RetrainOptions
 from bot.text import split_message

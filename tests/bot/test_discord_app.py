@@ -14,17 +14,15 @@ from pathlib import Path
 import discord
 import pytest
 
-from bot.cogs import COG_MODULES
+from bot.chatbot import COG_MODULES, ChatBot, shutdown
 from bot.discord_app import (
     EXIT_BAD_TOKEN,
     EXIT_MISSING_INTENT,
     EXIT_OK,
-    ChatBot,
     install_signal_handlers,
     remove_signal_handlers,
     run_bot,
     serve,
-    shutdown,
 )
 from bot.storage import Storage
 from tests.helpers.discord_harness import make_settings, running_bot

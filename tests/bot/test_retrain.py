@@ -16,7 +16,7 @@ from typing import Any, cast
 import pytest
 from discord import app_commands
 
-from bot.cogs import REFUSED_NOT_ADMIN
+from bot.cogs.common import REFUSED_NOT_ADMIN
 from bot.cogs.retrain import (
     RetrainCog,
     RetrainRunner,

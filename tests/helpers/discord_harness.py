@@ -23,8 +23,8 @@ import discord
 import pytest
 import simcord
 
+from bot.chatbot import ChatBot
 from bot.config import Settings
-from bot.discord_app import ChatBot
 from bot.storage import Storage
 from tests.helpers.fakes import FakeGenerator
 
