@@ -80,15 +80,16 @@ class ConsoleChat:
         message = IncomingMessage(
             self.ids.next(), self.channel_id, None, CONSOLE_USER_ID, self.user_name, False, text, time.time()
         )
-        await try_store(self.service.record(message))
+        context = await self.service.context_for(message)
+        await try_store(self.service.record(message, context))
         try:
-            draft = await self.service.compose_reply(message)
+            draft = await self.service.compose_reply(message, context)
         except GeneratorError as exc:
             self._print(f"bot: (no reply: {exc})")
             return
         self._print(f"bot: {draft.text}")
         sent = [(self.ids.next(), draft.text)]
-        await try_store(self.service.record_reply(message, draft, sent, time.time()))
+        await try_store(self.service.record_reply(message, context, draft, sent, time.time()))
 
     def _print(self, text: str) -> None:
         print(text, file=self.out, flush=True)

@@ -1,6 +1,8 @@
 """The conversation core: store a message, build the request from history, await the model, store the reply.
 
-No Discord types here: the Discord cogs and the terminal chat both drive this with plain data.
+No Discord types here: the Discord cogs and the terminal chat both drive this with plain data. It owns
+every storage call of a message's path: the guild and channel settings are read once per message
+(`context_for` → MessageContext, passed down), the incoming message is one write, the sent reply another.
 """
 
 from __future__ import annotations
@@ -9,13 +11,13 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from bot.config import Settings
 from bot.scrub import USER_MENTION, scrub_discord_markup
-from bot.storage import BotReplyRecord, GuildSettings, Storage, StoredMessage
+from bot.storage import BotReplyRecord, ChannelSettings, GuildSettings, Storage, StoredMessage
 from model.api import Reply, ReplyGenerator, ReplyRequest
 from model.prompt import Turn
 from model.sampling import SamplingParams
@@ -56,6 +58,19 @@ class IncomingMessage:
             created_at=self.created_at,
             reply_to_id=self.reply_to_id,
         )
+
+
+@dataclass(frozen=True)
+class MessageContext:
+    """A message's guild and channel settings, read once per message and passed down its path."""
+
+    guild: GuildSettings | None  # None in DMs
+    channel: ChannelSettings
+
+    @property
+    def is_logged(self) -> bool:
+        """Whether messages here are stored (DMs always are)."""
+        return self.guild is None or self.guild.logging_enabled
 
 
 @dataclass(frozen=True)
@@ -136,39 +151,38 @@ class ConversationService:
         self.clock = clock
         self._seen = _SeenIds(SEEN_IDS_LIMIT)
 
-    async def logging_enabled(self, guild_id: int | None) -> bool:
-        """Whether messages of this guild are stored (DMs always are)."""
-        return guild_id is None or (await self.storage.guild_settings(guild_id)).logging_enabled
+    async def context_for(self, message: IncomingMessage) -> MessageContext:
+        """The message's guild and channel settings: the one read of each for this message."""
+        guild = await self.storage.guild_settings(message.guild_id) if message.guild_id else None
+        return MessageContext(guild, await self.storage.channel_settings(message.channel_id))
 
-    async def record(self, message: IncomingMessage) -> bool:
-        """Store the message (unless its guild turned logging off); False when it was seen before."""
+    async def record(self, message: IncomingMessage, context: MessageContext) -> bool:
+        """Store the message (unless its guild turned logging off); False when it was seen before.
+
+        One write: the message, its author and the names of the users it mentions (for later prompts).
+        """
         is_new = self._seen.add(message.message_id)
-        if not await self.logging_enabled(message.guild_id):
+        if not context.is_logged:
             return is_new
-        if not message.is_bot:
-            await self.storage.upsert_user(message.author_id, message.author_name)
-        for user_id, name in message.mentioned:  # so later prompts can show their names
-            await self.storage.upsert_user(user_id, name)
-        return await self.storage.add_message(message.stored()) and is_new
+        return await self.storage.add_message(message.stored(), message.mentioned) and is_new
 
-    async def compose_reply(self, message: IncomingMessage) -> DraftReply:
+    async def compose_reply(self, message: IncomingMessage, context: MessageContext) -> DraftReply:
         """Build the request from the channel's history and await the generator (its errors propagate)."""
         received_at = self.clock()
-        guild = await self.storage.guild_settings(message.guild_id) if message.guild_id else None
-        request = await self._request_for(message, guild)
+        request = await self._request_for(message, context)
         reply = await self.generator.generate(request)
         return DraftReply(reply.text, reply, request.params, received_at)
 
-    async def _request_for(self, message: IncomingMessage, guild: GuildSettings | None) -> ReplyRequest:
-        channel = await self.storage.channel_settings(message.channel_id)
+    async def _request_for(self, message: IncomingMessage, context: MessageContext) -> ReplyRequest:
         stored = await self.storage.recent_history(
-            message.channel_id, self.settings.history_messages, since=channel.reset_at
+            message.channel_id, self.settings.history_messages, since=context.channel.reset_at
         )
         messages = with_newest(stored, await self._as_stored(message))
         names = await self.storage.display_names(mentioned_user_ids(messages))
         names = {user_id: f"@{name}" for user_id, name in {**names, **dict(message.mentioned)}.items()}
         history = history_to_turns(messages, self.bot_user_id, names)
         recent = tuple(t.text for t in history if t.is_bot)[-RECENT_BOT_REPLIES:]
+        guild = context.guild
         params = apply_overrides(self.settings.sampling(), guild.sampling_overrides if guild else {})
         return ReplyRequest(
             persona=(guild.persona if guild and guild.persona else self.settings.persona),
@@ -186,26 +200,55 @@ class ConversationService:
         return await self.storage.get_message(message.message_id) or message.stored()
 
     async def record_reply(
-        self, message: IncomingMessage, draft: DraftReply, sent: Sequence[tuple[int, str]], sent_at: float
+        self,
+        message: IncomingMessage,
+        context: MessageContext,
+        draft: DraftReply,
+        sent: Sequence[tuple[int, str]],
+        sent_at: float,
     ) -> None:
-        """Store the sent chunks (message id, text) and the reply's accounting in one transaction."""
-        if not sent or not await self.logging_enabled(message.guild_id):
+        """Store the sent chunks (message id, text) and the reply's accounting, in one write.
+
+        Storage checks the guild's logging switch again inside that write: it may have been turned off
+        (and the guild purged) while the reply was being generated.
+        """
+        if not sent or not context.is_logged:
             return
-        chunks = [
-            StoredMessage(
-                message_id,
-                message.channel_id,
-                message.guild_id,
-                self.bot_user_id,
-                self.settings.bot_name,
-                True,
-                text,
-                sent_at,
-                reply_to_id=message.message_id,
-            )
-            for message_id, text in sent
-        ]
+        chunks = [self._bot_message(message, message_id, text, sent_at) for message_id, text in sent]
         await self.storage.add_reply(chunks, self._reply_record(message, draft, sent[0][0], sent_at))
+
+    def _bot_message(
+        self, message: IncomingMessage, message_id: int, text: str, sent_at: float
+    ) -> StoredMessage:
+        """One sent chunk of the bot's reply to `message`, as stored."""
+        return StoredMessage(
+            message_id,
+            message.channel_id,
+            message.guild_id,
+            self.bot_user_id,
+            self.settings.bot_name,
+            True,
+            text,
+            sent_at,
+            reply_to_id=message.message_id,
+        )
+
+    async def author_of(self, message_id: int) -> int | None:
+        """Who wrote a stored message (None when it is not stored)."""
+        stored = await self.storage.get_message(message_id)
+        return stored.author_id if stored else None
+
+    async def last_bot_message_at(self, channel_id: int) -> float | None:
+        """When this bot last posted in a channel, as stored (None when never)."""
+        return await self.storage.last_bot_message_at(channel_id, self.bot_user_id)
+
+    async def record_edit(self, message_id: int, content: str, edited_at: float) -> bool:
+        """Replace a stored message's text after an edit; False when it is not stored."""
+        return await self.storage.mark_edited(message_id, content, edited_at)
+
+    async def record_deletions(self, message_ids: Iterable[int]) -> int:
+        """Erase deleted messages from storage, so they never reach a prompt again; return how many."""
+        return await self.storage.mark_deleted(message_ids)
 
     def _reply_record(
         self, message: IncomingMessage, draft: DraftReply, first_id: int, sent_at: float

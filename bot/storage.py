@@ -444,26 +444,36 @@ class Storage:
 
     # -- messages -------------------------------------------------------------------------------------
 
-    async def add_message(self, message: StoredMessage) -> bool:
-        """Store a message with its user and channel rows; False when its id was already stored (replay)
-        or it was deleted before it could be stored (then it is stored deleted, without its text)."""
+    async def add_message(self, message: StoredMessage, mentioned: Iterable[tuple[int, str]] = ()) -> bool:
+        """Store a message with its user and channel rows and the names of the users it mentions (user id,
+        display name), in one transaction; False when its id was already stored (replay) or it was deleted
+        before it could be stored (then it is stored deleted, without its text)."""
         async with self._transaction() as db:
             await _ensure_channel(db, message.channel_id, message.guild_id)
+            for user_id, name in mentioned:  # so later prompts can show their names
+                await _run(db, _UPSERT_USER, (user_id, name))
             await _run(db, _UPSERT_USER, (message.author_id, message.author_name))
             stored = await _insert_message(db, message)
         return stored is not None and not stored.deleted
 
-    async def add_reply(self, chunks: Sequence[StoredMessage], record: BotReplyRecord) -> None:
-        """Store every sent chunk of a bot reply and its record in ONE transaction: all of it or none."""
+    async def add_reply(self, chunks: Sequence[StoredMessage], record: BotReplyRecord) -> bool:
+        """Store every sent chunk of a bot reply and its record in ONE transaction: all of it or none.
+
+        Nothing is stored when the guild turned logging off meanwhile (read inside the transaction, so a
+        reply generated while an admin purged the guild never outlives the purge); False then.
+        """
         if not chunks:
-            return
+            return False
         first = chunks[0]
         async with self._transaction() as db:
+            if not await _logs_messages(db, first.guild_id):
+                return False
             await _ensure_channel(db, first.channel_id, first.guild_id)
             await _run(db, _UPSERT_USER, (first.author_id, first.author_name))
             for chunk in chunks:
                 await _insert_message(db, chunk)
             await _run(db, _INSERT_BOT_REPLY, _reply_params(record))
+        return True
 
     async def mark_edited(self, message_id: int, content: str, edited_at: float) -> bool:
         """Replace a stored, non-deleted message's content; False when there is no such message.
@@ -751,6 +761,15 @@ async def _insert_message(db: aiosqlite.Connection, message: StoredMessage) -> S
         m.created_at, m.edited_at, m.reply_to_id, m.deleted,
     ))  # fmt: skip
     return m if inserted == 1 else None
+
+
+async def _logs_messages(db: aiosqlite.Connection, guild_id: int | None) -> bool:
+    """Whether a guild's messages are stored, read inside the caller's transaction (DMs always are)."""
+    if guild_id is None:
+        return True
+    async with db.execute("SELECT logging_enabled FROM guilds WHERE guild_id = ?", (guild_id,)) as cursor:
+        row = await cursor.fetchone()
+    return row is None or bool(row[0])
 
 
 def _reply_params(r: BotReplyRecord) -> tuple[Any, ...]:

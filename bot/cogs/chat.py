@@ -1,8 +1,9 @@
 """Chat: answer messages (guard → decide → history → await the model → send → store) and keep storage in
 step with edits and deletions.
 
-The decision is bot.policy's pure function, the text is bot.text's; this module only turns Discord objects
-into plain data and plain decisions into Discord calls.
+The decision is bot.policy's pure function, the text is bot.text's, and every storage call goes through the
+conversation core (bot.conversation), which reads the message's guild and channel settings once; this module
+only turns Discord objects into plain data and plain decisions into Discord calls.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 import discord
 from discord.ext import commands
 
-from bot.conversation import DraftReply, IncomingMessage
+from bot.conversation import DraftReply, IncomingMessage, MessageContext
 from bot.policy import Action, ChannelState, Cooldowns, MessageFacts, ReplyPolicy, decide, should_record
 from bot.storage import StorageError
 from bot.text import BUSY_REPLY, COOLDOWN_REPLY, ERROR_REPLY, SHUTDOWN_REPLY, chunk_nonce, reply_chunks
@@ -137,9 +138,10 @@ class ChatCog(commands.Cog):
         if not should_record(facts, self.policy):
             return
         incoming = incoming_of(message)
-        if not await self.record(incoming):
+        context = await self.bot.conversation.context_for(incoming)
+        if not await self.record(incoming, context):
             return  # a replayed event was answered the first time
-        decision = decide(facts, await self.channel_state(facts.channel_id), self.policy)
+        decision = decide(facts, await self.channel_state(context), self.policy)
         decision = self.cooldowns.check(facts.author_id, decision, facts.created_at)
         log.debug("message %d: %s (%s)", message.id, decision.action.value, decision.reason)
         if decision.action is Action.IGNORE:
@@ -148,12 +150,12 @@ class ChatCog(commands.Cog):
             if decision.action is Action.COOLDOWN_NOTICE:
                 await self.send_chunks(message, [COOLDOWN_REPLY])
             else:
-                await self.answer(message, incoming)
+                await self.answer(message, incoming, context)
 
-    async def record(self, incoming: IncomingMessage) -> bool:
+    async def record(self, incoming: IncomingMessage, context: MessageContext) -> bool:
         """Store the message; False for a replay. A database that stays locked is logged, not fatal."""
         try:
-            return await self.bot.conversation.record(incoming)
+            return await self.bot.conversation.record(incoming, context)
         except StorageError as exc:
             log.warning("message %d was not stored: %s", incoming.message_id, exc)
             return True  # still answer: the reply then sees only what storage still has
@@ -165,35 +167,36 @@ class ChatCog(commands.Cog):
             return None
         if isinstance(reference.resolved, discord.Message):
             return reference.resolved.author.id
-        stored = await self.bot.storage.get_message(reference.message_id)
-        return stored.author_id if stored else None
+        return await self.bot.conversation.author_of(reference.message_id)
 
-    async def channel_state(self, channel_id: int) -> ChannelState:
+    async def channel_state(self, context: MessageContext) -> ChannelState:
         """The channel's /channel switch and when the bot last spoke there."""
-        settings = await self.bot.storage.channel_settings(channel_id)
-        last = self.last_spoke.get(channel_id) or await self.bot.storage.last_bot_message_at(
-            channel_id, self.policy.bot_user_id
-        )
-        return ChannelState(answer_all=settings.answer_all, last_bot_message_at=last)
+        channel_id = context.channel.channel_id
+        last = self.last_spoke.get(channel_id) or await self.bot.conversation.last_bot_message_at(channel_id)
+        return ChannelState(answer_all=context.channel.answer_all, last_bot_message_at=last)
 
-    async def answer(self, message: discord.Message, incoming: IncomingMessage) -> None:
+    async def answer(
+        self, message: discord.Message, incoming: IncomingMessage, context: MessageContext
+    ) -> None:
         """Generate (unless the bot may not post here), send the chunks, store the reply."""
         if not self.may_send(message.channel):
             return  # no point generating what cannot be sent
-        outcome = await self.compose(message, incoming)
+        outcome = await self.compose(message, incoming, context)
         if isinstance(outcome, str):
             await self.send_chunks(message, [outcome])
             return
         sent = await self.send_chunks(message, reply_chunks(outcome.text))
-        await self.store_reply(incoming, outcome, sent)
+        await self.store_reply(incoming, context, outcome, sent)
 
-    async def compose(self, message: discord.Message, incoming: IncomingMessage) -> DraftReply | str:
+    async def compose(
+        self, message: discord.Message, incoming: IncomingMessage, context: MessageContext
+    ) -> DraftReply | str:
         """The generated draft (typing indicator meanwhile), or the one line saying why there is none."""
         try:
             async with contextlib.AsyncExitStack() as stack:
                 with contextlib.suppress(discord.HTTPException):  # no typing indicator is no reason to fail
                     await stack.enter_async_context(message.channel.typing())
-                return await self.bot.conversation.compose_reply(incoming)
+                return await self.bot.conversation.compose_reply(incoming, context)
         except WorkerBusy:
             return BUSY_REPLY
         except WorkerClosed:
@@ -206,7 +209,11 @@ class ChatCog(commands.Cog):
             return ERROR_REPLY
 
     async def store_reply(
-        self, incoming: IncomingMessage, draft: DraftReply, sent: list[tuple[int, str]]
+        self,
+        incoming: IncomingMessage,
+        context: MessageContext,
+        draft: DraftReply,
+        sent: list[tuple[int, str]],
     ) -> None:
         """Remember that the bot spoke and store what it sent (a storage failure only costs the record)."""
         if not sent:
@@ -214,7 +221,7 @@ class ChatCog(commands.Cog):
         sent_at = self.bot.clock()
         self.last_spoke[incoming.channel_id] = sent_at
         try:
-            await self.bot.conversation.record_reply(incoming, draft, sent, sent_at)
+            await self.bot.conversation.record_reply(incoming, context, draft, sent, sent_at)
         except StorageError as exc:  # counted by Storage.failed_writes; one line, never the text
             log.warning("reply to message %d was sent but not stored: %s", incoming.message_id, exc)
 
@@ -275,7 +282,7 @@ class ChatCog(commands.Cog):
         if edited.edited_at is None:
             return
         try:
-            await self.bot.storage.mark_edited(
+            await self.bot.conversation.record_edit(
                 payload.message_id, prompt_text(edited), edited.edited_at.timestamp()
             )
         except StorageError as exc:
@@ -285,7 +292,7 @@ class ChatCog(commands.Cog):
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
         """A deleted message is erased from storage (cached or not), so it never reaches a prompt again."""
         try:
-            await self.bot.storage.mark_deleted([payload.message_id])
+            await self.bot.conversation.record_deletions([payload.message_id])
         except StorageError as exc:
             log.error("deletion of message %d was not stored: %s", payload.message_id, exc)
 
@@ -293,7 +300,7 @@ class ChatCog(commands.Cog):
     async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
         """A bulk deletion (moderation purge) erases every listed message."""
         try:
-            count = await self.bot.storage.mark_deleted(payload.message_ids)
+            count = await self.bot.conversation.record_deletions(payload.message_ids)
         except StorageError as exc:
             log.error("bulk delete in channel %d was not stored: %s", payload.channel_id, exc)
             return

@@ -50,10 +50,16 @@ def service(storage: Storage, fake: FakeGenerator) -> ConversationService:
     return ConversationService(storage, fake, Settings.from_env({"BOT_NAME": "Robo"}), bot_user_id=BOT_ID)
 
 
+async def record(service: ConversationService, message: IncomingMessage) -> bool:
+    """Store one message the way a front end does: its context read once, then the message."""
+    return await service.record(message, await service.context_for(message))
+
+
 async def exchange(service: ConversationService, message: IncomingMessage, reply_id: int) -> str:
-    assert await service.record(message)
-    draft = await service.compose_reply(message)
-    await service.record_reply(message, draft, [(reply_id, draft.text)], message.created_at + 1)
+    context = await service.context_for(message)
+    assert await service.record(message, context)
+    draft = await service.compose_reply(message, context)
+    await service.record_reply(message, context, draft, [(reply_id, draft.text)], message.created_at + 1)
     return draft.text
 
 
@@ -75,12 +81,12 @@ async def test_history_builds_the_request_and_replies_are_stored(
 
 
 async def test_replayed_message_is_not_new(service: ConversationService) -> None:
-    assert await service.record(incoming(1, "hi"))
-    assert not await service.record(incoming(1, "hi"))
+    assert await record(service, incoming(1, "hi"))
+    assert not await record(service, incoming(1, "hi"))
 
 
 async def test_other_bots_speak_as_users(service: ConversationService, fake: FakeGenerator) -> None:
-    await service.record(incoming(1, "beep", author_id=77, is_bot=True))
+    await record(service, incoming(1, "beep", author_id=77, is_bot=True))
     await exchange(service, incoming(2, "hi"), reply_id=3)
     assert [t.is_bot for t in fake.requests[-1].history] == [False, False]
 
@@ -101,7 +107,22 @@ async def test_guild_with_logging_off_stores_nothing_but_still_answers(
     assert await exchange(service, incoming(1, "secret"), reply_id=2) == "first reply"
     assert (await storage.stats()).messages == 0
     assert [t.text for t in fake.requests[-1].history] == ["secret"]
-    assert not await service.record(incoming(1, "secret"))  # replay still detected in memory
+    assert not await record(service, incoming(1, "secret"))  # replay still detected in memory
+
+
+async def test_logging_turned_off_while_generating_stores_no_reply(
+    service: ConversationService, storage: Storage
+) -> None:
+    """The guild's switch is read once per message, but the reply's write checks it again: a purge wins."""
+    message = incoming(1, "hello")
+    context = await service.context_for(message)
+    assert await service.record(message, context)
+    draft = await service.compose_reply(message, context)
+    await storage.set_guild_logging(GUILD, False)  # an admin's /privacy logging off, meanwhile
+    await storage.purge_guild_messages(GUILD)
+    await service.record_reply(message, context, draft, [(2, draft.text)], message.created_at + 1)
+    stats = await storage.stats()
+    assert (stats.messages, stats.bot_replies) == (0, 0)
 
 
 async def test_guild_overrides_apply(

@@ -42,9 +42,10 @@ async def drive_the_canary(tmp_path: Path) -> None:
     async with Storage.open(settings.db_path) as storage:
         service = ConversationService(storage, FakeGenerator([f"you said {CANARY}"]), settings, bot_user_id=2)
         message = IncomingMessage(10, 20, 30, 40, "ann", False, CANARY, 1.0)
-        await service.record(message)
-        draft = await service.compose_reply(message)
-        await service.record_reply(message, draft, [(11, draft.text)], 2.0)
+        context = await service.context_for(message)
+        await service.record(message, context)
+        draft = await service.compose_reply(message, context)
+        await service.record_reply(message, context, draft, [(11, draft.text)], 2.0)
         await storage.set_guild_training_export(30, True)
         assert any([CANARY in row.message.content async for row in storage.export_rows()])
         await storage.mark_edited(10, f"edited {CANARY}", 3.0)

@@ -349,6 +349,31 @@ async def test_a_failed_write_rolls_back_the_whole_transaction(storage: Storage)
     assert await storage.add_message(msg(1))  # the connection is usable again
 
 
+async def test_a_message_and_the_names_it_mentions_are_one_write(storage: Storage) -> None:
+    assert await storage.add_message(msg(1), mentioned=[(USER + 1, "bob"), (USER, "ann")])
+    assert not await storage.add_message(msg(1), mentioned=[(USER + 2, "carol")])  # a replay
+    assert await storage.display_names([USER, USER + 1, USER + 2]) == {
+        USER: "ann",
+        USER + 1: "bob",
+        USER + 2: "carol",
+    }
+    assert (await storage.stats()).messages == 1
+
+
+async def test_a_reply_is_stored_whole_unless_its_guild_stopped_logging(storage: Storage) -> None:
+    chunks = [
+        msg(2, "part one", author_id=BOT_USER, is_bot=True),
+        msg(3, "part two", author_id=BOT_USER, is_bot=True),
+    ]
+    assert await storage.add_reply(chunks, reply(2, answers_id=1))
+    stats = await storage.stats()
+    assert (stats.messages, stats.bot_replies) == (2, 1)
+    await storage.set_guild_logging(GUILD, False)
+    assert not await storage.add_reply([msg(5, author_id=BOT_USER, is_bot=True)], reply(5, answers_id=4))
+    stats = await storage.stats()
+    assert (stats.messages, stats.bot_replies) == (2, 1)
+
+
 # -- privacy ------------------------------------------------------------------------------------------
 
 

@@ -78,11 +78,12 @@ async def converse_forever(path: Path) -> None:
             incoming = IncomingMessage(
                 base, 100 + base % 3, 10, 1000 + base % 11, f"user {base % 11}", False, f"hi {base}", base
             )
-            await service.record(incoming)
+            context = await service.context_for(incoming)
+            await service.record(incoming, context)
             say(f"message {base}")
-            draft = await service.compose_reply(incoming)
+            draft = await service.compose_reply(incoming, context)
             sent = [(base + 1 + i, f"part {i} of {draft.text}") for i in range(REPLY_CHUNKS)]
-            await service.record_reply(incoming, draft, sent, float(base))
+            await service.record_reply(incoming, context, draft, sent, float(base))
             say(f"reply {base}")
 
 

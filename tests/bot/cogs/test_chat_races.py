@@ -46,9 +46,9 @@ def hold_before_insert(monkeypatch: pytest.MonkeyPatch, storage: Storage, gate: 
     """The create handler has started (the event arrived) but its insert has not begun."""
     real = storage.add_message
 
-    async def held(message: StoredMessage) -> bool:
+    async def held(message: StoredMessage, *rest: Any) -> bool:  # rest: the mentioned users
         await gate.hold(message.content)
-        return await real(message)
+        return await real(message, *rest)
 
     monkeypatch.setattr(storage, "add_message", held)
 
@@ -68,8 +68,8 @@ def hold_after_insert(monkeypatch: pytest.MonkeyPatch, storage: Storage, gate: G
     """The insert has committed; the handler has not yet built the prompt."""
     real = storage.add_message
 
-    async def held(message: StoredMessage) -> bool:
-        stored = await real(message)
+    async def held(message: StoredMessage, *rest: Any) -> bool:  # rest: the mentioned users
+        stored = await real(message, *rest)
         await gate.hold(message.content)
         return stored
 
