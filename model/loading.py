@@ -1,5 +1,7 @@
 """Resolve and load a causal LM and its tokenizer: hub id, local directory or the bundled starter model.
 
+Long because: every refusal of a bad model directory lives here, before it serves; they read as one list.
+
 Everything that can be wrong with a model directory is refused here with a message that says what to do,
 before the model ever serves: a missing or non-causal config, truncated safetensors, pickle checkpoints
 (unless explicitly allowed), weights that do not match the config, non-finite weights, a tokenizer that

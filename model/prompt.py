@@ -1,5 +1,7 @@
 """The dialogue format shared by serving, export and training, and the exact token budget.
 
+Long because: the format and its exact token budget are one contract: the budget counts what rendering writes.
+
 The format (docs/ARCHITECTURE.md, "The dialogue format") is one line per turn:
 
     {persona}

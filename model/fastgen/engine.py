@@ -1,5 +1,7 @@
 """BatchedGPT2Engine: continuous batching for GPT-2 with a preallocated KV cache and CUDA graphs.
 
+Long because: one class owns the slots, the KV cache and the steps in flight; admit, step, retire share them.
+
 A job's life (every call comes from the worker thread, so nothing here locks):
 - `admit()` gives the job the next slot; slots [0, n) are always the occupied ones.
 - `step()` prefills every newly admitted job together (prompt minus its last token, right-padded to a bucketed

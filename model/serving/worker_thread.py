@@ -1,5 +1,7 @@
 """The model worker's own thread: it owns the model, the engine and the prompt builders.
 
+Long because: it is all that one thread owns (model, engine, inbox loop, reloads), kept in one place.
+
 Its loop: take what is on the inbox now (hand new jobs to the prompt builders) → admit jobs whose prompt
 is ready while the engine has room → engine.step() → hand finished replies back → repeat, blocking on
 the inbox only when there is nothing to step. Prompts are built by a small pool of threads, each with

@@ -1,5 +1,7 @@
 """Model versions in the data directory, the `current` / `previous` pointers, promote and rollback.
 
+Long because: registry.json and all that reads or replaces it (promote, rollback, the watcher) share a lock.
+
 Layout under `models_dir` (model.loading.resolve_model_source finds `versions/<name>` by name):
 
     registry.json          {"current", "previous", "versions": {name: {...}}, "history": [...]}

@@ -1,5 +1,7 @@
 """`chatbot train`: fine-tune (or train from scratch) a causal LM on an export, with the HF Trainer.
 
+Long because: `chatbot train` keeps its flags (dataclass with help), the Trainer set-up and the card together.
+
 Conversations are rendered in the serving format (model.prompt.render_dialogue) + end-of-text, packed into
 blocks and fed through DataCollatorForLanguageModeling(mlm=False). One process or several GPUs:
     python -m model.training.train --data DIR --base MODEL --out DIR
