@@ -204,14 +204,14 @@ def test_cycle_check_catches_a_planted_cycle(tmp_path: Path) -> None:
 
 def test_edges_between_finds_a_forbidden_import(tmp_path: Path) -> None:
     """The one-way checks are not vacuous: a planted model → bot import is reported."""
-    for name, text in {
-        "model/__init__.py": "",
-        "model/m.py": "def f():\n    import bot.x\n",
-        "bot/__init__.py": "",
-        "bot/x.py": "",
+    for (package, name), text in {
+        ("model", "__init__.py"): "",
+        ("model", "m.py"): "def f():\n    import bot.x\n",
+        ("bot", "__init__.py"): "",
+        ("bot", "x.py"): "",
     }.items():
-        (tmp_path / name).parent.mkdir(exist_ok=True)
-        (tmp_path / name).write_text(text)
+        (tmp_path / package).mkdir(exist_ok=True)
+        (tmp_path / package / name).write_text(text)
     assert edges_between(import_graph(tmp_path, ("bot", "model")), "model", ("bot",)) == ["model.m → bot.x"]
 
 
@@ -245,4 +245,4 @@ def test_size_check_catches_a_long_file_and_accepts_a_reason(tmp_path: Path) -> 
         '"""A long module.\n\nLong because: a reason.\n"""\n' + body
     )
     (tmp_path / "bot" / "short.py").write_text("X = 1\n")
-    assert long_without_reason(tmp_path, ("bot",), max_lines=4) == ["bot/long.py (6 lines)"]
+    assert long_without_reason(tmp_path, ("bot",), max_lines=4) == [f"{Path('bot', 'long.py')} (6 lines)"]
