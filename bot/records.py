@@ -1,0 +1,97 @@
+"""The plain records the bot's storage takes and returns (frozen dataclasses, no SQL).
+
+bot.storage re-exports them, so callers import everything storage-related from there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """One Discord message as stored; content is '' once deleted."""
+
+    message_id: int
+    channel_id: int
+    guild_id: int | None  # None for DMs
+    author_id: int
+    author_name: str
+    is_bot: bool
+    content: str
+    created_at: float  # unix seconds
+    reply_to_id: int | None = None
+    edited_at: float | None = None
+    deleted: bool = False
+
+
+@dataclass(frozen=True)
+class GuildSettings:
+    """Per-guild privacy switches and /config overrides."""
+
+    guild_id: int
+    logging_enabled: bool = True
+    training_export_enabled: bool = False  # off by default (Discord Developer Policy)
+    persona: str | None = None  # None = use the global setting
+    sampling_overrides: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChannelSettings:
+    """Per-channel switches."""
+
+    channel_id: int
+    answer_all: bool = False
+    reset_at: float | None = None  # /reset: history before this time is not used for prompts
+
+
+@dataclass(frozen=True)
+class BotReplyRecord:
+    """How one bot reply was produced."""
+
+    reply_message_id: int
+    answers_message_id: int
+    channel_id: int
+    model_name: str
+    model_version: str
+    params: Mapping[str, float | int | None]
+    latency_seconds: float
+    prompt_tokens: int
+    completion_tokens: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Counts and reply latency percentiles (nearest rank) for /stats."""
+
+    guilds: int
+    channels: int
+    users: int
+    messages: int
+    bot_replies: int
+    latency_p50_seconds: float | None
+    latency_p95_seconds: float | None
+
+
+@dataclass(frozen=True)
+class ExportRow:
+    """One non-deleted message of a guild whose training export is on."""
+
+    message: StoredMessage
+    author_opted_in: bool
+    feedback_score: int  # sum of feedback on this message (+1 / -1 each); 0 when none
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One admin action, allowed or refused."""
+
+    entry_id: int
+    at: float
+    actor_id: int
+    guild_id: int | None
+    action: str
+    detail: str
+    allowed: bool
