@@ -18,8 +18,11 @@ $(VENV)/.torch: | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_INDEX_ARG)
 	touch $@
 
+# Without a CUDA GPU the `cpu` extra comes too: the CTranslate2 engine, several times faster on a CPU.
+CPU_EXTRA = $$($(PY) -c "import torch; print('' if torch.cuda.is_available() else '[cpu]')")
+
 $(VENV)/.run: pyproject.toml $(VENV)/.torch
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e ".$(CPU_EXTRA)"
 	touch $@
 
 $(VENV)/.dev: pyproject.toml $(VENV)/.torch

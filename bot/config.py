@@ -135,6 +135,9 @@ class Settings:
     device: str = _setting("BOT_DEVICE", "auto", _choice("auto", "cpu", "cuda", allow_cuda_index=True))
     dtype: str = _setting("BOT_DTYPE", "auto", _choice("auto", "float32", "float16", "bfloat16"))
     allow_pickle: bool = _setting("BOT_ALLOW_PICKLE", "false", _parse_bool)
+    engine: str = _setting("BOT_ENGINE", "auto", _choice("auto", "fastgen", "ct2", "hf"))
+    cpu_compute: str = _setting("BOT_CPU_COMPUTE", "int8", _choice("int8", "float32"))
+    cpu_threads: int = _setting("BOT_CPU_THREADS", "0", _int_in(0, 256))
     seed: int = _setting("BOT_SEED", "42", _int_in(0, 2**32 - 1))
     bot_name: str = _setting("BOT_NAME", "Bot", _speaker_name)
     persona: str = _setting("BOT_PERSONA", DEFAULT_PERSONA, _text(1000))
@@ -179,6 +182,11 @@ class Settings:
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def ct2_dir(self) -> Path:
+        """The CTranslate2 conversions of the served models (a cache: safe to delete)."""
+        return self.data_dir / "ct2"
 
     def sampling(self) -> SamplingParams:
         """The default sampling settings (a guild's /config overrides are applied on top by the bot)."""

@@ -45,6 +45,7 @@ def model_source(settings: Settings) -> str:
 def create_worker(settings: Settings) -> ModelWorker:
     """A model worker configured from the settings (not started: use `async with`); seeds fixed first."""
     from model.loading import set_seed
+    from model.serving.engines import EngineOptions
     from model.serving.worker import ModelWorker
 
     set_seed(settings.seed)
@@ -56,4 +57,7 @@ def create_worker(settings: Settings) -> ModelWorker:
         allow_pickle=settings.allow_pickle,
         models_dir=settings.models_dir,
         sampling=settings.sampling(),
+        engine_options=EngineOptions(
+            settings.engine, settings.cpu_compute, settings.cpu_threads, settings.ct2_dir
+        ),
     )

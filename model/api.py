@@ -58,6 +58,7 @@ class ModelInfo:
     n_positions: int
     gpu_memory_allocated_bytes: int | None = None
     gpu_memory_total_bytes: int | None = None
+    engine: str = ""  # which decode engine serves, e.g. "ctranslate2 int8 (2 CPU threads)"
 
 
 class GeneratorError(Exception):

@@ -122,6 +122,7 @@ def format_stats(
         f"Queue depth: {queue_depth}",
         f"Model: {info.name} {info.version} ({info.total_params:,} parameters, {info.device}, "
         f"{info.dtype}, context {info.n_positions})",
+        f"Engine: {info.engine}" if info.engine else "",
         _gpu_line(info),
         _lag_line(lags),
     ]

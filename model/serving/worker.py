@@ -31,10 +31,10 @@ from model.api import (
 )
 from model.engine import DecodeEngine
 from model.sampling import SamplingParams
-from model.serving.engines import default_engine_factory
-from model.serving.jobs import GenerateJob, ReloadJob, Stop, resolve_future
-from model.serving.readiness import default_loader, model_info
-from model.serving.worker_thread import LoopCallbacks, ThreadSide
+from model.serving.engines import EngineOptions, default_engine_factory
+from model.serving.jobs import GenerateJob, ReloadJob, Serving, Stop, resolve_future
+from model.serving.readiness import default_loader
+from model.serving.worker_thread import LoopCallbacks, ThreadSide, serving_info
 
 if TYPE_CHECKING:
     from model.loading import LoadedModel
@@ -86,6 +86,7 @@ class ModelWorker:
         on_fatal: Callable[[BaseException], None] | None = None,
         prompt_threads: int | None = None,
         sampling: SamplingParams | None = None,
+        engine_options: EngineOptions | None = None,
     ) -> None:
         self._queue_size = queue_size
         # The tokenizers' Rust thread pool spreads each batched build over the cores: on many cores it
@@ -99,7 +100,8 @@ class ModelWorker:
             source,
             loader or default_loader(device, dtype, allow_pickle, models_dir),
             # The default engine gets ready for the bot's own sampling settings before it serves.
-            engine_factory or functools.partial(default_engine_factory, sampling=sampling),
+            engine_factory
+            or functools.partial(default_engine_factory, sampling=sampling, options=engine_options),
             on_fatal or _exit_process,
             prompt_threads or min(MAX_PROMPT_THREADS, os.cpu_count() or 1),
             LoopCallbacks(self._settle, self._settle_replies, self._on_thread_exit),
@@ -150,14 +152,17 @@ class ModelWorker:
 
     def info(self) -> ModelInfo:
         """What is serving now (the last model after close)."""
-        return model_info(self._loaded())
+        return serving_info(self._serving())
 
     def _loaded(self) -> LoadedModel:
         """The model serving now; WorkerClosed before the first load."""
+        return self._serving().loaded
+
+    def _serving(self) -> Serving:
         serving = self._thread_side.serving
         if serving is None:
             raise WorkerClosed("no model is loaded")
-        return serving.loaded
+        return serving
 
     def queue_depth(self) -> int:
         """Generate jobs waiting + running."""

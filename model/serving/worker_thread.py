@@ -23,7 +23,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,6 +39,7 @@ from model.api import (
 from model.engine import DecodeEngine, EngineJob, EngineResult
 from model.replies import clean_reply, resample_params
 from model.sampling import SamplingParams
+from model.serving.engines import describe_engine
 from model.serving.jobs import (
     ActiveJob,
     BuiltPrompt,
@@ -66,6 +67,12 @@ log = logging.getLogger(__name__)
 ADMIT_WAVE_SECONDS = 0.05  # the longest a built prompt waits for the others of its burst
 
 InboxItem = GenerateJob | ReloadJob | Stop | Wake
+
+
+def serving_info(serving: Serving) -> ModelInfo:
+    """What serves: the model (model_info) and the engine that decodes it."""
+    engine = describe_engine(serving.engine, serving.loaded.device)
+    return replace(model_info(serving.loaded), engine=engine)
 
 
 class _ThreadStop(Exception):
@@ -138,7 +145,7 @@ class ThreadSide:
         self._loop = loop
         try:
             self.serving = self._prepare(self._source)
-            self._post(resolve_future, started, model_info(self.serving.loaded), None)
+            self._post(resolve_future, started, serving_info(self.serving), None)
             self._serve()
         except StepFailed as failed:
             log.error("loading %r failed at step %s: %s", self._source, failed.step, failed.error)
@@ -404,7 +411,7 @@ class ThreadSide:
     def _swap(self, new: Serving) -> ModelInfo:
         """Make `new` serve (one reference assignment), then free the old model."""
         try:
-            info = model_info(new.loaded)
+            info = serving_info(new)
             old, self.serving = self.serving, new
             self._generation += 1
         except Exception as exc:
