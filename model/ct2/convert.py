@@ -116,12 +116,28 @@ def _write_conversion(model: Any, tokenizer: Any, out_dir: Path, compute_type: s
             return model
 
         def load_tokenizer(self, tokenizer_class: Any, model_name_or_path: str, **kwargs: Any) -> Any:
-            return tokenizer
+            return _WithStartToken(tokenizer)
 
     # The converter reads the config from a directory; the loaded model's own config serves for any source.
     with tempfile.TemporaryDirectory(prefix="ct2-config-") as config_dir:
         model.config.save_pretrained(config_dir)
         _LoadedConverter(config_dir).convert(str(out_dir), quantization=compute_type, force=True)
+
+
+class _WithStartToken:
+    """The tokenizer as the converter reads it, with end-of-text standing in for a missing start token:
+    a null bos_token in the converted config.json (T5Tokenizer-based Japanese GPT-2s have none) makes the
+    Generator fail to load. The engine never feeds a start token, so which one is named does not matter."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+
+    @property
+    def bos_token(self) -> Any:
+        return self._tokenizer.bos_token or self._tokenizer.eos_token
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
 
 
 def check_vocabulary(tokenizer: Any) -> None:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from model.ct2.convert import MODEL_FILE, converted_model
 from model.engine import EngineJob, EngineResult
 from model.hf_engine import HFGenerateEngine
+from model.loading import ModelLoadError
 from model.replies import cut_at_speaker_tag
 from model.sampling import SamplingParams
 
@@ -186,7 +187,11 @@ def build_ct2_engine(
         log.warning("the cached CTranslate2 conversion %s cannot be loaded (%s): converting again", path, exc)
         shutil.rmtree(path, ignore_errors=True)
         path = converted_model(loaded.model, loaded.tokenizer, cache_dir, compute_type)
-        generator = _generator(path, compute_type, threads)
+        try:
+            generator = _generator(path, compute_type, threads)
+        except RuntimeError as again:
+            message = f"CTranslate2 cannot load the converted model ({again}); set BOT_ENGINE=hf to serve it"
+            raise ModelLoadError(message, step="convert") from again
     vocabulary = json.loads((path / "vocabulary.json").read_text(encoding="utf-8"))
     description = f"ctranslate2 {compute_type} ({threads} CPU thread{'s' if threads != 1 else ''})"
     return CT2Engine(generator, vocabulary, loaded, description, max_batch_size)
