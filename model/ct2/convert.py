@@ -12,6 +12,7 @@ next conversion, and only the KEEP_CONVERSIONS most recently used conversions ar
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -118,6 +119,8 @@ def _write_conversion(model: Any, tokenizer: Any, out_dir: Path, compute_type: s
         def load_tokenizer(self, tokenizer_class: Any, model_name_or_path: str, **kwargs: Any) -> Any:
             return _WithStartToken(tokenizer)
 
+    # The converter changes tied weights in place (the served embedding, measured with 4.8.5): give it a copy.
+    model = copy.deepcopy(model)
     # The converter reads the config from a directory; the loaded model's own config serves for any source.
     with tempfile.TemporaryDirectory(prefix="ct2-config-") as config_dir:
         model.config.save_pretrained(config_dir)
