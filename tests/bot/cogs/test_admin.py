@@ -133,6 +133,11 @@ def test_format_stats_shows_gpu_memory_and_missing_latency() -> None:
     assert "p50 n/a, p95 n/a" in text
     assert "124,000,000 parameters, cuda:0, float16" in text
     assert "p99 50 ms" in text
+    assert "Engine:" not in text  # a generator that names no engine
+    cpu = ModelInfo(
+        "starter", "v1", "CPU", "float32", 9_000_000, 0, 256, engine="ctranslate2 int8 (2 CPU threads)"
+    )
+    assert "Engine: ctranslate2 int8 (2 CPU threads)" in format_stats(1, stats, 0, cpu, [])
 
 
 def test_lag_probe_and_percentile() -> None:
