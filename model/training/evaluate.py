@@ -1,8 +1,9 @@
 """`chatbot eval`: held-out perplexity, distinct-1/2, reply length, repetition and replies to fixed prompts.
 
 Perplexity is token-weighted over val.jsonl rendered exactly as in training (render_dialogue + end-of-text,
-packed blocks, eos masked by the same collator), so it reproduces the training card's figure. Replies come
-from Hugging Face `generate` directly, one prompt at a time, with a fixed seed.
+packed blocks, eos masked by the same collator), so it reproduces the training card's figure; with
+`--engine ct2` the same blocks are scored by the CTranslate2 CPU engine in `--cpu-compute` (int8 or float32),
+to check what int8 costs. Replies come from Hugging Face `generate` directly, one prompt at a time, seeded.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class EvalReport:
     mean_reply_seconds: float
     replies: tuple[PromptReply, ...]
     device: str
+    engine: str = "hf"  # what scored the perplexity: "hf" or "ct2 int8" / "ct2 float32"
 
     def to_json(self) -> dict[str, Any]:
         """A plain dict for json.dump."""
@@ -201,6 +203,8 @@ def evaluate(
     device: str = "auto",
     prompts: Sequence[str] = DEFAULT_PROMPTS,
     settings: SamplingParams = EVAL_SAMPLING,
+    engine: str = "hf",
+    cpu_compute: str = "int8",
 ) -> EvalReport:
     """Evaluate a model on an export's val.jsonl; persona, bot name and block size default to its card's."""
     from model.loading import load_model
@@ -218,9 +222,24 @@ def evaluate(
     )
     conversations = read_conversations(data_dir / "val.jsonl")
     blocks = pack_blocks(loaded.tokenizer, conversations, persona, bot_name, block_size, keep_remainder=True)
-    ppl, tokens = perplexity(loaded.model, loaded.tokenizer, blocks, batch_size, str(loaded.device))
+    if engine == "ct2":
+        ppl, tokens = _ct2_perplexity(loaded, blocks, batch_size, cpu_compute)
+    else:
+        ppl, tokens = perplexity(loaded.model, loaded.tokenizer, blocks, batch_size, str(loaded.device))
     replies = answer_prompts(loaded.model, loaded.tokenizer, prompts, persona, bot_name, settings)
-    return _report(model_name, ppl, tokens, block_size, replies, loaded.tokenizer, str(loaded.device))
+    report = _report(model_name, ppl, tokens, block_size, replies, loaded.tokenizer, str(loaded.device))
+    return replace(report, engine="hf" if engine != "ct2" else f"ct2 {cpu_compute}")
+
+
+def _ct2_perplexity(loaded: Any, blocks: Sequence[Sequence[int]], batch_size: int, compute: str) -> Any:
+    from model.ct2.scoring import ct2_perplexity
+    from model.serving.engines import EngineOptions, ct2_installed
+
+    if not ct2_installed():
+        raise ValueError("--engine ct2 needs the ctranslate2 package: pip install -e '.[cpu]'")
+    model = loaded.model.to("cpu")  # CTranslate2 converts from the CPU copy
+    cache_dir = EngineOptions().conversions_dir()
+    return ct2_perplexity(model, loaded.tokenizer, blocks, cache_dir, compute, batch_size)
 
 
 def _report(
@@ -250,6 +269,7 @@ def _report(
 
 METRIC_ROWS = (
     ("perplexity", "held-out perplexity"),
+    ("engine", "perplexity scored by"),
     ("val_tokens", "scored tokens"),
     ("block_size", "block size"),
     ("distinct_1", "distinct-1"),
@@ -295,6 +315,14 @@ class EvalArguments:
     block_size: int = field(default=0, metadata={"help": "Tokens per block (default: the training card's)."})
     batch_size: int = field(default=8, metadata={"help": "Blocks per forward pass."})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "Where to run."})
+    engine: Literal["hf", "ct2"] = field(
+        default="hf",
+        metadata={"help": "What scores the perplexity: hf (torch) or ct2 (CTranslate2, on the CPU)."},
+    )
+    cpu_compute: Literal["int8", "float32"] = field(
+        default="int8",
+        metadata={"help": "CTranslate2's compute type with --engine ct2 (as BOT_CPU_COMPUTE)."},
+    )
     max_new_tokens: int = field(default=40, metadata={"help": "Longest reply to each fixed prompt."})
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature; 0 = greedy."})
     seed: int = field(default=0, metadata={"help": "Seed for the replies."})
@@ -326,6 +354,8 @@ def run_eval(args: EvalArguments) -> list[EvalReport]:
             batch_size=args.batch_size,
             device=args.device,
             settings=settings,
+            engine=args.engine,
+            cpu_compute=args.cpu_compute,
         )
         for name in names
     ]
