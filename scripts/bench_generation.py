@@ -8,6 +8,12 @@ the worker's own costs (prompt building, queueing, reply cleanup). Prints one ma
 
     python scripts/bench_generation.py --device cuda               # GPT-2 124M, fp16
     python scripts/bench_generation.py --device cpu                # starter-sized model, fp32
+    python scripts/bench_generation.py --device cpu --engine ct2   # + the worker on CT2Engine (int8)
+    python scripts/bench_generation.py --device cpu --engine ct2 --shape gpt2 --counts 1,8
+
+With `--engine ct2` the table has a fourth system, the worker on CT2Engine (model/ct2/, BOT_CPU_COMPUTE's
+int8 by default), beside generate and the current CPU engine (the worker on BatchedGPT2Engine's eager
+path), with its speed-up over each; the engine-alone column is left out.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import logging
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -57,6 +64,9 @@ class Options:
     singles: int
     prompt_tokens: int
     new_tokens: int
+    engine: str = "fastgen"  # "ct2": also the worker on CT2Engine
+    cpu_compute: str = "int8"
+    cpu_threads: int = 0  # 0: as the bot (every core, at most 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +262,29 @@ async def bench_worker(loaded: LoadedModel, request: ReplyRequest, options: Opti
     return runs
 
 
+async def bench_ct2_worker(loaded: LoadedModel, request: ReplyRequest, options: Options) -> dict[str, Run]:
+    """The worker on CT2Engine, converted once into a temporary cache (as the bot does into its data dir)."""
+    from model.ct2.engine import build_ct2_engine
+    from model.serving.engines import EngineOptions
+
+    largest = max(options.counts)
+    cache_dir = Path(tempfile.mkdtemp(prefix="bench-ct2-"))
+    threads = EngineOptions(cpu_threads=options.cpu_threads).threads()
+
+    def engine_factory(loaded: LoadedModel) -> DecodeEngine:
+        engine = build_ct2_engine(loaded, cache_dir, options.cpu_compute, threads, max_batch_size=largest)
+        return ExactLengthEngine(engine)
+
+    worker = ModelWorker("bench", queue_size=largest, loader=lambda _: loaded, engine_factory=engine_factory)
+    async with worker:
+        log.info("ct2 worker: %s", worker.info().engine)
+
+        async def reply() -> int:
+            return (await worker.generate(request)).completion_tokens
+
+        return await bench_system(reply, options, largest)
+
+
 def log_graphs(system: str, engine: BatchedGPT2Engine) -> None:
     """How many decode graphs the engine captured: jobs joining at scattered steps need more shapes."""
     graphs = engine._graphs  # a benchmark may peek
@@ -330,6 +363,35 @@ def table(runs: dict[str, dict[str, Run]], options: Options) -> str:
     return "\n".join(lines)
 
 
+def ct2_table(runs: dict[str, dict[str, Run]], options: Options) -> str:
+    """generate, the current CPU engine and CT2Engine, each through its own path, with CT2's speed-ups."""
+    baseline, current, ct2 = runs["baseline"], runs["worker"], runs["ct2"]
+    b1, w1, c1 = (system["single"].latency_ms(0.5) for system in (baseline, current, ct2))
+    lines = [
+        "| case | generate behind a lock | current: worker + BatchedGPT2Engine (eager) "
+        f"| worker + CT2Engine ({options.cpu_compute}) | ct2 vs current | ct2 vs generate |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| one reply, p50 latency (ms) | {b1:,.1f} | {w1:,.1f} | {c1:,.1f} "
+        f"| {_ratio(w1, c1)} | {_ratio(b1, c1)} |",
+    ]
+    for key in map(str, options.counts):
+        b, w, c = baseline[key], current[key], ct2[key]
+        mark = " (projected)" if b.is_projected else ""
+        lines += [
+            f"| {key} concurrent: new tokens/s | {b.tokens_per_second:,.0f}{mark} "
+            f"| {w.tokens_per_second:,.0f} | {c.tokens_per_second:,.0f} "
+            f"| {_ratio(c.tokens_per_second, w.tokens_per_second)} "
+            f"| {_ratio(c.tokens_per_second, b.tokens_per_second)} |",
+            f"| {key} concurrent: p50 / p95 latency (ms) | {_latencies(b, 0)}{mark} | {_latencies(w, 1)} "
+            f"| {_latencies(c, 1)} | {_ratio(w.latency_ms(0.95), c.latency_ms(0.95))} (p95) "
+            f"| {_ratio(b.latency_ms(0.95), c.latency_ms(0.95))} (p95) |",
+        ]
+    top = str(max(options.counts))
+    lags = " | ".join(f"{r[top].lag_ms(0.99):.1f} / {r[top].lag_ms(1.0):.1f}" for r in (current, ct2))
+    lines.append(f"| event-loop lag while saturated ({top}), p99 / max (ms) | – | {lags} | | |")
+    return "\n".join(lines)
+
+
 def describe(options: Options, loaded: LoadedModel) -> str:
     card = torch.cuda.get_device_name() if options.device == "cuda" else platform.processor() or "CPU"
     n_layer, n_embd, _ = SHAPES[options.shape]
@@ -350,9 +412,12 @@ async def run(options: Options, out: Path | None) -> None:
     runs = {
         "baseline": await bench_system(lambda: serial.reply(request), options, options.baseline_max_count),
         "worker": await bench_worker(loaded, request, options),
-        "engine": bench_engine(loaded, request, options),
     }
-    header, body = describe(options, loaded), table(runs, options)
+    if options.engine == "ct2":
+        runs["ct2"] = await bench_ct2_worker(loaded, request, options)
+    else:
+        runs["engine"] = bench_engine(loaded, request, options)
+    header, body = describe(options, loaded), (ct2_table if options.engine == "ct2" else table)(runs, options)
     print(f"\n{header}\n\n{body}\n", flush=True)
     if out is not None:
         record = {"header": header, "table": body, **runs}
@@ -367,20 +432,32 @@ def parse_options(argv: list[str] | None) -> tuple[Options, Path | None]:
     parser.add_argument("--baseline-max-count", type=int, help="project the baseline above this (8 / 4)")
     parser.add_argument("--singles", type=int, help="sequential single replies to time (20 / 5)")
     parser.add_argument("--out", type=Path, help="also write the runs as JSON here")
+    parser.add_argument("--engine", choices=("fastgen", "ct2"), default="fastgen", help="ct2: add CT2Engine")
+    parser.add_argument(
+        "--shape", choices=tuple(SHAPES), help="model shape (default: gpt2 on cuda, starter on cpu)"
+    )
+    parser.add_argument("--cpu-compute", choices=("int8", "float32"), default="int8", help="CT2Engine's")
+    parser.add_argument("--cpu-threads", type=int, default=0, help="CT2Engine's threads (0: as the bot)")
     args = parser.parse_args(argv)
     is_cuda = args.device == "cuda"
     if is_cuda and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    counts = args.counts or ("1,8,64,256" if is_cuda else "1,4,16,32")
+    if args.engine == "ct2" and is_cuda:
+        parser.error("--engine ct2 is the CPU engine: use --device cpu")
+    default_counts = "1,8,32" if args.engine == "ct2" else "1,4,16,32"
+    counts = args.counts or ("1,8,64,256" if is_cuda else default_counts)
     options = Options(
         device=args.device,
         dtype=torch.float16 if is_cuda else torch.float32,
-        shape="gpt2" if is_cuda else "starter",
+        shape=args.shape or ("gpt2" if is_cuda else "starter"),
         counts=tuple(int(c) for c in counts.split(",")),
         baseline_max_count=args.baseline_max_count or (8 if is_cuda else 4),
         singles=args.singles or (20 if is_cuda else 5),
         prompt_tokens=256,
         new_tokens=48,
+        engine=args.engine,
+        cpu_compute=args.cpu_compute,
+        cpu_threads=args.cpu_threads,
     )
     return options, args.out
 
