@@ -8,6 +8,7 @@ Read in this order:
 4. `engine` (the DecodeEngine protocol), `hf_engine` (the reference engine on `generate`) and `replies`
    (what ends a reply and how it is cleaned, shared by every engine).
 5. `serving/` — the worker: one thread owns the model; the event loop talks to it through a queue.
-6. `fastgen/` — the batched GPT-2 decoder the worker uses for GPT-2 models (KV cache, CUDA graphs, Triton).
+6. `fastgen/` — the batched GPT-2 decoder the worker uses for GPT-2 models (KV cache, CUDA graphs, Triton);
+   `ct2/` — the CPU engine on CTranslate2 (an optional package), with its conversion cache.
 7. `training/` — the export format, open corpora, `chatbot train` / `eval` and the model registry.
 """
