@@ -107,21 +107,21 @@ def cmd_passthrough(module: str) -> Callable[[Settings, argparse.Namespace], int
 
 def cmd_models(settings: Settings, args: argparse.Namespace) -> int:
     """List the model versions in the registry, marking current and previous."""
-    from bot.retrain import list_models
+    from bot.retrain.versions import list_models
 
     return list_models(settings)
 
 
 def cmd_promote(settings: Settings, args: argparse.Namespace) -> int:
     """Make a version current (refused when its held-out perplexity is worse, unless --force)."""
-    from bot.retrain import promote_version
+    from bot.retrain.versions import promote_version
 
     return promote_version(settings, args.version, force=args.force)
 
 
 def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
     """Serve the previous version again."""
-    from bot.retrain import rollback
+    from bot.retrain.versions import rollback
 
     return rollback(settings)
 

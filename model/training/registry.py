@@ -1,7 +1,5 @@
 """Model versions in the data directory, the `current` / `previous` pointers, promote and rollback.
 
-Long because: registry.json and all that reads or replaces it (promote, rollback, the watcher) share a lock.
-
 Layout under `models_dir` (model.loading.resolve_model_source finds `versions/<name>` by name):
 
     registry.json          {"current", "previous", "versions": {name: {...}}, "history": [...]}
@@ -14,7 +12,6 @@ exclusive file lock, so a reader sees the old or the new file and two writers (t
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
@@ -24,12 +21,10 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from model.api import ReloadInProgress
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +35,6 @@ CARD_FILE = "training_card.json"
 VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Names that mean something else to BOT_MODEL / the CLI, so a version may not take them.
 RESERVED_NAMES = frozenset({"current", "previous", "starter"})
-WATCH_INTERVAL_SECONDS = 5.0
 
 
 class RegistryError(Exception):
@@ -339,7 +333,7 @@ def _lock_file(fd: int) -> None:
 
 
 def current_source(models_dir: Path) -> str | None:
-    """The folder of the current version (what BOT_MODEL=current serves), or None before any promotion."""
+    """The folder of the current version (served ahead of BOT_MODEL), or None before any promotion."""
     try:
         version = Registry(models_dir).current()
     except UnknownVersion:
@@ -349,64 +343,9 @@ def current_source(models_dir: Path) -> str | None:
 
 
 def registry_stamp(models_dir: Path) -> tuple[int, int, int] | None:
-    """A cheap change marker for registry.json (inode, mtime in ns, size); None while there is none."""
+    """A cheap change marker for registry.json (inode, mtime in ns, size) for pollers; None while none."""
     try:
         st = (Path(models_dir) / REGISTRY_FILE).stat()
     except FileNotFoundError:
         return None
     return (st.st_ino, st.st_mtime_ns, st.st_size)  # every write is a new inode
-
-
-class CurrentWatcher:
-    """Polls registry.json and hands a newly promoted `current` to `reload` (e.g. ModelWorker.reload).
-
-    `poll()` is the whole logic (tests drive it directly); `run()` calls it every few seconds. A failed
-    reload is reported to `on_failure` and not retried until `current` changes again: the old model keeps
-    serving, and retrying a broken model every 5 s would only repeat the same error.
-    """
-
-    def __init__(
-        self,
-        models_dir: Path,
-        reload: Callable[[str], Awaitable[object]],
-        on_failure: Callable[[str, BaseException], Awaitable[None]] | None = None,
-    ) -> None:
-        self.models_dir = Path(models_dir)
-        self._reload = reload
-        self._on_failure = on_failure
-        self._stamp: tuple[int, int, int] | None = registry_stamp(self.models_dir)
-        self.seen_source = current_source(self.models_dir)  # what is being served already at start-up
-
-    async def poll(self) -> str | None:
-        """Reload when `current` changed since the last poll; return the source it reloaded, else None."""
-        stamp = registry_stamp(self.models_dir)
-        if stamp == self._stamp:
-            return None  # the common case: one stat() and nothing else
-        self._stamp = stamp
-        source = current_source(self.models_dir)
-        if source is None or source == self.seen_source:
-            return None
-        previous, self.seen_source = self.seen_source, source
-        try:
-            await self._reload(source)
-        except ReloadInProgress:
-            # Someone's /reload is running: try again at the next poll rather than give up on this version.
-            self._stamp, self.seen_source = None, previous
-            log.info("a reload is already running; will load the promoted model %s next time", source)
-            return None
-        except Exception as exc:  # any other failure: the worker keeps the old model, we report and wait
-            log.error("hot reload of the promoted model %s failed: %s", source, exc)
-            if self._on_failure is not None:
-                await self._on_failure(source, exc)
-            return None
-        log.info("now serving the promoted model %s", source)
-        return source
-
-    async def run(self, interval_seconds: float = WATCH_INTERVAL_SECONDS) -> None:
-        """Poll forever (cancel the task to stop); an unexpected error is logged and polling goes on."""
-        while True:
-            await asyncio.sleep(interval_seconds)
-            try:
-                await self.poll()
-            except (RegistryError, OSError) as exc:
-                log.error("cannot read the model registry: %s", exc)

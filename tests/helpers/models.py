@@ -1,7 +1,9 @@
-"""Tiny GPT-2 models from a config plus the real tokenizer (no hub, no downloads), and ways to bend them."""
+"""Tiny GPT-2 models from a config plus the real tokenizer (no hub, no downloads), ways to bend them, and
+folders that only look like a saved model (for the registry)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +46,12 @@ def force_next_token(model: Any, token_id: int) -> Any:
     model.transformer.wte.weight[:, 0] = 0.0
     model.transformer.wte.weight[token_id, 0] = 100.0
     return model
+
+
+def fake_model_dir(path: Path, marker: str = "a") -> Path:
+    """A directory that looks like a saved model (enough for the registry, which never loads weights)."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "gpt2", "marker": marker}))
+    (path / "model.safetensors").write_bytes(b"weights-" + marker.encode())
+    (path / "training_card.json").write_text(json.dumps({"base_model": "starter", "marker": marker}))
+    return path

@@ -1,4 +1,4 @@
-"""The model registry: versions, atomic registry.json, promote/refuse/rollback, and the hot-reload watcher."""
+"""The model registry: versions, atomic registry.json, promote/refuse/rollback."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from model.api import ReloadInProgress
 from model.training.registry import (
-    CurrentWatcher,
     NoPreviousVersion,
     PromotionRefused,
     Registry,
@@ -19,15 +17,7 @@ from model.training.registry import (
     current_source,
     is_worse,
 )
-
-
-def fake_model_dir(path: Path, marker: str = "a") -> Path:
-    """A directory that looks like a saved model (enough for the registry, which never loads weights)."""
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"model_type": "gpt2", "marker": marker}))
-    (path / "model.safetensors").write_bytes(b"weights-" + marker.encode())
-    (path / "training_card.json").write_text(json.dumps({"base_model": "starter", "marker": marker}))
-    return path
+from tests.helpers.models import fake_model_dir
 
 
 @pytest.fixture
@@ -178,53 +168,3 @@ def test_interrupted_write_leaves_old_registry(
         registry.promote("v2", val_ppl=29.0, current_ppl=30.0, margin=0.02)
     monkeypatch.undo()
     assert registry.current().name == "v1"  # type: ignore[union-attr]
-
-
-class ReloadRecorder:
-    def __init__(self, fail_on: str | None = None) -> None:
-        self.sources: list[str] = []
-        self.failures: list[tuple[str, str]] = []
-        self.fail_on = fail_on
-
-    async def reload(self, source: str) -> None:
-        self.sources.append(source)
-        if self.fail_on and source.endswith(self.fail_on):
-            raise RuntimeError("broken weights")
-
-    async def on_failure(self, source: str, exc: BaseException) -> None:
-        self.failures.append((source, str(exc)))
-
-
-async def test_watcher_reloads_only_when_current_changes(registry: Registry, tmp_path: Path) -> None:
-    for i in (1, 2, 3):
-        registry.add(fake_model_dir(tmp_path / f"run{i}"))
-    registry.promote("v1", val_ppl=50.0, current_ppl=None, margin=0.02)
-    recorder = ReloadRecorder(fail_on="v3")
-    watcher = CurrentWatcher(registry.models_dir, recorder.reload, recorder.on_failure)
-    assert await watcher.poll() is None  # v1 was already serving at start-up
-    registry.promote("v2", val_ppl=40.0, current_ppl=50.0, margin=0.02)
-    assert await watcher.poll() == str(registry.models_dir / "versions" / "v2")
-    assert await watcher.poll() is None
-    registry.promote("v3", val_ppl=30.0, current_ppl=40.0, margin=0.02)
-    assert await watcher.poll() is None
-    assert recorder.failures == [(str(registry.models_dir / "versions" / "v3"), "broken weights")]
-    assert await watcher.poll() is None  # a broken version is not retried every poll
-    registry.rollback()
-    assert await watcher.poll() == str(registry.models_dir / "versions" / "v2")
-    assert [Path(s).name for s in recorder.sources] == ["v2", "v3", "v2"]
-
-
-async def test_watcher_retries_when_another_reload_is_running(registry: Registry, tmp_path: Path) -> None:
-    registry.add(fake_model_dir(tmp_path / "run1"))
-    attempts: list[str] = []
-
-    async def reload(source: str) -> None:
-        attempts.append(source)
-        if len(attempts) == 1:
-            raise ReloadInProgress("busy")
-
-    watcher = CurrentWatcher(registry.models_dir, reload)
-    registry.promote("v1", val_ppl=None, current_ppl=None, margin=0.02)
-    assert await watcher.poll() is None
-    assert await watcher.poll() == str(registry.models_dir / "versions" / "v1")
-    assert len(attempts) == 2

@@ -1,15 +1,13 @@
-"""Retraining: export → train → eval → promote, run as a child process (`python -m bot.retrain`).
+"""The retraining child process: export → train → eval → promote (`python -m bot.retrain`).
 
-The bot never trains in its own process: `/retrain` starts this module with asyncio's subprocess API, so
-the event loop, the worker and the GPU owner thread are untouched. The child speaks one JSON object per
+The bot never trains in its own process: `/retrain` starts this pipeline as a child (bot/retrain/runner.py),
+so the event loop, the worker and the GPU owner thread are untouched. The child speaks one JSON object per
 stdout line (events: stage, export, train, registered, eval, done, error); everything else it or its
-libraries print goes to stderr (a log file the parent chooses). The parent side (RetrainRunner, the
-progress text) is in bot/cogs/retrain.py. The `chatbot models / promote / rollback` commands live here.
+libraries print goes to stderr (a log file the parent chooses).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import inspect
@@ -23,10 +21,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 
 from bot.config import Settings, load_settings
-from model.training.registry import VERSIONS_DIR, PromotionRefused, Registry, RegistryError, current_source
+from bot.retrain.evaluation import ModelRef, compare, train_device
+from bot.retrain.options import RetrainOptions, build_parser, options_from_args
+from bot.runtime import model_source, setup_logging
+from model.training.registry import PromotionRefused, Registry
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,6 @@ EXPORT_PREFIX = "retrain-"  # the pipeline's own exports; only the newest is kep
 STAGING_DIR = "staging"
 LOCK_FILE = "retrain.lock"
 TRAIN_EVENT_INTERVAL_SECONDS = 1.0
-EVAL_BLOCK_TOKENS = 1024
 
 
 class PipelineError(Exception):
@@ -44,33 +44,6 @@ class PipelineError(Exception):
     def __init__(self, stage: str, message: str) -> None:
         super().__init__(message)
         self.stage = stage
-
-
-@dataclass(frozen=True)
-class RetrainOptions:
-    """What one retraining run does (the flags of `python -m bot.retrain`)."""
-
-    base: str = ""  # "" = the model being served (the current version, else BOT_MODEL)
-    guild_id: int | None = None
-    bot_user_id: int | None = None
-    max_steps: int = -1
-    epochs: float = 1.0
-    batch_size: int = 8
-    block_size: int = 0
-    learning_rate: float = 5e-5
-    sample_prompts: int = 8  # fixed prompts both models answer in the comparison (fewer = faster on a CPU)
-    force: bool = False
-    promote: bool = True
-
-    def to_argv(self) -> list[str]:
-        """The flags of `python -m bot.retrain` that rebuild these options in the child."""
-        argv = [f"--max-steps={self.max_steps}", f"--epochs={self.epochs}", f"--batch-size={self.batch_size}",
-                f"--block-size={self.block_size}", f"--learning-rate={self.learning_rate}",
-                f"--sample-prompts={self.sample_prompts}"]  # fmt: skip
-        argv += [f"--base={self.base}"] if self.base else []
-        argv += [f"--guild-id={self.guild_id}"] if self.guild_id is not None else []
-        argv += [f"--bot-user-id={self.bot_user_id}"] if self.bot_user_id is not None else []
-        return argv + (["--force"] if self.force else []) + ([] if self.promote else ["--no-promote"])
 
 
 @dataclass(frozen=True)
@@ -85,19 +58,7 @@ class PipelineResult:
     table: str  # Markdown: the new model and the served one side by side
 
 
-# --- the child: stages ---------------------------------------------------------------------------------
-
-
-def serving_source(settings: Settings) -> str:
-    """What the bot serves: the registry's current version, else BOT_MODEL (as bot.runtime decides).
-
-    A BOT_MODEL that names a registry version becomes its folder: training and evaluation load by path
-    or hub id and know no registry.
-    """
-    version_dir = settings.models_dir / VERSIONS_DIR / settings.model
-    if os.sep not in settings.model and (version_dir / "config.json").is_file():
-        return current_source(settings.models_dir) or str(version_dir)
-    return current_source(settings.models_dir) or settings.model
+# --- stages ----------------------------------------------------------------------------------------------
 
 
 def prune_old_exports(exports_dir: Path, keep: Path) -> None:
@@ -163,10 +124,10 @@ def train_step(
 
     emit({"event": "stage", "stage": "train"})
     args = training.TrainArguments(
-        data=str(export_dir), out=str(out_dir), base=options.base or serving_source(settings),
+        data=str(export_dir), out=str(out_dir), base=options.base or model_source(settings),
         persona=settings.persona, bot_name=settings.bot_name, block_size=options.block_size,
         epochs=options.epochs, max_steps=options.max_steps, batch_size=options.batch_size,
-        learning_rate=options.learning_rate, seed=settings.seed, device=_train_device(settings.device),
+        learning_rate=options.learning_rate, seed=settings.seed, device=train_device(settings.device),
         eval_before=False, eval_each_epoch=False, progress=False, logging_steps=1,
     )  # fmt: skip
     callback = progress_callback(emit)
@@ -180,56 +141,6 @@ def train_step(
         raise PipelineError("train", str(exc)) from exc
     except ModelLoadError as exc:
         raise PipelineError("train", f"cannot load the base model: {exc}") from exc
-
-
-def _train_device(device: str) -> Literal["auto", "cpu", "cuda"]:
-    """BOT_DEVICE for training: model.training.train picks no GPU index, so "cuda:N" becomes "cuda"."""
-    if device.startswith("cuda"):
-        return "cuda"
-    return "cpu" if device == "cpu" else "auto"
-
-
-def _context_tokens(source: str, models_dir: Path) -> int | None:
-    """The context window of a local model ("starter", a version, a folder) per config.json, else None."""
-    from model.loading import ModelLoadError, resolve_model_source
-
-    try:
-        folder = Path(resolve_model_source(source, models_dir))
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (ModelLoadError, OSError, ValueError):  # a hub id, or no starter installed: evaluate() says so
-        return None
-    return config.get("n_positions") or config.get("max_position_embeddings")
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A model to evaluate and the name it gets in the comparison table."""
-
-    source: str
-    label: str
-
-
-def compare(
-    settings: Settings, models: list[ModelRef], export_dir: Path, sample_prompts: int = 8
-) -> tuple[dict[str, float], str]:
-    """Evaluate models on the same val blocks: ({label: perplexity}, Markdown side by side)."""
-    from model.loading import ModelLoadError
-    from model.training.evaluate import DEFAULT_PROMPTS, evaluate, markdown_report
-
-    # One block size for all, or the numbers would not be comparable.
-    contexts = [_context_tokens(m.source, settings.models_dir) for m in models]
-    block = min([EVAL_BLOCK_TOKENS, *(c for c in contexts if c)])
-    reports = []
-    for model in models:
-        try:
-            report = evaluate(model.source, export_dir, persona=settings.persona, bot_name=settings.bot_name,
-                              block_size=block, device=_train_device(settings.device),
-                              prompts=DEFAULT_PROMPTS[:sample_prompts])  # fmt: skip
-        except (ValueError, OSError, ModelLoadError) as exc:  # no validation data, a model that won't load
-            log.warning("cannot evaluate %s: %s", model.label, exc)
-            continue
-        reports.append(dataclasses.replace(report, model=model.label))
-    return {r.model: r.perplexity for r in reports}, markdown_report(reports) if reports else ""
 
 
 def promote_step(settings: Settings, version: str, numbers: tuple[float | None, float | None],
@@ -251,7 +162,7 @@ def run_pipeline(
 ) -> PipelineResult:
     """The whole run under the retrain lock: export, train, register, evaluate, promote."""
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    served = serving_source(settings)
+    served = model_source(settings)
     with _retrain_lock(settings.models_dir):
         export_dir = export_step(settings, options, run_id, emit)
         with _staging(settings.models_dir, run_id) as work_dir:
@@ -302,7 +213,7 @@ def _staging(models_dir: Path, run_id: str) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-# --- the child: entry point ----------------------------------------------------------------------------
+# --- entry point -----------------------------------------------------------------------------------------
 
 
 class EventWriter:
@@ -333,32 +244,9 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Flags of `python -m bot.retrain` (the bot passes them; an admin may run it from a shell too)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m bot.retrain", description="Retrain: export, train, evaluate, promote (JSON events)."
-    )
-    parser.add_argument("--base", default="", help="model to fine-tune (default: the one being served)")
-    parser.add_argument("--guild-id", type=int, help="export only this guild")
-    parser.add_argument("--bot-user-id", type=int, help="the bot's Discord user id (marks its own messages)")
-    parser.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (overrides --epochs)")
-    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the exported conversations")
-    parser.add_argument("--batch-size", type=int, default=8, help="blocks per step")
-    parser.add_argument("--block-size", type=int, default=0, help="tokens per block (0: the model's, ≤ 1024)")
-    parser.add_argument("--learning-rate", type=float, default=5e-5, help="peak learning rate")
-    parser.add_argument(
-        "--sample-prompts", type=int, default=8, help="fixed prompts answered in the comparison"
-    )
-    parser.add_argument("--force", action="store_true", help="promote even if perplexity got worse")
-    parser.add_argument("--no-promote", dest="promote", action="store_false", help="train and register only")
-    parser.add_argument("--env-file", default=".env", help="settings file (the environment wins)")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the pipeline, reporting JSON events on stdout; exit code 0 when it finished (promoted or not)."""
     from bot.config import ConfigError
-    from bot.runtime import setup_logging
 
     args = build_parser().parse_args(argv)
     emit = EventWriter(claim_stdout())
@@ -369,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         emit({"event": "error", "stage": "start", "message": str(exc)})
         return 2
     setup_logging(settings.log_level, settings.log_message_text)
-    options = RetrainOptions(**{k: v for k, v in vars(args).items() if k != "env_file"})
+    options = options_from_args(args)
     try:
         result = run_pipeline(settings, options, emit)
     except PipelineError as exc:
@@ -381,75 +269,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     emit({"event": "done", **dataclasses.asdict(result)})
     return 0
-
-
-# --- `chatbot models / promote / rollback` -------------------------------------------------------------
-
-
-def newest_export(exports_dir: Path) -> Path | None:
-    """The most recently finished export (any kind) under exports_dir, or None."""
-    manifests = sorted(exports_dir.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
-    return manifests[-1].parent if manifests else None
-
-
-def list_models(settings: Settings) -> int:
-    """Print every version, marking current (*) and previous (-), with its held-out perplexity."""
-    versions = Registry(settings.models_dir).versions()
-    if not versions:
-        print(f"no model versions in {settings.models_dir} yet: run /retrain or `python -m bot.retrain`")
-    for v in versions:
-        mark = "*" if v.is_current else "-" if v.is_previous else " "
-        ppl = v.card.get("metrics", {}).get("val_perplexity_after", "?")
-        added = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.added_at))
-        print(f"{mark} {v.name:<16} added {added}  val ppl {ppl}  base {v.card.get('base', '?')}")
-    return 0
-
-
-def promote_version(settings: Settings, version: str, *, force: bool = False, val_ppl: float | None = None,
-                    current_ppl: float | None = None) -> int:  # fmt: skip
-    """Make a version current; both perplexities come from the newest export unless given. Exit code."""
-    registry = Registry(settings.models_dir)
-    try:
-        target = registry.get(version)
-        if target.is_current:
-            raise RegistryError(f"{version} is already the current version")
-        if val_ppl is None or current_ppl is None:
-            val_ppl, current_ppl = _measure_for_promotion(settings, target.path, version)
-        if val_ppl is None and not force:
-            raise PromotionRefused(
-                f"could not measure {version}'s held-out perplexity; --force promotes anyway"
-            )
-        registry.promote(version, val_ppl=val_ppl, current_ppl=current_ppl, margin=settings.promote_margin,
-                         force=force)  # fmt: skip
-    except RegistryError as exc:
-        print(f"chatbot promote: {exc}", file=sys.stderr)
-        return 1
-    print(f"promoted {version}: a running bot switches to it within seconds")
-    return 0
-
-
-def _measure_for_promotion(settings: Settings, path: Path, version: str) -> tuple[float | None, float | None]:
-    export_dir = newest_export(settings.exports_dir)
-    if export_dir is None:
-        print("no export found to measure perplexity on: run `chatbot export` first", file=sys.stderr)
-        return None, None
-    served = serving_source(settings)
-    new, old = ModelRef(str(path), f"new: {version}"), ModelRef(served, "serving")
-    ppl, table = compare(settings, [new, old], export_dir)
-    print(f"held-out perplexity on {export_dir / 'val.jsonl'}:\n{table}")
-    return ppl.get(new.label), ppl.get(old.label)
-
-
-def rollback(settings: Settings) -> int:
-    """Serve the previous version again; exit code 1 when there is none."""
-    try:
-        record = Registry(settings.models_dir).rollback()
-    except RegistryError as exc:
-        print(f"chatbot rollback: {exc}", file=sys.stderr)
-        return 1
-    print(f"rolled back from {record.replaced} to {record.version}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
