@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bot.config import Settings
@@ -32,14 +33,32 @@ def setup_logging(level: str, log_message_text: bool = False) -> None:
 
 
 def model_source(settings: Settings) -> str:
-    """The model to serve: the registry's promoted `current` version when there is one, else BOT_MODEL."""
+    """What the bot serves: the registry's promoted `current` version, else BOT_MODEL.
+
+    The one answer for the worker at start-up, /reload without a model, retraining's base and the served
+    side of every comparison. A BOT_MODEL that names a registry version becomes that version's folder
+    (training and evaluation load by path or hub id and know no registry); anything else is BOT_MODEL.
+    """
     from model.training.registry import current_source
 
     promoted = current_source(settings.models_dir)
     if promoted is not None:
         log.info("serving the promoted model %s (BOT_MODEL=%s is the base)", promoted, settings.model)
         return promoted
-    return settings.model
+    return _version_folder(settings.model, settings.models_dir) or settings.model
+
+
+def _version_folder(name: str, models_dir: Path) -> str | None:
+    """The folder of the registry version `name` names, by the loader's own rule; None if it names none."""
+    from model.loading import STARTER_MODEL_NAME, ModelLoadError, resolve_model_source
+
+    if name == STARTER_MODEL_NAME or Path(name).expanduser().is_dir():
+        return None  # the starter, or a folder that is served as it is
+    try:
+        resolved = resolve_model_source(name, models_dir)
+    except ModelLoadError:
+        return None  # not a version either: loading the model will say what is wrong with it
+    return resolved if resolved != name else None  # a hub id resolves to itself
 
 
 def create_worker(settings: Settings) -> ModelWorker:

@@ -1,18 +1,26 @@
-"""Logging set-up: no message text in any logger's records, even with the root logger at DEBUG."""
+"""Start-up pieces shared by the front ends: logging (no message text in any logger's records, even with
+the root logger at DEBUG), and the one answer to "what does the bot serve?" (the promoted version, else
+BOT_MODEL, a version by its folder) that the worker at start-up, retraining and `chatbot promote` all ask."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import bot.retrain.pipeline
+import bot.retrain.versions
 from bot.config import Settings
 from bot.conversation import ConversationService, IncomingMessage
-from bot.runtime import QUIET_LOGGERS, setup_logging
+from bot.runtime import QUIET_LOGGERS, create_worker, model_source, setup_logging
 from bot.storage import Storage
+from model.training.registry import Registry
 from tests.helpers.fakes import FakeGenerator
+from tests.helpers.models import fake_model_dir
 
 CANARY = "LOG-CANARY-b6f0 my password is swordfish"
 
@@ -75,3 +83,52 @@ async def test_the_flag_lets_message_text_through_for_debugging(tmp_path: Path, 
     logging.getLogger("aiosqlite").setLevel(logging.NOTSET)  # follow the root, as a fresh process would
     await drive_the_canary(tmp_path)
     assert CANARY in texts([r for r in every_record if r.name.startswith("aiosqlite")])
+
+
+# --- what the bot serves -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "data", model="gpt2", device="cpu")
+
+
+def test_bot_model_is_served_before_any_promotion(settings: Settings, tmp_path: Path) -> None:
+    assert model_source(settings) == "gpt2"  # a hub id, as it is
+    assert model_source(dataclasses.replace(settings, model="starter")) == "starter"
+    folder = fake_model_dir(tmp_path / "my-model")
+    assert model_source(dataclasses.replace(settings, model=str(folder))) == str(folder)
+
+
+def test_a_bot_model_naming_a_registry_version_is_served_by_its_folder(settings: Settings,
+                                                                       tmp_path: Path) -> None:  # fmt: skip
+    version = Registry(settings.models_dir).add(fake_model_dir(tmp_path / "run1"))
+    # The worker's loader would resolve "v1" to this folder; training and evaluation need the folder itself.
+    assert model_source(dataclasses.replace(settings, model="v1")) == str(version.path.resolve())
+    assert model_source(dataclasses.replace(settings, model="v9")) == "v9"  # no such version: as it is
+
+
+def test_the_promoted_version_wins_over_bot_model(settings: Settings, tmp_path: Path) -> None:
+    registry = Registry(settings.models_dir)
+    registry.add(fake_model_dir(tmp_path / "run1"))
+    second = registry.add(fake_model_dir(tmp_path / "run2"))
+    registry.promote("v2", val_ppl=None, current_ppl=None, margin=0.02)
+    assert model_source(settings) == str(second.path)
+    assert model_source(dataclasses.replace(settings, model="v1")) == str(second.path)
+
+
+def test_the_worker_and_retraining_ask_the_same_function(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    version = Registry(settings.models_dir).add(fake_model_dir(tmp_path / "run1"))
+    settings = dataclasses.replace(settings, model="v1")
+    started: list[str] = []
+
+    def fake_worker(source: str, **kwargs: Any) -> None:
+        started.append(source)
+
+    monkeypatch.setattr("model.serving.worker.ModelWorker", fake_worker)
+    create_worker(settings)
+    assert started == [str(version.path.resolve())]  # the folder, as retraining trains from
+    assert bot.retrain.pipeline.model_source is model_source
+    assert bot.retrain.versions.model_source is model_source
