@@ -326,6 +326,14 @@ def test_device_and_dtype_choices() -> None:
             pick_device("cuda")
 
 
+def test_load_on_cpu_warns_about_speed_once(tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="model.loading"):
+        load_model(str(tiny_model_dir), device="cpu")
+    about_speed = [r for r in caplog.records if "slow" in r.getMessage()]
+    assert len(about_speed) == 1 and about_speed[0].levelno == logging.WARNING
+    assert "device CPU," in caplog.text
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_load_on_gpu_reports_the_card(tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
