@@ -221,19 +221,30 @@ def run_command(
     func: Callable[[Settings, argparse.Namespace], int], settings: Settings, args: argparse.Namespace
 ) -> int:
     """Run a subcommand, turning the known failures into one clear line and an exit code."""
+    try:
+        return func(settings, args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        known = known_failure(exc)
+        if known is None:
+            raise
+        line, code = known
+        print(f"chatbot: {line}", file=sys.stderr)
+        return code
+
+
+def known_failure(exc: Exception) -> tuple[str, int] | None:
+    """(line, exit code) for a model or storage failure. The imports wait for a failure: model.loading
+    loads torch, seconds that `chatbot health` (run every 30 s by a supervisor) must not pay."""
     from bot.storage import StorageError
     from model.loading import ModelLoadError
 
-    try:
-        return func(settings, args)
-    except ModelLoadError as exc:
-        print(f"chatbot: cannot load the model: {exc}", file=sys.stderr)
-        return EXIT_MODEL
-    except StorageError as exc:
-        print(f"chatbot: database problem: {exc}", file=sys.stderr)
-        return EXIT_STORAGE
-    except KeyboardInterrupt:
-        return 130
+    if isinstance(exc, ModelLoadError):
+        return f"cannot load the model: {exc}", EXIT_MODEL
+    if isinstance(exc, StorageError):
+        return f"database problem: {exc}", EXIT_STORAGE
+    return None
 
 
 if __name__ == "__main__":
