@@ -37,10 +37,6 @@ NETWORK_ERRORS: tuple[type[BaseException], ...] = (
     discord.DiscordServerError,
     discord.GatewayNotFound,
 )
-CHECK_ERRORS: tuple[type[BaseException], ...] = (
-    *NETWORK_ERRORS,
-    TimeoutError,
-)  # the check's own deadline counts as unreachable too
 BAD_TOKEN_LINE = (
     "Discord rejected DISCORD_TOKEN: copy the bot token again from the Developer Portal (exit 78)"
 )
@@ -88,7 +84,7 @@ def describe_network_error(exc: BaseException) -> str:
     if isinstance(exc, discord.GatewayNotFound):
         return "Discord did not give a gateway address"
     if isinstance(exc, TimeoutError):
-        return f"no answer within {CHECK_TIMEOUT_SECONDS:g} s"
+        return str(exc) or "no answer in time"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
@@ -105,7 +101,9 @@ async def check_discord(token: str, timeout_seconds: float = CHECK_TIMEOUT_SECON
             await _gateway_hello(http, url)
     except discord.LoginFailure:
         raise StartupError(EXIT_BAD_TOKEN, BAD_TOKEN_LINE) from None
-    except CHECK_ERRORS as exc:
+    except TimeoutError:
+        raise unreachable(TimeoutError(f"no answer within {timeout_seconds:g} s")) from None
+    except NETWORK_ERRORS as exc:
         raise unreachable(exc) from None
     finally:
         await http.close()
