@@ -42,7 +42,7 @@ COPY model ./model
 RUN pip install . && chatbot --help > /dev/null
 
 # A dedicated user; /data holds chatbot.db, exports/, models/ and the heartbeat `chatbot health` reads.
-RUN useradd --system --uid 10001 --user-group --home-dir /data --shell /usr/sbin/nologin chatbot \
+RUN useradd --uid 10001 --user-group --no-create-home --home-dir /data --shell /usr/sbin/nologin chatbot \
     && mkdir -p /data \
     && chown chatbot:chatbot /data
 ENV BOT_DATA_DIR=/data \

@@ -122,6 +122,7 @@ def test_compose_keeps_the_token_secret_and_does_not_loop_forever() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     bot, vllm = compose["services"]["bot"], compose["services"]["vllm"]
     assert re.fullmatch(r"on-failure:\d+", bot["restart"]), "always/unless-stopped would loop on 78/79"
+    assert bot["init"] is True  # SIGTERM reaches the bot (PID 1 ignores signals it has no handler for)
     assert bot["environment"]["DISCORD_TOKEN_FILE"] == "/run/secrets/discord_token"
     assert "DISCORD_TOKEN" not in bot["environment"] and bot["secrets"] == ["discord_token"]
     assert compose["secrets"]["discord_token"]["file"] == "./discord_token"
