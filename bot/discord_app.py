@@ -96,10 +96,10 @@ async def run_bot(settings: Settings) -> int:
         return EXIT_BAD_TOKEN
     from bot.runtime import create_worker  # loads torch: only when the bot really runs
 
-    worker, metrics = create_worker(settings), BotMetrics()
+    metrics = BotMetrics()
     async with Storage.open(settings.db_path, settings.db_busy_timeout_seconds) as storage:
         try:
-            async with checked_start(worker, settings.discord_token):
+            async with checked_start(lambda: create_worker(settings), settings.discord_token) as worker:
                 bot = ChatBot(settings, storage, MeteredGenerator(worker, metrics))
                 async with operations(bot, bot.generator, settings, metrics):
                     return await serve(bot, settings.discord_token)

@@ -1,9 +1,10 @@
 """Fail fast at start-up: check the token, the intent and the gateway while the model loads.
 
 A large model takes minutes to load on a CPU; a rejected token, a missing intent or no network should be
-reported in seconds, not after that. `load_while_checking` runs the model load and `check_discord`
-side by side and stops at the first failure of either. A known failure becomes a `StartupError`: one line
-for the log and the exit code a supervisor acts on (78 and 79 are not worth a restart, 69 is).
+reported in seconds, not after that. `checked_start` makes the worker (importing torch) and loads the
+model while `check_discord` runs, and stops at the first failure of either. A known failure becomes a
+`StartupError`: one line for the log and the exit code a supervisor acts on (78 and 79 are not worth a
+restart, 69 is).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import discord
@@ -49,6 +51,10 @@ class Startable(Protocol):
     async def start(self) -> object: ...
 
     async def close(self, grace_seconds: float = 10.0) -> None: ...
+
+
+W = TypeVar("W", bound=Startable)
+T = TypeVar("T")
 
 
 @dataclass
@@ -143,19 +149,48 @@ async def load_while_checking(load_model: Awaitable[object], check: Awaitable[No
 
 @contextlib.asynccontextmanager
 async def checked_start(
-    worker: Startable, token: str, check: Callable[[str], Awaitable[None]] = check_discord
-) -> AsyncIterator[None]:
-    """Start the worker while Discord is checked; close it on the way out, if it had started."""
-    is_started = False
+    make_worker: Callable[[], W], token: str, check: Callable[[str], Awaitable[None]] = check_discord
+) -> AsyncIterator[W]:
+    """Make and start the worker while Discord is checked; yield it, and close it on the way out.
+
+    `make_worker` runs in a daemon thread: it imports torch, seconds on a busy machine that the check
+    need not wait for, and that an exit after a failed check need not wait for either.
+    """
+    started: list[W] = []
 
     async def start() -> None:
-        nonlocal is_started
+        worker = await in_daemon_thread(make_worker)
         await worker.start()
-        is_started = True
+        started.append(worker)
 
     try:
         await load_while_checking(start(), check(token))
-        yield
+        yield started[0]
     finally:
-        if is_started:
+        for worker in started:
             await worker.close()
+
+
+async def in_daemon_thread(func: Callable[[], T]) -> T:
+    """`func()` in a daemon thread, awaited (asyncio.to_thread's threads are joined at exit: not these)."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: T | None, error: BaseException | None) -> None:  # on the loop
+        if answer.done():  # cancelled: nobody waits any more
+            return
+        if error is not None:
+            answer.set_exception(error)
+        else:
+            answer.set_result(value)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            value, error = func(), None
+        except BaseException as exc:  # handed to the awaiting task, which re-raises it
+            value, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is exiting
+            loop.call_soon_threadsafe(settle, value, error)
+
+    threading.Thread(target=run, name="make-worker", daemon=True).start()
+    return await answer

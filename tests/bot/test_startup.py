@@ -21,6 +21,9 @@ from bot.startup import (
     checked_start,
     load_while_checking,
 )
+from model.api import ReplyRequest
+from model.prompt import Turn
+from model.serving.worker import ModelWorker
 from tests.helpers.fake_discord_api import fake_discord_api, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,9 +104,37 @@ async def test_the_check_fails_while_the_model_is_still_loading(api_at) -> None:
     api_at(f"http://127.0.0.1:{free_port()}/api/v10")
     worker, started = SlowWorker(), time.monotonic()
     with pytest.raises(StartupError):
-        async with checked_start(worker, "x"):
+        async with checked_start(lambda: worker, "x"):
             pytest.fail("the bot must not start")
     assert time.monotonic() - started < 5 and not worker.is_started and not worker.is_closed
+
+
+async def test_the_check_does_not_wait_for_the_worker_to_be_made(api_at) -> None:  # type: ignore[no-untyped-def]
+    api_at(f"http://127.0.0.1:{free_port()}/api/v10")
+
+    def slow_imports() -> SlowWorker:  # importing torch on a busy machine, in its own thread
+        time.sleep(3)
+        return SlowWorker()
+
+    started = time.monotonic()
+    with pytest.raises(StartupError):
+        async with checked_start(slow_imports, "x"):
+            pytest.fail("the bot must not start")
+    assert time.monotonic() - started < 2
+
+
+async def test_a_started_worker_is_yielded_and_closed_after(api_at) -> None:  # type: ignore[no-untyped-def]
+    class QuickWorker(SlowWorker):
+        async def start(self) -> None:
+            self.is_started = True
+
+    async def passes(token: str) -> None:
+        assert token == "x"
+
+    worker = QuickWorker()
+    async with checked_start(lambda: worker, "x", check=passes) as running:
+        assert running is worker and worker.is_started and not worker.is_closed
+    assert worker.is_closed
 
 
 async def test_a_load_failure_wins_over_a_slow_check() -> None:
@@ -132,3 +163,16 @@ def test_chatbot_run_without_discord_exits_69_in_one_line_before_the_model_loads
     assert len(lines) == 1, done.stderr
     assert " ERROR " in lines[0] and "cannot reach Discord: cannot connect to 127.0.0.1" in lines[0]
     assert "Traceback" not in done.stderr + done.stdout
+
+
+async def test_the_real_worker_made_in_its_thread_serves_once_started(tiny_model_dir: Path) -> None:
+    async def passes(token: str) -> None:
+        return None
+
+    async with checked_start(
+        lambda: ModelWorker(str(tiny_model_dir), device="cpu"), "x", check=passes
+    ) as worker:
+        assert worker.is_alive()
+        reply = await worker.generate(ReplyRequest(persona="A chat.", history=(Turn("alice", "hi"),)))
+        assert reply.text
+    assert not worker.is_alive()
