@@ -140,7 +140,10 @@ class Heartbeat:
                 log.info("healthy again")
             self._last_problems = problems
         if not problems:
-            write_heartbeat(self.path, vitals, self.clock(), self.stale_after_seconds)
+            try:
+                write_heartbeat(self.path, vitals, self.clock(), self.stale_after_seconds)
+            except OSError as exc:  # a full or read-only disk: the check will say stale; keep measuring
+                log.warning("cannot write the heartbeat %s: %s", self.path, exc)
 
     async def run(self) -> None:
         """Beat until cancelled."""

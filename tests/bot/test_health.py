@@ -15,6 +15,7 @@ from pathlib import Path
 from bot.health import (
     HEARTBEAT_INTERVAL_SECONDS,
     HEARTBEAT_STALE_AFTER_SECONDS,
+    Heartbeat,
     Vitals,
     check_health,
     heartbeat_path,
@@ -146,3 +147,12 @@ async def test_no_heartbeat_until_connected(tmp_path: Path) -> None:
         async with beating(h):
             await in_thread(time.sleep, 5 * INTERVAL_SECONDS)
             assert not heartbeat_path(h.bot.settings.data_dir).exists()
+
+
+async def test_a_heartbeat_that_cannot_be_written_is_logged_and_beating_goes_on(tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the data dir should be")
+    heartbeat = Heartbeat(blocked / "heartbeat.json", lambda: True, lambda: True, interval_seconds=0.01)
+    heartbeat.beat(0.0)
+    heartbeat.beat(0.0)  # no exception: the task that beats must not die of it
+    assert not check_health(heartbeat.path, time.time())[0]
