@@ -135,7 +135,8 @@ class Settings:
     """Every knob of the bot. Build with `load_settings()`; each field's env variable is in `.env.example`."""
 
     discord_token: str | None = _setting("DISCORD_TOKEN", "", str.strip, secret=True)
-    discord_token_file: Path | None = _setting("DISCORD_TOKEN_FILE", "", _optional_path)
+    # Hidden like the token: child processes (retraining) get neither.
+    discord_token_file: Path | None = _setting("DISCORD_TOKEN_FILE", "", _optional_path, secret=True)
     data_dir: Path = _setting("BOT_DATA_DIR", "./data", lambda raw: Path(_text(4096)(raw)))
     model: str = _setting("BOT_MODEL", "starter", _text(4096))
     device: str = _setting("BOT_DEVICE", "auto", _choice("auto", "cpu", "cuda", allow_cuda_index=True))
