@@ -80,7 +80,7 @@ def test_load_model_reports_and_checks(tiny_model_dir: Path, caplog: pytest.LogC
     assert loaded.tokenizer.pad_token_id == 50256
     assert loaded.model.generation_config.pad_token_id == 50256
     report = caplog.text
-    assert "CPU (slow" in report and "float32" in report and f"{loaded.total_params:,} parameters" in report
+    assert "device CPU," in report and "float32" in report and f"{loaded.total_params:,} parameters" in report
     assert any(r.levelno == logging.WARNING and "CPU" in r.getMessage() for r in caplog.records)
 
 
