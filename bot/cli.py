@@ -93,14 +93,14 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_passthrough(module: str) -> Callable[[Settings, argparse.Namespace], int]:
-    """A subcommand whose arguments belong to a model/ entry point (train, eval)."""
+def cmd_passthrough(module: str, prog: str) -> Callable[[Settings, argparse.Namespace], int]:
+    """A subcommand whose arguments belong to a model/ entry point (train, eval), named `prog` in its help."""
 
     def run(settings: Settings, args: argparse.Namespace) -> int:
         import importlib
 
-        entry: Callable[[list[str]], int] = importlib.import_module(module).main
-        return entry([arg for arg in args.rest if arg != "--"])
+        entry: Callable[..., int] = importlib.import_module(module).main
+        return entry([arg for arg in args.rest if arg != "--"], prog=prog)
 
     return run
 
@@ -126,53 +126,77 @@ def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
     return rollback(settings)
 
 
+def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
+    """Exit 0 when the bot on this data dir is connected, its worker alive and its loop on time."""
+    from bot.health import run_health_check
+
+    return run_health_check(settings.data_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The whole command tree."""
+    """The whole command tree; every command and argument says what it is (`chatbot CMD --help`)."""
     parser = argparse.ArgumentParser(prog="chatbot", description="GPT-2 Discord chatbot")
     parser.add_argument("--env-file", default=".env", help="settings file read before the environment")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("start", help="Discord bot if DISCORD_TOKEN is set, else the terminal chat").set_defaults(
-        func=cmd_start
-    )
-    sub.add_parser("run", help="run the Discord bot").set_defaults(func=cmd_run)
-    console = sub.add_parser("console", help="chat in the terminal (pipe lines in to script it)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of these:")
+    _command(sub, "start", cmd_start, "run the Discord bot if DISCORD_TOKEN is set, else the terminal chat")
+    _command(sub, "run", cmd_run, "run the Discord bot until SIGTERM/SIGINT (exit codes: README, Deploying)")
+    console = _command(sub, "console", cmd_console, "chat in the terminal (pipe lines in to script it)")
     console.add_argument("--channel", default="console", help="conversation name; each keeps its own history")
-    console.set_defaults(func=cmd_console)
+    _command(
+        sub, "health", cmd_health,
+        "exit 0 if the bot on this data dir is connected, its model worker alive and its loop on time",
+    )  # fmt: skip
     _add_db(sub)
     _add_export(sub)
-    passthrough = (
+    for name, module, text in (
         ("train", "model.training.train", "fine-tune"),
         ("eval", "model.training.evaluate", "evaluate"),
-    )
-    for name, module, text in passthrough:
+    ):
         cmd = sub.add_parser(name, help=f"{text} a model (see `chatbot {name} --help`)", add_help=False)
-        cmd.set_defaults(func=cmd_passthrough(module), rest=[])
-    sub.add_parser("models", help="list model versions").set_defaults(func=cmd_models)
-    promote = sub.add_parser("promote", help="make a model version current")
-    promote.add_argument("version")
+        cmd.set_defaults(func=cmd_passthrough(module, f"chatbot {name}"), rest=[])
+    _command(
+        sub, "models", cmd_models, "list the model versions in the registry (current and previous marked)"
+    )
+    promote = _command(sub, "promote", cmd_promote, "make a model version current (refused if worse)")
+    promote.add_argument("version", metavar="VERSION", help="a version name from `chatbot models` (e.g. v3)")
     promote.add_argument("--force", action="store_true", help="promote even if perplexity is worse")
-    promote.set_defaults(func=cmd_promote)
-    sub.add_parser("rollback", help="serve the previous model version").set_defaults(func=cmd_rollback)
+    _command(sub, "rollback", cmd_rollback, "serve the previous model version again")
     return parser
 
 
+def _command(
+    sub: argparse._SubParsersAction, name: str, func: Callable[[Settings, argparse.Namespace], int], text: str
+) -> argparse.ArgumentParser:
+    """A subcommand whose one-line text is both its entry in `chatbot --help` and its own description."""
+    command: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text[0].upper() + text[1:])
+    command.set_defaults(func=func)
+    return command
+
+
 def _add_db(sub: argparse._SubParsersAction) -> None:
-    db = sub.add_parser("db", help="database helpers")
-    db_sub = db.add_subparsers(dest="db_command", required=True)
-    db_sub.add_parser("migrate", help="create or upgrade the database schema")
-    db_sub.add_parser("check", help="run PRAGMA integrity_check")
-    backup = db_sub.add_parser("backup", help="online backup to PATH (safe while the bot runs)")
-    backup.add_argument("path", type=Path)
-    db.set_defaults(func=cmd_db)
+    db = _command(sub, "db", cmd_db, "database helpers: migrate, check, backup")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND", help="one of these:")
+    _db_command(db_sub, "migrate", "create or upgrade the database schema")
+    _db_command(db_sub, "check", "run SQLite's PRAGMA integrity_check on the database")
+    backup = _db_command(db_sub, "backup", "online backup of the database to PATH (safe while the bot runs)")
+    backup.add_argument("path", type=Path, metavar="PATH", help="the backup file to write (e.g. backup.db)")
+
+
+def _db_command(db_sub: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = db_sub.add_parser(
+        name, help=text, description=text[0].upper() + text[1:]
+    )
+    return parser
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    export = sub.add_parser("export", help="export training data (consented Discord logs or an open corpus)")
+    export = _command(
+        sub, "export", cmd_export, "export training data (consented Discord logs or an open corpus)"
+    )
     export.add_argument("--out", type=Path, required=True, help="output directory")
     export.add_argument("--guild", type=int, help="only this guild id")
     export.add_argument("--since", help="only messages on or after this date (YYYY-MM-DD)")
     export.add_argument("--corpus", help="chitchat | chatterbot[:LANGUAGE] instead of the database")
-    export.set_defaults(func=cmd_export)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,19 +221,30 @@ def run_command(
     func: Callable[[Settings, argparse.Namespace], int], settings: Settings, args: argparse.Namespace
 ) -> int:
     """Run a subcommand, turning the known failures into one clear line and an exit code."""
+    try:
+        return func(settings, args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        known = known_failure(exc)
+        if known is None:
+            raise
+        line, code = known
+        print(f"chatbot: {line}", file=sys.stderr)
+        return code
+
+
+def known_failure(exc: Exception) -> tuple[str, int] | None:
+    """(line, exit code) for a model or storage failure. The imports wait for a failure: model.loading
+    loads torch, seconds that `chatbot health` (run every 30 s by a supervisor) must not pay."""
     from bot.storage import StorageError
     from model.loading import ModelLoadError
 
-    try:
-        return func(settings, args)
-    except ModelLoadError as exc:
-        print(f"chatbot: cannot load the model: {exc}", file=sys.stderr)
-        return EXIT_MODEL
-    except StorageError as exc:
-        print(f"chatbot: database problem: {exc}", file=sys.stderr)
-        return EXIT_STORAGE
-    except KeyboardInterrupt:
-        return 130
+    if isinstance(exc, ModelLoadError):
+        return f"cannot load the model: {exc}", EXIT_MODEL
+    if isinstance(exc, StorageError):
+        return f"database problem: {exc}", EXIT_STORAGE
+    return None
 
 
 if __name__ == "__main__":

@@ -102,6 +102,11 @@ def _speaker_name(raw: str) -> str:
     return value
 
 
+def _optional_path(raw: str) -> Path | None:
+    value = raw.strip()
+    return Path(_text(4096)(value)) if value else None
+
+
 def _choice(*allowed: str, allow_cuda_index: bool = False) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip()
@@ -130,6 +135,8 @@ class Settings:
     """Every knob of the bot. Build with `load_settings()`; each field's env variable is in `.env.example`."""
 
     discord_token: str | None = _setting("DISCORD_TOKEN", "", str.strip, secret=True)
+    # Hidden like the token: child processes (retraining) get neither.
+    discord_token_file: Path | None = _setting("DISCORD_TOKEN_FILE", "", _optional_path, secret=True)
     data_dir: Path = _setting("BOT_DATA_DIR", "./data", lambda raw: Path(_text(4096)(raw)))
     model: str = _setting("BOT_MODEL", "starter", _text(4096))
     device: str = _setting("BOT_DEVICE", "auto", _choice("auto", "cpu", "cuda", allow_cuda_index=True))
@@ -170,6 +177,8 @@ class Settings:
     db_busy_timeout_seconds: float = _setting("BOT_DB_BUSY_TIMEOUT_SECONDS", "5", _float_in(0.1, 600))
     export_gap_minutes: float = _setting("BOT_EXPORT_GAP_MINUTES", "30", _float_in(1, 525_600))
     promote_margin: float = _setting("BOT_PROMOTE_MARGIN", "0.02", _float_in(0, 10))
+    metrics_port: int = _setting("BOT_METRICS_PORT", "0", _int_in(0, 65_535))
+    metrics_host: str = _setting("BOT_METRICS_HOST", "127.0.0.1", _text(255))
 
     @property
     def db_path(self) -> Path:
@@ -217,6 +226,8 @@ class Settings:
         data_dir_problem = _data_dir_problem(values.get("data_dir", cls.data_dir))
         if data_dir_problem:
             problems.append(f"BOT_DATA_DIR {data_dir_problem}")
+        if values.get("discord_token_file") is not None:
+            _read_token_file(values, problems)
         if problems:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
         return cls(**values)
@@ -239,6 +250,23 @@ def _data_dir_problem(path: Path) -> str | None:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         return f"cannot be created: {str(ancestor)!r} is not writable"
     return None
+
+
+def _read_token_file(values: dict[str, Any], problems: list[str]) -> None:
+    """DISCORD_TOKEN_FILE (a Docker or systemd secret) supplies the token: it is never in the environment."""
+    path = values["discord_token_file"]
+    if values.get("discord_token"):
+        problems.append("DISCORD_TOKEN_FILE and DISCORD_TOKEN are both set: keep one")
+        return
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append(f"DISCORD_TOKEN_FILE cannot be read ({type(exc).__name__}), got {str(path)!r}")
+        return
+    if not token:
+        problems.append(f"DISCORD_TOKEN_FILE is empty, got {str(path)!r}")
+        return
+    values["discord_token"] = token
 
 
 def env_variables() -> dict[str, str]:

@@ -9,6 +9,8 @@ Exit codes of `chatbot run` (for supervisors, e.g. systemd `RestartPreventExitSt
   78  DISCORD_TOKEN is missing or Discord rejected it. Restarting cannot help, and every failed login counts
       toward Discord's 1000 logins a day, after which the token is reset.
   79  a privileged intent (Message Content) is not enabled for the application in the Developer Portal.
+  69  Discord cannot be reached (no network, DNS, TLS, an outage): retryable. Token, intent and gateway are
+      checked while the model loads (bot/startup.py), so all three codes come in seconds, not after it.
   2   (bot.cli) invalid settings, e.g. BOT_DATA_DIR is a file or a folder that cannot be created.
   4   (bot.cli) the database cannot be used at start: read-only, not a SQLite file, corrupt, full, or
       locked past busy_timeout while upgrading the schema; one line says what to fix. Once serving, a
@@ -26,13 +28,24 @@ import discord
 
 from bot.chatbot import ChatBot
 from bot.config import Settings
+from bot.metrics import BotMetrics, MeteredGenerator
+from bot.operations import operations
+from bot.startup import (
+    BAD_TOKEN_LINE,
+    EXIT_BAD_TOKEN,
+    EXIT_MISSING_INTENT,
+    EXIT_UNAVAILABLE,
+    MISSING_INTENT_LINE,
+    NETWORK_ERRORS,
+    StartupError,
+    checked_start,
+    unreachable,
+)
 from bot.storage import Storage
 
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
-EXIT_BAD_TOKEN = 78  # EX_CONFIG
-EXIT_MISSING_INTENT = 79
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -62,13 +75,14 @@ async def serve(bot: ChatBot, token: str) -> int:
         async with bot:
             await bot.start(token)
     except discord.LoginFailure:
-        log.error(
-            "Discord rejected DISCORD_TOKEN: copy the bot token again from the Developer Portal (exit 78)"
-        )
+        log.error(BAD_TOKEN_LINE)
         return EXIT_BAD_TOKEN
     except discord.PrivilegedIntentsRequired:
-        log.error("enable the Message Content intent for this bot in the Developer Portal (exit 79)")
+        log.error(MISSING_INTENT_LINE)
         return EXIT_MISSING_INTENT
+    except NETWORK_ERRORS as exc:  # the network went away between the start-up check and the login
+        log.error("%s", unreachable(exc))
+        return EXIT_UNAVAILABLE
     finally:
         await bot.wait_shutdown()
         remove_signal_handlers(loop, installed)
@@ -82,8 +96,13 @@ async def run_bot(settings: Settings) -> int:
         return EXIT_BAD_TOKEN
     from bot.runtime import create_worker  # loads torch: only when the bot really runs
 
-    async with (
-        Storage.open(settings.db_path, settings.db_busy_timeout_seconds) as storage,
-        create_worker(settings) as worker,
-    ):
-        return await serve(ChatBot(settings, storage, worker), settings.discord_token)
+    metrics = BotMetrics()
+    async with Storage.open(settings.db_path, settings.db_busy_timeout_seconds) as storage:
+        try:
+            async with checked_start(lambda: create_worker(settings), settings.discord_token) as worker:
+                bot = ChatBot(settings, storage, MeteredGenerator(worker, metrics))
+                async with operations(bot, bot.generator, settings, metrics):
+                    return await serve(bot, settings.discord_token)
+        except StartupError as exc:
+            log.error("%s", exc)
+            return exc.exit_code

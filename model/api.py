@@ -101,4 +101,6 @@ class ReplyGenerator(Protocol):
 
     def queue_depth(self) -> int: ...
 
+    def is_alive(self) -> bool: ...  # can it still answer? (for health checks)
+
     async def close(self, grace_seconds: float = 10.0) -> None: ...

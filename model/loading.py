@@ -392,10 +392,12 @@ def _content_version(folder: Path, weights: list[Path]) -> str:
 
 
 def _report(loaded: LoadedModel) -> None:
+    # On a CPU the line below names just "CPU": the warning after it is the one word on slowness.
+    device = describe_device(loaded.device) if loaded.device.type == "cuda" else "CPU"
     log.info(
         "loaded model %s (version %s, from %s): device %s, dtype %s, %s parameters (%s trainable), "
         "context %d tokens",
-        loaded.name, loaded.version, loaded.source, describe_device(loaded.device),
+        loaded.name, loaded.version, loaded.source, device,
         str(loaded.dtype).removeprefix("torch."), f"{loaded.total_params:,}", f"{loaded.trainable_params:,}",
         loaded.n_positions,
     )  # fmt: skip

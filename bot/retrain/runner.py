@@ -38,9 +38,9 @@ def _env_text(value: object) -> str:
 
 def child_environment(settings: Settings, base: Mapping[str, str]) -> dict[str, str]:
     """The child's environment: `base` (PATH, HF_HOME, …) plus every setting, and never the Discord token."""
-    env = {key: value for key, value in base.items() if key != "DISCORD_TOKEN"}
+    env = {key: value for key, value in base.items() if key not in ("DISCORD_TOKEN", "DISCORD_TOKEN_FILE")}
     for f in dataclasses.fields(settings):
-        if f.repr:  # the token is the one field hidden from repr: the child does not need it
+        if f.repr:  # the token (and its file) are hidden from repr: the child does not need them
             env[f.metadata["env"]] = _env_text(getattr(settings, f.name))
     return env
 

@@ -168,6 +168,12 @@ class ModelWorker:
         """Generate jobs waiting + running."""
         return len(self._outstanding)
 
+    def is_alive(self) -> bool:
+        """Whether the thread is up and serving (False before start, after close or a fatal error)."""
+        thread = self._thread
+        is_running = thread is not None and thread.is_alive()
+        return is_running and not self._is_closing and not self._stopped.is_set()
+
     async def close(self, grace_seconds: float = 10.0) -> None:
         """Refuse new work, reject queued jobs, let in-flight ones finish within the grace period, stop."""
         if self._is_closing:  # closed already, or another close() is under way: wait for it

@@ -361,7 +361,7 @@ def run_eval(args: EvalArguments) -> list[EvalReport]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Parse flags, evaluate, print Markdown (and write JSON); exit code 2 on invalid input."""
     from transformers import HfArgumentParser
 
@@ -369,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        parser = HfArgumentParser(EvalArguments)  # type: ignore[arg-type]  # typed as a NewType upstream
+        # HfArgumentParser is typed as taking a NewType upstream
+        parser = HfArgumentParser(EvalArguments, prog=prog)  # type: ignore[arg-type]
         (args,) = parser.parse_args_into_dataclasses(args=argv)
         reports = run_eval(args)
     except (ValueError, ExportError, OSError, ModelLoadError) as exc:

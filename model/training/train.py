@@ -505,13 +505,14 @@ def write_card(out_dir: Path, card: dict[str, Any]) -> None:
     (out_dir / CARD_README).write_text(card_markdown(card), encoding="utf-8")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Parse flags, train, print where the model went; exit code 2 on invalid input."""
     from transformers import HfArgumentParser
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        parser = HfArgumentParser(TrainArguments)  # type: ignore[arg-type]  # typed as a NewType upstream
+        # HfArgumentParser is typed as taking a NewType upstream
+        parser = HfArgumentParser(TrainArguments, prog=prog)  # type: ignore[arg-type]
         (args,) = parser.parse_args_into_dataclasses(args=argv)
         out_dir = train(args)
     except (TrainError, ExportError) as exc:

@@ -104,3 +104,27 @@ def test_data_dir_that_cannot_be_created_is_refused_with_one_line(tmp_path: Path
         == tmp_path / "new" / "data"
     )
     assert not (tmp_path / "new").exists()  # validation creates nothing
+
+
+def test_the_token_can_come_from_a_secret_file(tmp_path: Path) -> None:
+    secret = tmp_path / "discord_token"
+    secret.write_text("abc.def.ghi\n")
+    settings = Settings.from_env({"DISCORD_TOKEN_FILE": str(secret)})
+    assert settings.discord_token == "abc.def.ghi" and "abc.def" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("content", "extra", "words"),
+    [
+        (None, {}, "DISCORD_TOKEN_FILE cannot be read (FileNotFoundError)"),
+        ("  \n", {}, "DISCORD_TOKEN_FILE is empty"),
+        ("abc", {"DISCORD_TOKEN": "xyz"}, "DISCORD_TOKEN_FILE and DISCORD_TOKEN are both set"),
+    ],
+)
+def test_a_bad_token_file_is_named(tmp_path: Path, content: str | None, extra: dict, words: str) -> None:
+    secret = tmp_path / "discord_token"
+    if content is not None:
+        secret.write_text(content)
+    with pytest.raises(ConfigError, match=re.escape(words)) as failed:
+        Settings.from_env({"DISCORD_TOKEN_FILE": str(secret), **extra})
+    assert "xyz" not in str(failed.value)

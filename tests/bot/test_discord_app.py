@@ -26,6 +26,7 @@ from bot.discord_app import (
 )
 from bot.storage import Storage
 from tests.helpers.discord_harness import make_settings, running_bot
+from tests.helpers.fake_discord_api import free_port
 from tests.helpers.fakes import FakeGenerator
 
 TOKEN = "MTIzNDU2Nzg5MDEy.Gabcde.this-is-not-a-real-token-value"
@@ -110,6 +111,25 @@ async def test_serve_maps_a_missing_intent_to_its_exit_code(offline_bot: ChatBot
 
     offline_bot.start = no_intent  # type: ignore[method-assign]
     assert await serve(offline_bot, TOKEN) == EXIT_MISSING_INTENT
+
+
+async def test_serve_maps_a_lost_network_to_69(
+    offline_bot: ChatBot, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def no_network(token: str, *, reconnect: bool = True) -> None:  # after the start-up check passed
+        http = discord.http.HTTPClient(asyncio.get_running_loop())
+        try:
+            await http.static_login(token)
+        finally:
+            await http.close()
+
+    offline_bot.start = no_network  # type: ignore[method-assign]
+    port = free_port()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(discord.http.Route, "BASE", f"http://127.0.0.1:{port}/api/v10")
+        assert await serve(offline_bot, TOKEN) == 69
+    [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert line.startswith(f"cannot reach Discord: cannot connect to 127.0.0.1:{port}")
 
 
 async def test_serve_returns_zero_after_a_signalled_shutdown(offline_bot: ChatBot) -> None:

@@ -75,6 +75,10 @@ class FakeGenerator:
         """Requests currently in flight."""
         return self.in_flight
 
+    def is_alive(self) -> bool:
+        """Alive until closed (a test "kills the worker" by closing it)."""
+        return not self.closed
+
     async def close(self, grace_seconds: float = 10.0) -> None:
         """Stop accepting requests."""
         self.closed = True

@@ -80,7 +80,7 @@ def test_load_model_reports_and_checks(tiny_model_dir: Path, caplog: pytest.LogC
     assert loaded.tokenizer.pad_token_id == 50256
     assert loaded.model.generation_config.pad_token_id == 50256
     report = caplog.text
-    assert "CPU (slow" in report and "float32" in report and f"{loaded.total_params:,} parameters" in report
+    assert "device CPU," in report and "float32" in report and f"{loaded.total_params:,} parameters" in report
     assert any(r.levelno == logging.WARNING and "CPU" in r.getMessage() for r in caplog.records)
 
 
@@ -324,6 +324,14 @@ def test_device_and_dtype_choices() -> None:
         assert pick_device("auto") == cpu
         with pytest.raises(ModelLoadError, match="CUDA is not available"):
             pick_device("cuda")
+
+
+def test_load_on_cpu_warns_about_speed_once(tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="model.loading"):
+        load_model(str(tiny_model_dir), device="cpu")
+    about_speed = [r for r in caplog.records if "slow" in r.getMessage()]
+    assert len(about_speed) == 1 and about_speed[0].levelno == logging.WARNING
+    assert "device CPU," in caplog.text
 
 
 @pytest.mark.gpu

@@ -23,6 +23,15 @@ def test_child_environment_carries_every_setting_but_never_the_token(tmp_path: P
     assert Settings.from_env(env) == dataclasses.replace(settings, discord_token=None)
 
 
+def test_child_environment_never_carries_the_token_file(tmp_path: Path) -> None:
+    secret = tmp_path / "discord_token"
+    secret.write_text("secret-token-value")
+    settings = Settings.from_env({"DISCORD_TOKEN_FILE": str(secret), "BOT_DATA_DIR": str(tmp_path)})
+    env = child_environment(settings, {"PATH": "/bin", "DISCORD_TOKEN_FILE": str(secret)})
+    assert "DISCORD_TOKEN_FILE" not in env and "DISCORD_TOKEN" not in env
+    assert Settings.from_env(env).discord_token is None
+
+
 def test_parse_event() -> None:
     assert parse_event(b'{"event": "stage", "stage": "train"}\n') == {"event": "stage", "stage": "train"}
     assert parse_event(b"{'loss': 3.2}\n") is None  # a stray print from a library

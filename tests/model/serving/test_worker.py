@@ -240,6 +240,8 @@ async def test_other_cuda_errors_are_fatal(make_worker: Any) -> None:
     with pytest.raises(GenerationFailed):
         await worker.generate(request())
     assert len(fatal) == 1 and "device-side assert" in str(fatal[0])
+    await asyncio.wait_for(worker._stopped.wait(), 10)
+    assert not worker.is_alive()  # `chatbot health` sees it (bot/health.py)
     await worker.close(grace_seconds=1)
     with pytest.raises(WorkerClosed):
         await worker.generate(request())
@@ -252,6 +254,7 @@ async def test_any_other_engine_error_fails_the_request_and_keeps_serving(make_w
     with pytest.raises(GenerationFailed, match="ValueError"):
         await worker.generate(request())
     assert (await worker.generate(request())).text == "Hello there." and not fatal
+    assert worker.is_alive()
 
 
 async def test_a_prompt_that_cannot_fit_fails_cleanly(make_worker: Any) -> None:
