@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-import bot.storage
+import bot.storage.store
 from bot.storage import Storage, StoredMessage
 from tests.helpers.discord_harness import Harness, running_bot
 
@@ -55,13 +55,13 @@ def hold_before_insert(monkeypatch: pytest.MonkeyPatch, storage: Storage, gate: 
 
 def hold_inside_insert(monkeypatch: pytest.MonkeyPatch, gate: Gate) -> None:
     """The insert's transaction is open and holds the write lock."""
-    real = bot.storage._insert_message
+    real = bot.storage.store._insert_message
 
     async def held(db: Any, message: StoredMessage) -> StoredMessage | None:
         await gate.hold(message.content)
         return await real(db, message)
 
-    monkeypatch.setattr(bot.storage, "_insert_message", held)
+    monkeypatch.setattr(bot.storage.store, "_insert_message", held)
 
 
 def hold_after_insert(monkeypatch: pytest.MonkeyPatch, storage: Storage, gate: Gate) -> None:

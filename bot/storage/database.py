@@ -1,5 +1,5 @@
 """Opening the SQLite file: the start-up checks, migrations applied, WAL and the connection pragmas, and
-the online backup. The statements of the bot's domain live in bot/storage.py.
+the online backup. The statements of the bot's domain live in bot/storage/store.py.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import aiosqlite
 
-from bot.db_errors import FAILURES, DatabaseTooNew, DatabaseUnavailable, raise_failure
-from bot.migrations import SCHEMA_VERSION, SchemaTooNew, read_version, upgrade
+from bot.storage.errors import FAILURES, DatabaseTooNew, DatabaseUnavailable, raise_failure
+from bot.storage.migrations import SCHEMA_VERSION, SchemaTooNew, read_version, upgrade
 
 
 def migrate(path: Path, busy_timeout_seconds: float = 5.0) -> int:

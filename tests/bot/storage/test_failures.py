@@ -18,7 +18,7 @@ import pytest
 
 from bot.storage import DatabaseFull, DatabaseUnavailable, Storage, StoredMessage, migrate, storage_failure
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 EXIT_CONFIG = 2
 EXIT_STORAGE = 4
 CONFIG_HEADER = "chatbot: invalid configuration:"  # bot.config's errors: this line, then one per setting

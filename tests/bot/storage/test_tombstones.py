@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import bot.storage
+import bot.storage.store
 from bot.storage import BotReplyRecord, Storage, StoredMessage
 
 GUILD, CHANNEL, USER, BOT = 1, 10, 100, 999
@@ -139,14 +139,14 @@ async def test_delete_during_insert_waits_for_the_insert_and_then_erases_it(
 ) -> None:
     """The insert is held at a gate inside its transaction; the delete arrives; then the insert finishes."""
     gate, at_gate = asyncio.Event(), asyncio.Event()
-    real_insert = bot.storage._insert_message
+    real_insert = bot.storage.store._insert_message
 
     async def held_insert(db: object, message: StoredMessage) -> StoredMessage | None:
         at_gate.set()
         await gate.wait()
         return await real_insert(db, message)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(bot.storage, "_insert_message", held_insert)
+    monkeypatch.setattr(bot.storage.store, "_insert_message", held_insert)
     insert = asyncio.create_task(storage.add_message(msg(50, CANARY)))
     await at_gate.wait()
     delete = asyncio.create_task(storage.mark_deleted([50]))
@@ -174,7 +174,7 @@ async def test_a_reply_chunk_deleted_before_it_is_stored_stays_deleted(storage: 
 async def test_expired_tombstones_are_pruned(storage: Storage, db_path: Path, clock: FakeClock) -> None:
     await storage.mark_edited(60, f"edit of a message never stored {CANARY}", edited_at=1.0)
     await storage.mark_deleted([61])
-    clock.now += bot.storage.TOMBSTONE_TTL_SECONDS + 1
+    clock.now += bot.storage.store.TOMBSTONE_TTL_SECONDS + 1
     await storage.mark_deleted([62])  # any tombstone write prunes the expired ones
     assert raw_query(db_path, "SELECT message_id FROM message_tombstones") == [(62,)]
     await storage.close()
@@ -207,7 +207,7 @@ async def test_deleted_or_edited_text_leaves_the_db_and_wal_within_the_bound(
 
 
 async def test_scrub_constant_is_a_bounded_named_delay() -> None:
-    assert 0 < bot.storage.SCRUB_CHECKPOINT_DELAY_SECONDS <= 10
+    assert 0 < bot.storage.store.SCRUB_CHECKPOINT_DELAY_SECONDS <= 10
 
 
 # -- a reply in one transaction ---------------------------------------------------------------------

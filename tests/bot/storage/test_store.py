@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import bot.storage
-from bot.migrations import MIGRATIONS, SCHEMA_VERSION, upgrade
+import bot.storage.store
 from bot.storage import (
     BotReplyRecord,
     ChannelSettings,
@@ -23,6 +22,7 @@ from bot.storage import (
     StoredMessage,
     migrate,
 )
+from bot.storage.migrations import MIGRATIONS, SCHEMA_VERSION, upgrade
 
 GUILD, CHANNEL, USER = 1, 10, 100
 BOT_USER = 999
@@ -556,7 +556,7 @@ async def test_feedback_is_one_score_per_user_and_only_plus_or_minus_one(storage
 async def test_export_rows_follow_consent_deletion_and_order(
     storage: Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bot.storage, "EXPORT_BATCH_ROWS", 3)  # several batches, with ties on created_at
+    monkeypatch.setattr(bot.storage.store, "EXPORT_BATCH_ROWS", 3)  # several batches, with ties on created_at
     await storage.set_guild_training_export(GUILD, True)
     await storage.set_training_opt_in(USER, True, at=0.0)
     for i in range(1, 9):

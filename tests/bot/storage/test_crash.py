@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from bot.migrations import MIGRATIONS, SCHEMA_VERSION, upgrade
 from bot.storage import DatabaseBusy, Storage, StoredMessage, migrate
+from bot.storage.migrations import MIGRATIONS, SCHEMA_VERSION, upgrade
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 CHILD = REPO_ROOT / "tests" / "helpers" / "storage_child.py"
 WRITER_KILLS = 50
 MIGRATION_KILLS = 20

@@ -1,14 +1,14 @@
 """All SQL of the bot: the SQLite database on aiosqlite and its domain methods.
 
 Long because: all the bot's SQL stays in one module; its ~35 one-statement domain methods read best together.
-The records they take and return are in bot/records.py; opening the file (checks, migrations, pragmas) is
-bot/database.py.
+The records they take and return are in records.py; opening the file (checks, migrations, pragmas) is
+database.py.
 
 One write connection and one read-only connection per Storage. Every write is one `BEGIN IMMEDIATE`
 transaction under an asyncio.Lock, because coroutines sharing one connection would otherwise run inside each
 other's transactions; reads go through the second connection and never queue behind writes (WAL).
 Time is passed in by the caller; the one clock here, for tombstone expiry, is injected (Storage.open's
-`clock`). The schema lives in bot/migrations.py; the errors and their one-line messages in bot/db_errors.py.
+`clock`). The schema lives in migrations.py; the errors and their one-line messages in errors.py.
 
 A deletion or edit that arrives before its message is stored leaves a tombstone, which the insert consults and
 consumes in its own transaction: no order of events stores deleted text. After a delete or edit a checkpoint
@@ -31,9 +31,11 @@ from typing import Any
 
 import aiosqlite
 
-from bot.database import backup_file, connect, migrate
-from bot.db_errors import DatabaseBusy as DatabaseBusy  # re-exported: every storage error is importable here
-from bot.db_errors import (
+from bot.storage.database import backup_file, connect, migrate
+from bot.storage.errors import (
+    DatabaseBusy as DatabaseBusy,  # re-exported: every storage error is importable here
+)
+from bot.storage.errors import (
     DatabaseFull,
     DatabaseTooNew,
     DatabaseUnavailable,
@@ -41,7 +43,7 @@ from bot.db_errors import (
     raise_failure,
     storage_failure,
 )
-from bot.records import (
+from bot.storage.records import (
     AuditEntry,
     BotReplyRecord,
     ChannelSettings,

@@ -1,0 +1,45 @@
+"""The bot's SQLite database: every SQL statement, the schema and its migrations, and the storage errors.
+
+Callers import from here (Storage, the records it takes and returns, the errors). Reading order: `store`
+(Storage: the domain methods, one transaction each, all the SQL), `records` (what they take and return),
+`database` (opening the file: checks, migrations applied, pragmas, online backup), `migrations` (the
+append-only schema) and `errors` (SQLite's failure codes → one line an operator can act on).
+"""
+
+from bot.storage.errors import storage_failure
+from bot.storage.store import (
+    EXPORT_BATCH_ROWS,
+    AuditEntry,
+    BotReplyRecord,
+    ChannelSettings,
+    DatabaseBusy,
+    DatabaseFull,
+    DatabaseTooNew,
+    DatabaseUnavailable,
+    ExportRow,
+    GuildSettings,
+    Stats,
+    Storage,
+    StorageError,
+    StoredMessage,
+    migrate,
+)
+
+__all__ = [
+    "EXPORT_BATCH_ROWS",
+    "AuditEntry",
+    "BotReplyRecord",
+    "ChannelSettings",
+    "DatabaseBusy",
+    "DatabaseFull",
+    "DatabaseTooNew",
+    "DatabaseUnavailable",
+    "ExportRow",
+    "GuildSettings",
+    "Stats",
+    "Storage",
+    "StorageError",
+    "StoredMessage",
+    "migrate",
+    "storage_failure",
+]
