@@ -55,7 +55,8 @@ VOLUME ["/data"]
 USER 10001:10001
 WORKDIR /data
 
-# Healthy = connected to Discord, model worker alive, event loop on time (bot/health.py). The start period
+# Healthy = connected to Discord, model worker alive, event loop on time (bot/operations/health.py).
+# The start period
 # covers the model load; the heartbeat goes stale 15 s after any of the three fails.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=5m --retries=3 CMD ["chatbot", "health"]
 # Metrics (opt-in): BOT_METRICS_PORT=9100 BOT_METRICS_HOST=0.0.0.0, published on the host's 127.0.0.1.

@@ -128,7 +128,7 @@ def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     """Exit 0 when the bot on this data dir is connected, its worker alive and its loop on time."""
-    from bot.health import run_health_check
+    from bot.operations.health import run_health_check
 
     return run_health_check(settings.data_dir)
 

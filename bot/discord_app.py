@@ -10,7 +10,8 @@ Exit codes of `chatbot run` (for supervisors, e.g. systemd `RestartPreventExitSt
       toward Discord's 1000 logins a day, after which the token is reset.
   79  a privileged intent (Message Content) is not enabled for the application in the Developer Portal.
   69  Discord cannot be reached (no network, DNS, TLS, an outage): retryable. Token, intent and gateway are
-      checked while the model loads (bot/startup.py), so all three codes come in seconds, not after it.
+      checked while the model loads (bot/operations/startup.py), so all three codes come in seconds, not
+      after it.
   2   (bot.cli) invalid settings, e.g. BOT_DATA_DIR is a file or a folder that cannot be created.
   4   (bot.cli) the database cannot be used at start: read-only, not a SQLite file, corrupt, full, or
       locked past busy_timeout while upgrading the schema; one line says what to fix. Once serving, a
@@ -28,9 +29,9 @@ import discord
 
 from bot.chatbot import ChatBot
 from bot.config import Settings
-from bot.metrics import BotMetrics, MeteredGenerator
-from bot.operations import operations
-from bot.startup import (
+from bot.operations.metrics import BotMetrics, MeteredGenerator
+from bot.operations.sidecar import operations
+from bot.operations.startup import (
     BAD_TOKEN_LINE,
     EXIT_BAD_TOKEN,
     EXIT_MISSING_INTENT,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bot.metrics import BotMetrics, LiveSources
+from bot.operations.metrics import BotMetrics, LiveSources
 from model.api import ModelInfo
 from tests.helpers.fakes import FakeGenerator
 

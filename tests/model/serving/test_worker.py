@@ -241,7 +241,7 @@ async def test_other_cuda_errors_are_fatal(make_worker: Any) -> None:
         await worker.generate(request())
     assert len(fatal) == 1 and "device-side assert" in str(fatal[0])
     await asyncio.wait_for(worker._stopped.wait(), 10)
-    assert not worker.is_alive()  # `chatbot health` sees it (bot/health.py)
+    assert not worker.is_alive()  # `chatbot health` sees it (bot/operations/health.py)
     await worker.close(grace_seconds=1)
     with pytest.raises(WorkerClosed):
         await worker.generate(request())

@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from bot.health import (
+from bot.operations.health import (
     HEARTBEAT_INTERVAL_SECONDS,
     HEARTBEAT_STALE_AFTER_SECONDS,
     Heartbeat,
@@ -21,8 +21,8 @@ from bot.health import (
     heartbeat_path,
     write_heartbeat,
 )
-from bot.metrics import BotMetrics
-from bot.operations import operations
+from bot.operations.metrics import BotMetrics
+from bot.operations.sidecar import operations
 from tests.helpers.discord_harness import Harness, running_bot
 
 INTERVAL_SECONDS = 0.1

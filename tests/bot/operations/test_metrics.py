@@ -13,8 +13,8 @@ import simcord
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot.config import Settings
-from bot.metrics import BotMetrics, LiveSources, MeteredGenerator, serving_metrics
-from bot.operations import operations
+from bot.operations.metrics import BotMetrics, LiveSources, MeteredGenerator, serving_metrics
+from bot.operations.sidecar import operations
 from bot.storage import Storage
 from model.api import GenerationFailed, ModelInfo, ReplyRequest, WorkerBusy
 from model.prompt import Turn

@@ -12,7 +12,7 @@ from pathlib import Path
 import discord.http
 import pytest
 
-from bot.startup import (
+from bot.operations.startup import (
     EXIT_BAD_TOKEN,
     EXIT_MISSING_INTENT,
     EXIT_UNAVAILABLE,
@@ -26,7 +26,7 @@ from model.prompt import Turn
 from model.serving.worker import ModelWorker
 from tests.helpers.fake_discord_api import fake_discord_api, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 FAIL_FAST_LIMIT_SECONDS = 15.0
 
 

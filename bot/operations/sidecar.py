@@ -9,8 +9,8 @@ from typing import Any
 import discord
 
 from bot.config import Settings
-from bot.health import Heartbeat, heartbeat_path
-from bot.metrics import BotMetrics, LiveSources, serving_metrics
+from bot.operations.health import Heartbeat, heartbeat_path
+from bot.operations.metrics import BotMetrics, LiveSources, serving_metrics
 from model.api import ReplyGenerator
 
 
