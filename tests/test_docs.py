@@ -54,3 +54,18 @@ def missing_paths(text: str) -> list[str]:
 @pytest.mark.parametrize("document", documents(), ids=lambda p: p.relative_to(REPO_ROOT).as_posix())
 def test_every_named_path_exists(document: Path) -> None:
     assert missing_paths(document.read_text(encoding="utf-8")) == []
+
+
+TEST_REFERENCE = re.compile(r"(tests/[\w/]+\.py)::(\w+)")
+
+
+@pytest.mark.parametrize("document", sorted((REPO_ROOT / "docs").glob("*.md")), ids=lambda p: p.name)
+def test_every_named_test_exists(document: Path) -> None:
+    """docs/RELIABILITY.md names tests as path::name: each such test is defined in that file."""
+    text = document.read_text(encoding="utf-8")
+    missing = [
+        f"{path}::{name}"
+        for path, name in TEST_REFERENCE.findall(text)
+        if f"def {name}(" not in (REPO_ROOT / path).read_text(encoding="utf-8")
+    ]
+    assert missing == []
