@@ -6,24 +6,25 @@ Callers import from here (Storage, the records it takes and returns, the errors)
 append-only schema) and `errors` (SQLite's failure codes → one line an operator can act on).
 """
 
-from bot.storage.errors import storage_failure
-from bot.storage.store import (
-    EXPORT_BATCH_ROWS,
-    AuditEntry,
-    BotReplyRecord,
-    ChannelSettings,
+from bot.storage.database import migrate
+from bot.storage.errors import (
     DatabaseBusy,
     DatabaseFull,
     DatabaseTooNew,
     DatabaseUnavailable,
+    StorageError,
+    storage_failure,
+)
+from bot.storage.records import (
+    AuditEntry,
+    BotReplyRecord,
+    ChannelSettings,
     ExportRow,
     GuildSettings,
     Stats,
-    Storage,
-    StorageError,
     StoredMessage,
-    migrate,
 )
+from bot.storage.store import EXPORT_BATCH_ROWS, Storage
 
 __all__ = [
     "EXPORT_BATCH_ROWS",

@@ -33,11 +33,7 @@ import aiosqlite
 
 from bot.storage.database import backup_file, connect, migrate
 from bot.storage.errors import (
-    DatabaseBusy as DatabaseBusy,  # re-exported: every storage error is importable here
-)
-from bot.storage.errors import (
     DatabaseFull,
-    DatabaseTooNew,
     DatabaseUnavailable,
     StorageError,
     raise_failure,
@@ -52,24 +48,6 @@ from bot.storage.records import (
     Stats,
     StoredMessage,
 )
-
-__all__ = [  # the records and errors are re-exported: callers import everything storage-related from here
-    "EXPORT_BATCH_ROWS",
-    "AuditEntry",
-    "BotReplyRecord",
-    "ChannelSettings",
-    "DatabaseBusy",
-    "DatabaseFull",
-    "DatabaseTooNew",
-    "DatabaseUnavailable",
-    "ExportRow",
-    "GuildSettings",
-    "Stats",
-    "Storage",
-    "StorageError",
-    "StoredMessage",
-    "migrate",
-]
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,11 @@ from bot.storage import (
     GuildSettings,
     Storage,
     StorageError,
-    StoredMessage,
     migrate,
 )
 from bot.storage.migrations import MIGRATIONS, SCHEMA_VERSION, upgrade
+from tests.helpers.records import CHANNEL, GUILD, USER, msg
 
-GUILD, CHANNEL, USER = 1, 10, 100
 BOT_USER = 999
 
 # Every table's exact columns: (name, declared type, NOT NULL, default, primary-key position).
@@ -106,22 +105,6 @@ EXPECTED_INDEXES = {
     "audit_log_by_actor": "audit_log",
     "message_tombstones_by_expiry": "message_tombstones",
 }
-
-
-def msg(message_id: int, content: str = "hello", **overrides: object) -> StoredMessage:
-    """A message in the default guild/channel from the default user, created at `message_id` seconds."""
-    fields: dict = dict(
-        message_id=message_id,
-        channel_id=CHANNEL,
-        guild_id=GUILD,
-        author_id=USER,
-        author_name="ann",
-        is_bot=False,
-        content=content,
-        created_at=float(message_id),
-    )
-    fields.update(overrides)
-    return StoredMessage(**fields)
 
 
 def reply(reply_id: int, answers_id: int, latency_seconds: float = 0.5) -> BotReplyRecord:

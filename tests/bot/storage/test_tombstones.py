@@ -16,8 +16,9 @@ import pytest
 
 import bot.storage.store
 from bot.storage import BotReplyRecord, Storage, StoredMessage
+from tests.helpers.records import CHANNEL, msg
 
-GUILD, CHANNEL, USER, BOT = 1, 10, 100, 999
+BOT = 999
 CANARY = "TOMBSTONE-CANARY-4c1d"
 
 
@@ -29,21 +30,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def msg(message_id: int, content: str = "hello", **overrides: object) -> StoredMessage:
-    fields: dict = dict(
-        message_id=message_id,
-        channel_id=CHANNEL,
-        guild_id=GUILD,
-        author_id=USER,
-        author_name="ann",
-        is_bot=False,
-        content=content,
-        created_at=float(message_id),
-    )
-    fields.update(overrides)
-    return StoredMessage(**fields)
 
 
 def record(first_id: int, answers_id: int, latency_seconds: float = 0.5) -> BotReplyRecord:
