@@ -7,10 +7,12 @@ A conversation's split is a hash of its id, so it never moves between train and 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,8 +28,10 @@ DEFAULT_PERSONA = "A friendly chat between a helpful bot and the people of a Dis
 SPLITS = ("train", "val")
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
-# Temp files are hidden, carry this prefix and end in ".tmp", so a later run can find and remove them.
+# An export is built in the hidden sibling `.<name>.export-<pid>.tmp` and renamed into place; the previous one
+# waits in `.<name>.export-<pid>.old` until then. The pid tells a later run which leftovers are a dead run's.
 TEMP_PREFIX = ".export-"
+EXPORT_FILES = frozenset({*(f"{split}.jsonl" for split in SPLITS), MANIFEST_NAME})
 HASH_CHUNK_BYTES = 1 << 20
 
 
@@ -127,23 +131,77 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def remove_stale_temp_files(out_dir: Path) -> int:
-    """Delete temp files that a killed earlier export left behind; return how many."""
-    stale = [p for p in out_dir.glob(f"{TEMP_PREFIX}*.tmp") if p.is_file()]
-    for path in stale:
-        path.unlink(missing_ok=True)
+def _sibling(out_dir: Path, kind: str, pid: int | None = None) -> Path:
+    """`.<name>.export-<pid>.<kind>` next to out_dir: "tmp" is being built, "old" is the export set aside."""
+    return out_dir.parent / f".{out_dir.name}{TEMP_PREFIX}{os.getpid() if pid is None else pid}.{kind}"
+
+
+def _is_alive(pid: int) -> bool:
+    """Whether a process with this id runs (another export may be building next to ours)."""
+    if pid == os.getpid():
+        return False  # our own leftovers come from an earlier call that failed: nothing builds them now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stale_siblings(out_dir: Path) -> list[tuple[Path, str]]:
+    """(path, kind) of the temporary directories that killed exports into out_dir left behind."""
+    stale = []
+    for path in out_dir.parent.glob(f".{glob.escape(out_dir.name)}{TEMP_PREFIX}*"):
+        pid, _, kind = path.name[len(out_dir.name) + 1 + len(TEMP_PREFIX) :].partition(".")
+        if pid.isdigit() and kind in ("tmp", "old") and not _is_alive(int(pid)):
+            stale.append((path, kind))
+    return stale
+
+
+def recover_interrupted_export(out_dir: Path) -> int:
+    """Clean up after an export killed mid-run; return how many leftovers were removed or restored.
+
+    A kill between "old export set aside" and "new export renamed in" leaves out_dir absent and the old,
+    complete export in its `.old` sibling: it goes back into place. Everything else is half-built or already
+    replaced, and is removed.
+    """
+    stale = _stale_siblings(out_dir)
+    for path, kind in stale:
+        if kind == "old" and not out_dir.exists() and (path / MANIFEST_NAME).is_file():
+            os.rename(path, out_dir)
+            _fsync_dir(out_dir.parent)
+            log.info("restored the previous export %s from %s", out_dir, path.name)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
     if stale:
-        log.info("removed %d stale temp file(s) from %s", len(stale), out_dir)
+        log.info("cleaned %d leftover(s) of an interrupted export next to %s", len(stale), out_dir)
     return len(stale)
 
 
-class _HashingWriter:
-    """A temp file that hashes what is written, then is fsynced and renamed to its final name."""
+def _is_export_file(name: str) -> bool:
+    """An export's own file, or a temp file that an earlier version of the writer left inside it."""
+    return name in EXPORT_FILES or (name.startswith(TEMP_PREFIX) and name.endswith(".tmp"))
 
-    def __init__(self, out_dir: Path, name: str) -> None:
-        self.final_path = out_dir / name
-        self.temp_path = out_dir / f"{TEMP_PREFIX}{name}.{os.getpid()}.tmp"
-        self._file: IO[bytes] = open(self.temp_path, "wb")  # noqa: SIM115 - closed in commit()/discard()
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace anything that is not an export: the writer swaps out_dir as a whole."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} is a file, not an export directory")
+    if out_dir.is_dir():
+        foreign = sorted(p.name for p in out_dir.iterdir() if not _is_export_file(p.name))
+        if foreign:
+            raise ExportError(
+                f"{out_dir} holds files that are not part of an export ({', '.join(foreign[:3])}):"
+                " choose a new or empty directory"
+            )
+
+
+class _HashingWriter:
+    """A file of the export being built that hashes what is written; fsynced on commit."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self._file: IO[bytes] = open(directory / name, "wb")  # noqa: SIM115 - closed in commit()/close()
         self._sha256 = hashlib.sha256()
 
     def write(self, data: bytes) -> None:
@@ -151,16 +209,14 @@ class _HashingWriter:
         self._sha256.update(data)
 
     def commit(self) -> str:
-        """fsync, close and atomically rename to the final name; return the sha256 hex."""
+        """fsync and close; return the sha256 hex."""
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self.temp_path, self.final_path)
         return self._sha256.hexdigest()
 
-    def discard(self) -> None:
+    def close(self) -> None:
         self._file.close()
-        self.temp_path.unlink(missing_ok=True)
 
 
 def _write_splits(
@@ -185,23 +241,59 @@ def _write_splits(
             writers[split].write(line.encode("utf-8"))
             counts[split] += 1
         hashes = {f"{split}.jsonl": writers[split].commit() for split in SPLITS}
-    except BaseException:
+    finally:
         for writer in writers.values():
-            writer.discard()
-        raise
+            writer.close()
     return hashes, counts, duplicates
 
 
-def _write_json_atomically(path: Path, data: Mapping[str, Any]) -> None:
-    """Write JSON to a temp file, fsync, rename over `path`, fsync the directory."""
-    writer = _HashingWriter(path.parent, path.name)
+def _swap_into_place(staging: Path, out_dir: Path) -> None:
+    """Rename the complete new export to out_dir: the old one is set aside first and removed only after."""
+    aside = _sibling(out_dir, "old")
+    had_old = out_dir.exists()
+    if had_old:
+        os.rename(out_dir, aside)
     try:
-        writer.write((json.dumps(data, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
-        writer.commit()
+        os.rename(staging, out_dir)
     except BaseException:
-        writer.discard()
+        if had_old and not out_dir.exists():
+            os.rename(aside, out_dir)  # the new one could not go in: the old one stays the export
         raise
-    _fsync_dir(path.parent)
+    _fsync_dir(out_dir.parent)
+    if had_old:
+        shutil.rmtree(aside)
+
+
+def _build_export(
+    staging: Path,
+    conversations: Iterable[Conversation],
+    *,
+    source: str,
+    filters: Mapping[str, object],
+    extra: Mapping[str, object] | None,
+    val_percent: int,
+    progress: bool,
+) -> Manifest:
+    """Write the split files, then the manifest, into the staging directory (all fsynced)."""
+    hashes, counts, duplicates = _write_splits(staging, conversations, val_percent, progress)
+    manifest = Manifest(
+        source=source,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        val_percent=val_percent,
+        counts=counts,
+        files=hashes,
+        filters=dict(filters),
+        duplicates_removed=duplicates,
+        extra=dict(extra or {}),
+    )
+    writer = _HashingWriter(staging, MANIFEST_NAME)
+    try:
+        writer.write((json.dumps(manifest.to_json(), ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+        writer.commit()
+    finally:
+        writer.close()
+    _fsync_dir(staging)
+    return manifest
 
 
 def write_export(
@@ -214,29 +306,27 @@ def write_export(
     val_percent: int = 10,
     progress: bool = False,
 ) -> Manifest:
-    """Write train/val jsonl + manifest atomically: a killed run leaves no partial file under a final name."""
+    """Build the export in a sibling temporary directory, then rename it over out_dir (T29).
+
+    At every moment out_dir is absent, the previous complete export, or the new complete one: a killed run
+    never leaves a half-written export under the final name, and the next run cleans up what it left.
+    """
     if not 0 <= val_percent <= 100:
         raise ValueError(f"val_percent must be 0–100, got {val_percent}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(out_dir)
-    # The old manifest goes first: while the data files are being replaced the directory has no manifest,
-    # so a reader never pairs a new data file with old checksums (verify_export says "incomplete").
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    _fsync_dir(out_dir)
-    hashes, counts, duplicates = _write_splits(out_dir, conversations, val_percent, progress)
-    _fsync_dir(out_dir)
-    manifest = Manifest(
-        source=source,
-        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        val_percent=val_percent,
-        counts=counts,
-        files=hashes,
-        filters=dict(filters),
-        duplicates_removed=duplicates,
-        extra=dict(extra or {}),
-    )
-    _write_json_atomically(out_dir / MANIFEST_NAME, manifest.to_json())
-    log.info("export %s: %s (%d duplicates removed)", out_dir, counts, duplicates)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_export(out_dir)
+    _check_replaceable(out_dir)
+    staging = _sibling(out_dir, "tmp")
+    staging.mkdir()
+    try:
+        manifest = _build_export(staging, conversations, source=source, filters=filters, extra=extra,
+                                 val_percent=val_percent, progress=progress)  # fmt: skip
+        _swap_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("export %s: %s (%d duplicates removed)", out_dir, manifest.counts, manifest.duplicates_removed)
     return manifest
 
 
