@@ -218,7 +218,9 @@ class ChatCog(commands.Cog):
         """Remember that the bot spoke and store what it sent (a storage failure only costs the record)."""
         if not sent:
             return
-        sent_at = self.bot.clock()
+        # Discord's time of the last chunk (its id is a snowflake), not the host's: the follow-up window and
+        # the history order compare it with the users' messages' Discord timestamps.
+        sent_at = discord.utils.snowflake_time(sent[-1][0]).timestamp()
         self.last_spoke[incoming.channel_id] = sent_at
         try:
             await self.bot.conversation.record_reply(incoming, context, draft, sent, sent_at)
