@@ -5,7 +5,8 @@ ChatBot (bot/chatbot.py); one-time setup happens in its `setup_hook` (never `on_
 after reconnects).
 
 Exit codes of `chatbot run` (for supervisors, e.g. systemd `RestartPreventExitStatus=78 79`):
-  0   stopped by SIGTERM or SIGINT after a clean shutdown (replies in flight sent, worker drained, DB closed)
+  0   stopped by SIGTERM or SIGINT after a clean shutdown (replies in flight sent, worker drained, DB closed),
+      also when the signal comes while the model is still loading
   78  DISCORD_TOKEN is missing or Discord rejected it. Restarting cannot help, and every failed login counts
       toward Discord's 1000 logins a day, after which the token is reset.
   79  a privileged intent (Message Content) is not enabled for the application in the Developer Portal.

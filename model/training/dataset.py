@@ -7,7 +7,6 @@ A conversation's split is a hash of its id, so it never moves between train and 
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from model.prompt import Turn, render_dialogue
+from model.training.export_dir import fsync_dir, recover_interrupted_export, sibling, swap_into_place
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +28,7 @@ DEFAULT_PERSONA = "A friendly chat between a helpful bot and the people of a Dis
 SPLITS = ("train", "val")
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
-# An export is built in the hidden sibling `.<name>.export-<pid>.tmp` and renamed into place; the previous one
-# waits in `.<name>.export-<pid>.old` until then. The pid tells a later run which leftovers are a dead run's.
-TEMP_PREFIX = ".export-"
+LEGACY_TEMP_PREFIX = ".export-"  # what temp files of older writers, left inside an export, start with
 EXPORT_FILES = frozenset({*(f"{split}.jsonl" for split in SPLITS), MANIFEST_NAME})
 HASH_CHUNK_BYTES = 1 << 20
 
@@ -122,66 +120,9 @@ def _content_key(conversation: Conversation) -> str:
     return hashlib.sha256(json.dumps(turns, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make renames inside `directory` durable (POSIX needs the directory itself fsynced)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sibling(out_dir: Path, kind: str, pid: int | None = None) -> Path:
-    """`.<name>.export-<pid>.<kind>` next to out_dir: "tmp" is being built, "old" is the export set aside."""
-    return out_dir.parent / f".{out_dir.name}{TEMP_PREFIX}{os.getpid() if pid is None else pid}.{kind}"
-
-
-def _is_alive(pid: int) -> bool:
-    """Whether a process with this id runs (another export may be building next to ours)."""
-    if pid == os.getpid():
-        return False  # our own leftovers come from an earlier call that failed: nothing builds them now
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _stale_siblings(out_dir: Path) -> list[tuple[Path, str]]:
-    """(path, kind) of the temporary directories that killed exports into out_dir left behind."""
-    stale = []
-    for path in out_dir.parent.glob(f".{glob.escape(out_dir.name)}{TEMP_PREFIX}*"):
-        pid, _, kind = path.name[len(out_dir.name) + 1 + len(TEMP_PREFIX) :].partition(".")
-        if pid.isdigit() and kind in ("tmp", "old") and not _is_alive(int(pid)):
-            stale.append((path, kind))
-    return stale
-
-
-def recover_interrupted_export(out_dir: Path) -> int:
-    """Clean up after an export killed mid-run; return how many leftovers were removed or restored.
-
-    A kill between "old export set aside" and "new export renamed in" leaves out_dir absent and the old,
-    complete export in its `.old` sibling: it goes back into place. Everything else is half-built or already
-    replaced, and is removed.
-    """
-    stale = _stale_siblings(out_dir)
-    for path, kind in stale:
-        if kind == "old" and not out_dir.exists() and (path / MANIFEST_NAME).is_file():
-            os.rename(path, out_dir)
-            _fsync_dir(out_dir.parent)
-            log.info("restored the previous export %s from %s", out_dir, path.name)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-    if stale:
-        log.info("cleaned %d leftover(s) of an interrupted export next to %s", len(stale), out_dir)
-    return len(stale)
-
-
 def _is_export_file(name: str) -> bool:
     """An export's own file, or a temp file that an earlier version of the writer left inside it."""
-    return name in EXPORT_FILES or (name.startswith(TEMP_PREFIX) and name.endswith(".tmp"))
+    return name in EXPORT_FILES or (name.startswith(LEGACY_TEMP_PREFIX) and name.endswith(".tmp"))
 
 
 def _check_replaceable(out_dir: Path) -> None:
@@ -247,23 +188,6 @@ def _write_splits(
     return hashes, counts, duplicates
 
 
-def _swap_into_place(staging: Path, out_dir: Path) -> None:
-    """Rename the complete new export to out_dir: the old one is set aside first and removed only after."""
-    aside = _sibling(out_dir, "old")
-    had_old = out_dir.exists()
-    if had_old:
-        os.rename(out_dir, aside)
-    try:
-        os.rename(staging, out_dir)
-    except BaseException:
-        if had_old and not out_dir.exists():
-            os.rename(aside, out_dir)  # the new one could not go in: the old one stays the export
-        raise
-    _fsync_dir(out_dir.parent)
-    if had_old:
-        shutil.rmtree(aside)
-
-
 def _build_export(
     staging: Path,
     conversations: Iterable[Conversation],
@@ -292,7 +216,7 @@ def _build_export(
         writer.commit()
     finally:
         writer.close()
-    _fsync_dir(staging)
+    fsync_dir(staging)
     return manifest
 
 
@@ -315,14 +239,14 @@ def write_export(
         raise ValueError(f"val_percent must be 0–100, got {val_percent}")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    recover_interrupted_export(out_dir)
+    recover_interrupted_export(out_dir, MANIFEST_NAME)
     _check_replaceable(out_dir)
-    staging = _sibling(out_dir, "tmp")
+    staging = sibling(out_dir, "tmp")
     staging.mkdir()
     try:
         manifest = _build_export(staging, conversations, source=source, filters=filters, extra=extra,
                                  val_percent=val_percent, progress=progress)  # fmt: skip
-        _swap_into_place(staging, out_dir)
+        swap_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from model.prompt import render_dialogue
-from model.training import dataset
+from model.training import export_dir
 from model.training.dataset import (
     DEFAULT_PERSONA,
     Conversation,
@@ -114,7 +114,7 @@ def test_a_failed_rename_keeps_the_previous_export(tmp_path: Path, monkeypatch: 
             raise OSError("disk full")
         real_rename(source, target)
 
-    monkeypatch.setattr(dataset.os, "rename", failing_rename)
+    monkeypatch.setattr(export_dir.os, "rename", failing_rename)
     with pytest.raises(OSError, match="disk full"):
         export(out_dir, make_conversations(80))
     monkeypatch.undo()
@@ -129,7 +129,7 @@ def test_a_kill_between_the_renames_restores_the_previous_export(tmp_path: Path)
     dead_pid = _dead_pid()
     os.rename(out_dir, tmp_path / f".out.export-{dead_pid}.old")
     (tmp_path / f".out.export-{dead_pid}.tmp").mkdir()  # the half-built new one
-    assert dataset.recover_interrupted_export(out_dir) == 2
+    assert export_dir.recover_interrupted_export(out_dir, "manifest.json") == 2
     assert verify_export(out_dir) == old
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
