@@ -148,7 +148,7 @@ class ChatBot(commands.Bot):
 
     @contextlib.contextmanager
     def tracking_reply(self) -> Iterator[None]:
-        """Mark the current task as a reply in flight, so shutdown waits for it to be sent."""
+        """Mark the current task as a message in flight: shutdown waits for it to be stored and answered."""
         task = asyncio.current_task()
         if task is not None:
             self._replies.add(task)

@@ -1,11 +1,18 @@
-"""`chatbot console`: the conversation core in a terminal, interactive or scripted through a pipe."""
+"""`chatbot console`: the conversation core in a terminal, interactive or scripted through a pipe.
+
+Ctrl+C exits at once (exit 130; a reply being written is dropped, the message was stored); SIGTERM and end
+of input exit 0 after the reply being written. Either way the database is closed cleanly.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable
 from typing import TextIO
@@ -95,22 +102,75 @@ class ConsoleChat:
         print(text, file=self.out, flush=True)
 
 
-async def read_line(stream: TextIO, prompt: str | None) -> str | None:
-    """Read one line without blocking the event loop; None at end of input."""
-    if prompt:
-        print(prompt, end="", flush=True)
-    line = await asyncio.get_running_loop().run_in_executor(None, stream.readline)
-    return line if line else None
+def clean_line(line: str | bytes) -> str:
+    """Text that can be stored: invalid UTF-8 and lone surrogates become U+FFFD, the rest of the line kept."""
+    if isinstance(line, bytes):
+        return line.decode("utf-8", errors="replace")
+    # A surrogate cannot be encoded (SQLite would raise): surrogatepass lets it through as bytes that are
+    # not UTF-8, which the decode then replaces.
+    return line.encode("utf-8", errors="surrogatepass").decode("utf-8", errors="replace")
+
+
+class LineReader:
+    """Lines of a stream, read by a daemon thread and handed to the event loop; None at end of input.
+
+    Not the default executor: `asyncio.run` waits for its threads at exit, so a readline blocked at an idle
+    prompt would hold Ctrl+C and SIGTERM until Enter. A daemon thread is simply left behind.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lines: asyncio.Queue[str | None] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self.is_stopping = False
+        threading.Thread(target=self._read_all, name="console-stdin", daemon=True).start()
+
+    def _read_all(self) -> None:
+        # Bytes where the stream has them, so that undecodable input reaches clean_line instead of raising.
+        readline = getattr(getattr(self._stream, "buffer", None), "readline", self._stream.readline)
+        try:
+            while line := readline():
+                self._put(clean_line(line))
+        except (OSError, ValueError):  # the stream was closed under us
+            pass
+        self._put(None)
+
+    def _put(self, line: str | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody reads any more
+            self._loop.call_soon_threadsafe(self._lines.put_nowait, line)
+
+    def stop(self) -> None:
+        """End the chat after the line being answered (SIGTERM)."""
+        self.is_stopping = True
+        self._lines.put_nowait(None)
+
+    async def next(self, prompt: str | None) -> str | None:
+        """The next line, or None at end of input or once stopping."""
+        if self.is_stopping:
+            return None
+        if prompt:
+            print(prompt, end="", flush=True)
+        line = await self._lines.get()
+        return None if self.is_stopping else line
 
 
 async def chat_loop(chat: ConsoleChat, stream: TextIO) -> None:
-    """Answer lines until end of input or /quit; a prompt is shown only on a terminal."""
+    """Answer lines until end of input, /quit or SIGTERM; a prompt is shown only on a terminal."""
     prompt = "you> " if stream.isatty() else None
     if prompt:
         chat._print(HELP)
-    while (line := await read_line(stream, prompt)) is not None:
-        if not await chat.handle_line(line):
-            break
+    reader = LineReader(stream)
+    loop = asyncio.get_running_loop()
+    # SIGTERM ends the chat as end of input does: the reply being written finishes, the database closes.
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows, or not the main thread
+        loop.add_signal_handler(signal.SIGTERM, reader.stop)
+    try:
+        while (line := await reader.next(prompt)) is not None:
+            if not await chat.handle_line(line):
+                break
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGTERM)
 
 
 async def run_console(

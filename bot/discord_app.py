@@ -5,7 +5,8 @@ ChatBot (bot/chatbot.py); one-time setup happens in its `setup_hook` (never `on_
 after reconnects).
 
 Exit codes of `chatbot run` (for supervisors, e.g. systemd `RestartPreventExitStatus=78 79`):
-  0   stopped by SIGTERM or SIGINT after a clean shutdown (replies in flight sent, worker drained, DB closed)
+  0   stopped by SIGTERM or SIGINT after a clean shutdown (replies in flight sent, worker drained, DB closed),
+      also when the signal comes while the model is still loading
   78  DISCORD_TOKEN is missing or Discord rejected it. Restarting cannot help, and every failed login counts
       toward Discord's 1000 logins a day, after which the token is reset.
   79  a privileged intent (Message Content) is not enabled for the application in the Developer Portal.
@@ -23,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import discord
 
@@ -95,15 +96,40 @@ async def run_bot(settings: Settings) -> int:
     if not settings.discord_token:
         log.error("DISCORD_TOKEN is not set: put the bot token in .env (exit 78)")
         return EXIT_BAD_TOKEN
-    from bot.runtime import create_worker  # loads torch: only when the bot really runs
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None
+    # Until serve() takes the signals over, SIGTERM / SIGINT stop the start-up (model load included):
+    # storage closes and the process exits 0 instead of dying of the signal.
+    signals = [sig for sig in SHUTDOWN_SIGNALS if _on_signal(loop, sig, task.cancel)]
+    log.info("starting: opening the database and loading the model")
+    try:
+        from bot.runtime import create_worker  # loads torch: only when the bot really runs
 
-    metrics = BotMetrics()
-    async with Storage.open(settings.db_path, settings.db_busy_timeout_seconds) as storage:
-        try:
-            async with checked_start(lambda: create_worker(settings), settings.discord_token) as worker:
-                bot = ChatBot(settings, storage, MeteredGenerator(worker, metrics))
-                async with operations(bot, bot.generator, settings, metrics):
-                    return await serve(bot, settings.discord_token)
-        except StartupError as exc:
-            log.error("%s", exc)
-            return exc.exit_code
+        metrics = BotMetrics()
+        async with Storage.open(settings.db_path, settings.db_busy_timeout_seconds) as storage:
+            try:
+                async with checked_start(lambda: create_worker(settings), settings.discord_token) as worker:
+                    remove_signal_handlers(loop, signals)  # serve() installs its own
+                    signals = []
+                    bot = ChatBot(settings, storage, MeteredGenerator(worker, metrics))
+                    async with operations(bot, bot.generator, settings, metrics):
+                        return await serve(bot, settings.discord_token)
+            except StartupError as exc:
+                log.error("%s", exc)
+                return exc.exit_code
+    except asyncio.CancelledError:
+        if not signals:
+            raise
+        log.info("stopped by a signal before serving (exit 0)")
+        return EXIT_OK
+    finally:
+        remove_signal_handlers(loop, signals)
+
+
+def _on_signal(loop: asyncio.AbstractEventLoop, sig: signal.Signals, callback: Callable[[], object]) -> bool:
+    """Run `callback` on `sig`; False where the loop cannot (Windows, or not the main thread)."""
+    try:
+        loop.add_signal_handler(sig, callback)
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True

@@ -65,6 +65,7 @@ def create_worker(settings: Settings) -> ModelWorker:
     """A model worker configured from the settings (not started: use `async with`); seeds fixed first."""
     from model.loading import set_seed
     from model.serving.engines import EngineOptions
+    from model.serving.readiness import default_smoke_request
     from model.serving.worker import ModelWorker
 
     set_seed(settings.seed)
@@ -79,4 +80,7 @@ def create_worker(settings: Settings) -> ModelWorker:
         engine_options=EngineOptions(
             settings.engine, settings.cpu_compute, settings.cpu_threads, settings.ct2_dir
         ),
+        # Each load and reload builds this prompt with the bot's reply budget: a model whose context
+        # cannot hold it is refused up front instead of failing every request.
+        smoke_request=default_smoke_request(settings.sampling(), settings.persona, settings.bot_name),
     )

@@ -337,7 +337,8 @@ class AdminCog(commands.Cog):
 
     async def _reset_channel(self, interaction: discord.Interaction) -> Answer:
         assert interaction.channel_id is not None
-        await self.bot.storage.reset_channel(interaction.channel_id, self.bot.clock())
+        # Discord's time, not the host's: history is cut on the messages' Discord timestamps.
+        await self.bot.storage.reset_channel(interaction.channel_id, interaction.created_at.timestamp())
         return Answer(
             "Done: I'll answer as if this conversation starts now.", f"channel {interaction.channel_id}"
         )

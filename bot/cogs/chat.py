@@ -134,6 +134,13 @@ class ChatCog(commands.Cog):
         """Store the message and answer it when the policy says so."""
         if not self.bot.is_accepting or message.type not in ANSWERED_TYPES or not message.content.strip():
             return
+        # Tracked from before the first await: a shutdown that starts meanwhile waits for the message to be
+        # stored and answered (or told the bot is restarting) before it closes the database.
+        with self.bot.tracking_reply():
+            await self.handle(message)
+
+    async def handle(self, message: discord.Message) -> None:
+        """Guard → store → decide → answer, for a message the bot accepted."""
         facts = facts_of(message, self.policy.bot_user_id, await self.replied_author_id(message))
         if not should_record(facts, self.policy):
             return
@@ -146,11 +153,10 @@ class ChatCog(commands.Cog):
         log.debug("message %d: %s (%s)", message.id, decision.action.value, decision.reason)
         if decision.action is Action.IGNORE:
             return
-        with self.bot.tracking_reply():
-            if decision.action is Action.COOLDOWN_NOTICE:
-                await self.send_chunks(message, [COOLDOWN_REPLY])
-            else:
-                await self.answer(message, incoming, context)
+        if decision.action is Action.COOLDOWN_NOTICE:
+            await self.send_chunks(message, [COOLDOWN_REPLY])
+        else:
+            await self.answer(message, incoming, context)
 
     async def record(self, incoming: IncomingMessage, context: MessageContext) -> bool:
         """Store the message; False for a replay. A database that stays locked is logged, not fatal."""
@@ -218,7 +224,9 @@ class ChatCog(commands.Cog):
         """Remember that the bot spoke and store what it sent (a storage failure only costs the record)."""
         if not sent:
             return
-        sent_at = self.bot.clock()
+        # Discord's time of the last chunk (its id is a snowflake), not the host's: the follow-up window and
+        # the history order compare it with the users' messages' Discord timestamps.
+        sent_at = discord.utils.snowflake_time(sent[-1][0]).timestamp()
         self.last_spoke[incoming.channel_id] = sent_at
         try:
             await self.bot.conversation.record_reply(incoming, context, draft, sent, sent_at)

@@ -8,7 +8,9 @@ called on the event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import logging
 import queue
 import threading
 import time
@@ -23,6 +25,8 @@ from model.replies import is_repeat
 
 if TYPE_CHECKING:
     from model.loading import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 class Claim:
@@ -154,3 +158,13 @@ def speaker_names(request: ReplyRequest) -> tuple[str, ...]:
     """The speaker tags as the model saw them in the prompt, for cutting leaked tags from replies."""
     humans = {sanitize_speaker(turn.speaker, request.bot_name) for turn in request.history if not turn.is_bot}
     return (request.bot_name, *sorted(humans))
+
+
+def fit_to_context(request: ReplyRequest, n_positions: int) -> ReplyRequest:
+    """Cap max_new_tokens at half the context window, so a setting made for GPT-2's 1024 positions
+    cannot leave a smaller model (the starter has 256) no room for the prompt at all."""
+    limit = max(1, n_positions // 2)
+    if request.params.max_new_tokens <= limit:
+        return request
+    log.debug("max_new_tokens %d capped at %d", request.params.max_new_tokens, limit)
+    return dataclasses.replace(request, params=dataclasses.replace(request.params, max_new_tokens=limit))

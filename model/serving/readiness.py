@@ -17,20 +17,23 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from model.api import ModelInfo
+from model.api import ModelInfo, ReplyRequest
 from model.encoding import encodes_newline, thread_copy
 from model.engine import DecodeEngine, EngineJob
+from model.prompt import PromptTooLong, Turn, build_prompt
 from model.replies import stop_token_ids
 from model.sampling import SamplingParams
-from model.serving.jobs import Serving
+from model.serving.jobs import Serving, fit_to_context
 
 if TYPE_CHECKING:
     from model.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
-SMOKE_PROMPT = "User: Hello!\nBot:"
-SMOKE_PARAMS = SamplingParams(max_new_tokens=4, temperature=0.0)
+# The persona of the export format (and the bot's default); the bot passes its own (bot/runtime.py).
+SMOKE_PERSONA = "A friendly chat between a helpful bot and the people of a Discord server."
+SMOKE_HISTORY = (Turn("User", "Hello! How are you today?"),)
+SMOKE_GENERATED_TOKENS = 4  # enough to prove the engine steps; the budget is checked by the prompt build
 SMOKE_TIME_LIMIT_SECONDS = 60.0
 
 
@@ -63,6 +66,7 @@ def prepare_serving(
     loader: Callable[[str], LoadedModel],
     engine_factory: Callable[[LoadedModel], DecodeEngine],
     tokenizer_copies: int = 0,
+    smoke_request: ReplyRequest | None = None,
 ) -> Serving:
     """Load a model, prove it generates and copy its tokenizer for the prompt builders.
 
@@ -73,7 +77,7 @@ def prepare_serving(
     except Exception as exc:
         raise StepFailed("load", exc) from exc
     try:
-        serving = smoke_test(loaded, engine_factory)
+        serving = smoke_test(loaded, engine_factory, smoke_request or default_smoke_request())
         for _ in range(tokenizer_copies):
             serving.tokenizer_copies.put(thread_copy(loaded.tokenizer))
         return serving
@@ -81,15 +85,43 @@ def prepare_serving(
         raise StepFailed("smoke", exc) from exc
 
 
-def smoke_test(loaded: LoadedModel, engine_factory: Callable[[LoadedModel], DecodeEngine]) -> Serving:
-    """Check the logits are finite, then generate a few tokens through a fresh engine."""
-    prompt_ids = loaded.tokenizer.encode(SMOKE_PROMPT, add_special_tokens=False)
+def default_smoke_request(
+    sampling: SamplingParams | None = None, persona: str = SMOKE_PERSONA, bot_name: str = "Bot"
+) -> ReplyRequest:
+    """A short real request with the bot's persona and sampling (its max_new_tokens is the budget checked)."""
+    return ReplyRequest(persona, SMOKE_HISTORY, bot_name, params=sampling or SamplingParams())
+
+
+def smoke_prompt_ids(loaded: LoadedModel, request: ReplyRequest) -> list[int]:
+    """The request's prompt as a request would get it: fitted to the context, built by the real builder.
+
+    A model whose context cannot hold the persona, a short message and the reply budget would fail every
+    request after loading fine: it is refused here instead, with what does not fit.
+    """
+    budget = fit_to_context(request, loaded.n_positions).params.max_new_tokens
+    try:
+        prompt = build_prompt(loaded.tokenizer, request.persona, request.history, request.bot_name, budget,
+                              loaded.n_positions)  # fmt: skip
+    except PromptTooLong as exc:
+        raise ValueError(
+            f"its context window ({loaded.n_positions} positions) cannot hold the persona, a short message"
+            f" and a {budget}-token reply ({exc}): serve a model with a larger n_positions"
+        ) from exc
+    return list(prompt.input_ids)
+
+
+def smoke_test(
+    loaded: LoadedModel, engine_factory: Callable[[LoadedModel], DecodeEngine], request: ReplyRequest
+) -> Serving:
+    """Build a real prompt within the reply budget, check the logits are finite, generate a few tokens."""
+    prompt_ids = smoke_prompt_ids(loaded, request)
     _check_finite_logits(loaded, prompt_ids)
     serving = Serving(
         loaded, engine_factory(loaded), stop_token_ids(loaded.tokenizer), encodes_newline(loaded.tokenizer)
     )
     deadline = time.monotonic() + SMOKE_TIME_LIMIT_SECONDS
-    serving.engine.admit(EngineJob(0, tuple(prompt_ids), SMOKE_PARAMS, deadline, serving.stop_ids))
+    params = SamplingParams(max_new_tokens=SMOKE_GENERATED_TOKENS, temperature=0.0)
+    serving.engine.admit(EngineJob(0, tuple(prompt_ids), params, deadline, serving.stop_ids))
     while serving.engine.has_work():
         serving.engine.step()
     return serving

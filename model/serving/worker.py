@@ -10,7 +10,6 @@ WorkerBusy), shutdown, and the futures, which are only ever touched on the loop.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import os
@@ -32,8 +31,8 @@ from model.api import (
 from model.engine import DecodeEngine
 from model.sampling import SamplingParams
 from model.serving.engines import EngineOptions, default_engine_factory
-from model.serving.jobs import GenerateJob, ReloadJob, Serving, Stop, resolve_future
-from model.serving.readiness import default_loader
+from model.serving.jobs import GenerateJob, ReloadJob, Serving, Stop, fit_to_context, resolve_future
+from model.serving.readiness import default_loader, default_smoke_request
 from model.serving.worker_thread import LoopCallbacks, ThreadSide, serving_info
 
 if TYPE_CHECKING:
@@ -48,16 +47,6 @@ THREAD_STOP_TIMEOUT_SECONDS = 30.0  # after the grace period, how long close() w
 # the Rust calls convoy (scripts/bench_prompt_builders.py measures it).
 MAX_PROMPT_THREADS = 2
 TOKENIZER_POOL_MIN_CORES = 8  # the tokenizers' thread pool is on from here (2 and 16 cores measured)
-
-
-def fit_to_context(request: ReplyRequest, n_positions: int) -> ReplyRequest:
-    """Cap max_new_tokens at half the context window, so a setting made for GPT-2's 1024 positions
-    cannot leave a smaller model (the starter has 256) no room for the prompt at all."""
-    limit = max(1, n_positions // 2)
-    if request.params.max_new_tokens <= limit:
-        return request
-    log.debug("max_new_tokens %d capped at %d", request.params.max_new_tokens, limit)
-    return dataclasses.replace(request, params=dataclasses.replace(request.params, max_new_tokens=limit))
 
 
 def _exit_process(exc: BaseException) -> None:
@@ -87,6 +76,7 @@ class ModelWorker:
         prompt_threads: int | None = None,
         sampling: SamplingParams | None = None,
         engine_options: EngineOptions | None = None,
+        smoke_request: ReplyRequest | None = None,
     ) -> None:
         self._queue_size = queue_size
         # The tokenizers' Rust thread pool spreads each batched build over the cores: on many cores it
@@ -105,6 +95,8 @@ class ModelWorker:
             on_fatal or _exit_process,
             prompt_threads or min(MAX_PROMPT_THREADS, os.cpu_count() or 1),
             LoopCallbacks(self._settle, self._settle_replies, self._on_thread_exit),
+            # Every load and reload must fit a real prompt with this budget, or it is refused.
+            smoke_request or default_smoke_request(sampling),
         )
         # Loop-side state (touched on the event loop only).
         self._loop: asyncio.AbstractEventLoop | None = None

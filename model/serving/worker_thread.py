@@ -34,6 +34,7 @@ from model.api import (
     ModelInfo,
     ReloadFailed,
     Reply,
+    ReplyRequest,
     WorkerClosed,
 )
 from model.engine import DecodeEngine, EngineJob, EngineResult
@@ -105,8 +106,10 @@ class ThreadSide:
         on_fatal: Callable[[BaseException], None],
         prompt_threads: int,
         callbacks: LoopCallbacks,
+        smoke_request: ReplyRequest,
     ) -> None:
         self._source = source
+        self._smoke_request = smoke_request
         self._loader = loader
         self._engine_factory = engine_factory
         self._on_fatal = on_fatal
@@ -406,7 +409,9 @@ class ThreadSide:
         self._answer(job, info, None)
 
     def _prepare(self, source: str) -> Serving:
-        return prepare_serving(source, self._loader, self._engine_factory, self._prompt_threads)
+        return prepare_serving(
+            source, self._loader, self._engine_factory, self._prompt_threads, self._smoke_request
+        )
 
     def _swap(self, new: Serving) -> ModelInfo:
         """Make `new` serve (one reference assignment), then free the old model."""

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from model.prompt import Turn, render_dialogue
+from model.training.export_dir import fsync_dir, recover_interrupted_export, sibling, swap_into_place
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +28,8 @@ DEFAULT_PERSONA = "A friendly chat between a helpful bot and the people of a Dis
 SPLITS = ("train", "val")
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
-# Temp files are hidden, carry this prefix and end in ".tmp", so a later run can find and remove them.
-TEMP_PREFIX = ".export-"
+LEGACY_TEMP_PREFIX = ".export-"  # what temp files of older writers, left inside an export, start with
+EXPORT_FILES = frozenset({*(f"{split}.jsonl" for split in SPLITS), MANIFEST_NAME})
 HASH_CHUNK_BYTES = 1 << 20
 
 
@@ -118,32 +120,29 @@ def _content_key(conversation: Conversation) -> str:
     return hashlib.sha256(json.dumps(turns, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make renames inside `directory` durable (POSIX needs the directory itself fsynced)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _is_export_file(name: str) -> bool:
+    """An export's own file, or a temp file that an earlier version of the writer left inside it."""
+    return name in EXPORT_FILES or (name.startswith(LEGACY_TEMP_PREFIX) and name.endswith(".tmp"))
 
 
-def remove_stale_temp_files(out_dir: Path) -> int:
-    """Delete temp files that a killed earlier export left behind; return how many."""
-    stale = [p for p in out_dir.glob(f"{TEMP_PREFIX}*.tmp") if p.is_file()]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    if stale:
-        log.info("removed %d stale temp file(s) from %s", len(stale), out_dir)
-    return len(stale)
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace anything that is not an export: the writer swaps out_dir as a whole."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} is a file, not an export directory")
+    if out_dir.is_dir():
+        foreign = sorted(p.name for p in out_dir.iterdir() if not _is_export_file(p.name))
+        if foreign:
+            raise ExportError(
+                f"{out_dir} holds files that are not part of an export ({', '.join(foreign[:3])}):"
+                " choose a new or empty directory"
+            )
 
 
 class _HashingWriter:
-    """A temp file that hashes what is written, then is fsynced and renamed to its final name."""
+    """A file of the export being built that hashes what is written; fsynced on commit."""
 
-    def __init__(self, out_dir: Path, name: str) -> None:
-        self.final_path = out_dir / name
-        self.temp_path = out_dir / f"{TEMP_PREFIX}{name}.{os.getpid()}.tmp"
-        self._file: IO[bytes] = open(self.temp_path, "wb")  # noqa: SIM115 - closed in commit()/discard()
+    def __init__(self, directory: Path, name: str) -> None:
+        self._file: IO[bytes] = open(directory / name, "wb")  # noqa: SIM115 - closed in commit()/close()
         self._sha256 = hashlib.sha256()
 
     def write(self, data: bytes) -> None:
@@ -151,16 +150,14 @@ class _HashingWriter:
         self._sha256.update(data)
 
     def commit(self) -> str:
-        """fsync, close and atomically rename to the final name; return the sha256 hex."""
+        """fsync and close; return the sha256 hex."""
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self.temp_path, self.final_path)
         return self._sha256.hexdigest()
 
-    def discard(self) -> None:
+    def close(self) -> None:
         self._file.close()
-        self.temp_path.unlink(missing_ok=True)
 
 
 def _write_splits(
@@ -185,23 +182,42 @@ def _write_splits(
             writers[split].write(line.encode("utf-8"))
             counts[split] += 1
         hashes = {f"{split}.jsonl": writers[split].commit() for split in SPLITS}
-    except BaseException:
+    finally:
         for writer in writers.values():
-            writer.discard()
-        raise
+            writer.close()
     return hashes, counts, duplicates
 
 
-def _write_json_atomically(path: Path, data: Mapping[str, Any]) -> None:
-    """Write JSON to a temp file, fsync, rename over `path`, fsync the directory."""
-    writer = _HashingWriter(path.parent, path.name)
+def _build_export(
+    staging: Path,
+    conversations: Iterable[Conversation],
+    *,
+    source: str,
+    filters: Mapping[str, object],
+    extra: Mapping[str, object] | None,
+    val_percent: int,
+    progress: bool,
+) -> Manifest:
+    """Write the split files, then the manifest, into the staging directory (all fsynced)."""
+    hashes, counts, duplicates = _write_splits(staging, conversations, val_percent, progress)
+    manifest = Manifest(
+        source=source,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        val_percent=val_percent,
+        counts=counts,
+        files=hashes,
+        filters=dict(filters),
+        duplicates_removed=duplicates,
+        extra=dict(extra or {}),
+    )
+    writer = _HashingWriter(staging, MANIFEST_NAME)
     try:
-        writer.write((json.dumps(data, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+        writer.write((json.dumps(manifest.to_json(), ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
         writer.commit()
-    except BaseException:
-        writer.discard()
-        raise
-    _fsync_dir(path.parent)
+    finally:
+        writer.close()
+    fsync_dir(staging)
+    return manifest
 
 
 def write_export(
@@ -214,29 +230,27 @@ def write_export(
     val_percent: int = 10,
     progress: bool = False,
 ) -> Manifest:
-    """Write train/val jsonl + manifest atomically: a killed run leaves no partial file under a final name."""
+    """Build the export in a sibling temporary directory, then rename it over out_dir (T29).
+
+    At every moment out_dir is absent, the previous complete export, or the new complete one: a killed run
+    never leaves a half-written export under the final name, and the next run cleans up what it left.
+    """
     if not 0 <= val_percent <= 100:
         raise ValueError(f"val_percent must be 0–100, got {val_percent}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(out_dir)
-    # The old manifest goes first: while the data files are being replaced the directory has no manifest,
-    # so a reader never pairs a new data file with old checksums (verify_export says "incomplete").
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    _fsync_dir(out_dir)
-    hashes, counts, duplicates = _write_splits(out_dir, conversations, val_percent, progress)
-    _fsync_dir(out_dir)
-    manifest = Manifest(
-        source=source,
-        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        val_percent=val_percent,
-        counts=counts,
-        files=hashes,
-        filters=dict(filters),
-        duplicates_removed=duplicates,
-        extra=dict(extra or {}),
-    )
-    _write_json_atomically(out_dir / MANIFEST_NAME, manifest.to_json())
-    log.info("export %s: %s (%d duplicates removed)", out_dir, counts, duplicates)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_export(out_dir, MANIFEST_NAME)
+    _check_replaceable(out_dir)
+    staging = sibling(out_dir, "tmp")
+    staging.mkdir()
+    try:
+        manifest = _build_export(staging, conversations, source=source, filters=filters, extra=extra,
+                                 val_percent=val_percent, progress=progress)  # fmt: skip
+        swap_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("export %s: %s (%d duplicates removed)", out_dir, manifest.counts, manifest.duplicates_removed)
     return manifest
 
 

@@ -191,9 +191,26 @@ class Registry:
         self.models_dir.mkdir(parents=True, exist_ok=True)
         with open(self.models_dir / LOCK_FILE, "a+") as lock:
             _lock_file(lock.fileno())
+            self._remove_leftovers()
             state = self._state()
             yield state
             write_json_atomic(self.path, state)
+
+    def _remove_leftovers(self) -> None:
+        """Delete the temp files and folders a killed promote / rollback / add left behind.
+
+        Every writer builds them while holding the lock, so whatever exists while we hold it is a dead run's.
+        """
+        stale = [*self.models_dir.glob(f".{REGISTRY_FILE}.*.tmp")]
+        if self.versions_dir.is_dir():
+            stale += self.versions_dir.glob(".*.tmp")
+        for path in stale:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if stale:
+            log.info("removed %d leftover temp file(s) of an interrupted registry write", len(stale))
 
     def _next_name(self) -> str:
         taken = {p.name for p in self.versions_dir.iterdir()} if self.versions_dir.is_dir() else set()

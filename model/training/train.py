@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from model.training.checkpoints import newest_complete_checkpoint
 from model.training.dataset import (
     DEFAULT_PERSONA,
     ExportError,
@@ -83,7 +84,10 @@ class TrainArguments:
     tf32: bool = _arg(True, "Allow TF32 matrix maths on the GPU.")
     fused_adamw: bool = _arg(True, "Fused AdamW (adamw_torch_fused) on the GPU.")
     torch_compile: bool = _arg(False, "torch.compile the model (GPU speed-up after a compile warm-up).")
-    resume: bool = _arg(False, "Resume from the newest checkpoint under OUT/checkpoints.")
+    resume: bool = _arg(
+        False,
+        "Resume from the newest complete checkpoint under OUT/checkpoints (incomplete ones are removed).",
+    )
     keep_checkpoints: bool = _arg(False, "Keep OUT/checkpoints after success (only needed to resume).")
     save_total_limit: int = _arg(2, "Checkpoints kept while training.")
     save_steps: int = _arg(0, "Checkpoint every N steps; 0 = every epoch.")
@@ -349,6 +353,7 @@ def run_training(
     data: DataBundle,
     on_cuda: bool,
     callbacks: Sequence[Any] = (),
+    resume_from: Path | None = None,
 ) -> TrainingResult:
     """Run the HF Trainer; the main process saves the model and measures it. Returns the card's numbers."""
     from transformers import DataCollatorForLanguageModeling, Trainer
@@ -371,7 +376,7 @@ def run_training(
         processing_class=tokenizer,
         callbacks=[throughput, *callbacks],
     )
-    output = trainer.train(resume_from_checkpoint=True if args.resume else None)
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if not trainer.is_world_process_zero():
         return TrainingResult(metrics, 0.0, 0, training_args.world_size, is_main_process=False)
     final = trainer.accelerator.unwrap_model(trainer.model)
@@ -405,12 +410,13 @@ def train(args: TrainArguments, callbacks: Sequence[Any] = ()) -> Path:
         raise TrainError("--device cuda: no CUDA device is available")
     on_cuda = args.device != "cpu" and torch.cuda.is_available()
     checkpoints = Path(args.out) / CHECKPOINTS_DIR
-    if args.resume and not any(checkpoints.glob("checkpoint-*")):
-        raise TrainError(f"--resume: no checkpoint under {checkpoints}")
+    resume_from = newest_complete_checkpoint(checkpoints) if args.resume else None
+    if args.resume and resume_from is None:
+        raise TrainError(f"--resume: no complete checkpoint under {checkpoints}")
     set_seed(args.seed)
     model, tokenizer = build_model(args)
     data = load_data(args, tokenizer, model.config.n_positions)
-    result = run_training(args, model, tokenizer, data, on_cuda, callbacks)
+    result = run_training(args, model, tokenizer, data, on_cuda, callbacks, resume_from)
     if result.is_main_process:
         if not args.keep_checkpoints:
             shutil.rmtree(checkpoints, ignore_errors=True)

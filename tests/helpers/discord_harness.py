@@ -13,7 +13,7 @@ timestamps only move with `await env.advance_time(seconds)`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,9 +96,15 @@ class Harness:
         return [e.path for e in self.env.http_requests if e.method == "POST" and e.path.endswith("/typing")]
 
 
-def build_bot(settings: Settings, storage: Storage, generator: FakeGenerator, cogs: Iterable[str]) -> ChatBot:
-    """ChatBot on the virtual clock, with instant send retries."""
-    bot = ChatBot(settings, storage, generator, clock=virtual_clock, cog_modules=cogs)
+def build_bot(
+    settings: Settings,
+    storage: Storage,
+    generator: FakeGenerator,
+    cogs: Iterable[str],
+    clock: Callable[[], float] = virtual_clock,
+) -> ChatBot:
+    """ChatBot on the virtual clock (or a skewed one), with instant send retries."""
+    bot = ChatBot(settings, storage, generator, clock=clock, cog_modules=cogs)
     bot.send_retry_delays_seconds = (0.0, 0.0, 0.0)
     return bot
 
@@ -129,13 +135,16 @@ async def running_bot(
     generator: FakeGenerator | None = None,
     cog_modules: Iterable[str] = TEST_COGS,
     env_options: dict[str, Any] | None = None,
+    clock: Callable[[], float] = virtual_clock,
     **settings_overrides: Any,
 ) -> AsyncIterator[Harness]:
-    """Inside a test: start ChatBot (tmp Storage, FakeGenerator) in simcord with these settings."""
+    """Inside a test: start ChatBot (tmp Storage, FakeGenerator) in simcord with these settings.
+
+    `clock` is the host's clock as the bot sees it (Discord's time stays simcord's virtual one)."""
     settings = make_settings(tmp_path, **settings_overrides)
     fake = generator if generator is not None else FakeGenerator()
     async with Storage.open(settings.db_path, settings.db_busy_timeout_seconds) as storage:
-        bot = build_bot(settings, storage, fake, cog_modules)
+        bot = build_bot(settings, storage, fake, cog_modules, clock)
         async with simcord.run(bot, **(env_options or {})) as env:
             yield populate(env)
 

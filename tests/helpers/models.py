@@ -12,13 +12,15 @@ import torch
 GPT2_TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "model" / "assets" / "gpt2-tokenizer"
 
 
-def build_tiny_gpt2(out_dir: Path, n_layer: int = 2, n_embd: int = 64, seed: int = 0) -> Path:
+def build_tiny_gpt2(
+    out_dir: Path, n_layer: int = 2, n_embd: int = 64, seed: int = 0, n_positions: int = 1024
+) -> Path:
     """Save a randomly initialised GPT-2 (real vocabulary) with the real tokenizer into out_dir."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=2, n_positions=1024, vocab_size=50257)
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=2, n_positions=n_positions, vocab_size=50257)
     GPT2LMHeadModel(config).save_pretrained(out_dir)  # safetensors by default
     GPT2TokenizerFast.from_pretrained(GPT2_TOKENIZER_DIR).save_pretrained(out_dir)
     return out_dir

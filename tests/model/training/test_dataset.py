@@ -1,4 +1,4 @@
-"""The export format: hash split, atomic writer (SIGKILL at random points), manifest checks, packing."""
+"""The export format: hash split, atomic writer (failed renames, kill leftovers), manifest checks, packing."""
 
 from __future__ import annotations
 
@@ -6,17 +6,14 @@ import hashlib
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from model.prompt import render_dialogue
-from model.training import dataset
+from model.training import export_dir
 from model.training.dataset import (
     DEFAULT_PERSONA,
     Conversation,
@@ -105,80 +102,63 @@ def test_splits_are_stable_across_exports_with_new_data(tmp_path: Path) -> None:
     assert not ids(first, "train") & ids(second, "val")
 
 
-def test_a_failed_rename_leaves_no_partial_final_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    export(tmp_path, make_conversations(40))
-    old_train = (tmp_path / "train.jsonl").read_bytes()
-    real_replace = os.replace
+def test_a_failed_rename_keeps_the_previous_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out_dir = tmp_path / "out"
+    old = export(out_dir, make_conversations(40))
+    real_rename = os.rename
     calls: list[str] = []
 
-    def failing_replace(source: str | Path, target: str | Path) -> None:
+    def failing_rename(source: str | Path, target: str | Path) -> None:
         calls.append(str(target))
-        if len(calls) == 2:  # train.jsonl replaced, then the disk "fails" before val.jsonl
+        if len(calls) == 2:  # the old export set aside, then the disk "fails" renaming the new one in
             raise OSError("disk full")
-        real_replace(source, target)
+        real_rename(source, target)
 
-    monkeypatch.setattr(dataset.os, "replace", failing_replace)
+    monkeypatch.setattr(export_dir.os, "rename", failing_rename)
     with pytest.raises(OSError, match="disk full"):
-        export(tmp_path, make_conversations(80))
+        export(out_dir, make_conversations(80))
     monkeypatch.undo()
-    assert not (tmp_path / "manifest.json").exists()  # no manifest pairs new data with old checksums
-    assert (tmp_path / "train.jsonl").read_bytes() != old_train  # complete new file, renamed atomically
-    assert not list(tmp_path.glob(".export-*"))  # the writer cleaned up after itself
-    with pytest.raises(ExportError):
-        verify_export(tmp_path)
+    assert verify_export(out_dir) == old  # the old export is back in place, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the writer cleaned up after itself
 
 
-CHILD = textwrap.dedent(
-    """
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, sys.argv[3])
-    from tests.helpers.exports import export, make_conversations
-    print("ready", flush=True)
-    export(Path(sys.argv[1]), make_conversations(int(sys.argv[2]), words=60))
-    """
-)
+def test_a_kill_between_the_renames_restores_the_previous_export(tmp_path: Path) -> None:
+    """Killed after setting the old export aside: out_dir is absent and the next run puts the old one back."""
+    out_dir = tmp_path / "out"
+    old = export(out_dir, make_conversations(40))
+    dead_pid = _dead_pid()
+    os.rename(out_dir, tmp_path / f".out.export-{dead_pid}.old")
+    (tmp_path / f".out.export-{dead_pid}.tmp").mkdir()  # the half-built new one
+    assert export_dir.recover_interrupted_export(out_dir, "manifest.json") == 2
+    assert verify_export(out_dir) == old
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def _run_child(script: Path, out_dir: Path, count: int) -> subprocess.Popen[str]:
-    command = [sys.executable, str(script), str(out_dir), str(count), str(REPO_ROOT)]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
-    return child
+def test_leftovers_of_a_running_export_are_not_touched(tmp_path: Path) -> None:
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        building = tmp_path / f".out.export-{sleeper.pid}.tmp"
+        building.mkdir()
+        export(tmp_path / "out", make_conversations(10))
+        assert building.is_dir()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
-def _assert_consistent(out_dir: Path, complete: dict[str, set[bytes]]) -> None:
-    """Every final file is absent or byte-identical to a complete export; a manifest always matches."""
-    for name in FINAL_NAMES[:2]:
-        path = out_dir / name
-        assert not path.exists() or path.read_bytes() in complete[name], f"partial {name}"
-    if (out_dir / "manifest.json").exists():
-        verify_export(out_dir)
+def test_refuses_to_replace_a_directory_that_is_not_an_export(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(ExportError, match="not part of an export"):
+        export(tmp_path, make_conversations(10))
+    assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine"
+    assert sorted(p.name for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}")) == []
 
 
-def test_sigkill_at_random_points_never_leaves_a_partial_file(tmp_path: Path) -> None:
-    """T29: 24 exports killed with SIGKILL at random moments; then one complete run cleans up."""
-    script = tmp_path / "child.py"
-    script.write_text(CHILD, encoding="utf-8")
-    old_dir, new_dir, out_dir = tmp_path / "old", tmp_path / "new", tmp_path / "out"
-    export(old_dir, make_conversations(1500, words=60))
-    started = time.perf_counter()
-    _run_child(script, new_dir, 3000).wait()
-    run_seconds = time.perf_counter() - started
-    complete = {name: {(d / name).read_bytes() for d in (old_dir, new_dir)} for name in FINAL_NAMES[:2]}
-    export(out_dir, make_conversations(1500, words=60))  # a previous export that the runs overwrite
-    rng = random.Random(29)
-    for _ in range(24):
-        child = _run_child(script, out_dir, 3000)
-        time.sleep(rng.uniform(0.0, run_seconds))
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        _assert_consistent(out_dir, complete)
-    _run_child(script, out_dir, 3000).wait()
-    assert not list(out_dir.glob(".export-*")), "stale temp files were not removed"
-    assert verify_export(out_dir).counts == json.loads((new_dir / "manifest.json").read_text())["counts"]
+def _dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
 
 
 def test_pack_blocks_renders_with_end_of_text(gpt2_tokenizer) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,3 +171,36 @@ def test_interrupted_write_leaves_old_registry(
         registry.promote("v2", val_ppl=29.0, current_ppl=30.0, margin=0.02)
     monkeypatch.undo()
     assert registry.current().name == "v1"  # type: ignore[union-attr]
+
+
+KILLED_PROMOTE = """
+import os, signal, sys
+from pathlib import Path
+from model.training import registry
+
+def killed_before_rename(source, target):
+    os.kill(os.getpid(), signal.SIGKILL)  # the temp file is written and fsynced: die before the rename
+
+registry.os.replace = killed_before_rename
+registry.Registry(Path(sys.argv[1])).promote("v2", val_ppl=29.0, current_ppl=30.0, margin=0.02)
+"""
+
+
+def test_a_killed_promote_leaves_a_temp_file_that_the_next_write_removes(
+    registry: Registry, tmp_path: Path
+) -> None:
+    registry.add(fake_model_dir(tmp_path / "run1"))
+    registry.add(fake_model_dir(tmp_path / "run2"))
+    registry.promote("v1", val_ppl=30.0, current_ppl=None, margin=0.02)
+    command = [sys.executable, "-c", KILLED_PROMOTE, str(registry.models_dir)]
+    child = subprocess.run(command, cwd=Path(__file__).resolve().parents[3], timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    leftovers = list(registry.models_dir.glob(".registry.json.*.tmp"))
+    assert len(leftovers) == 1 and json.loads(leftovers[0].read_text())["current"] == "v2"
+    assert registry.current().name == "v1"  # type: ignore[union-attr]
+    stale_copy = registry.versions_dir / ".v3.4242.tmp"  # what a killed `add` leaves mid-copy
+    stale_copy.mkdir()
+    registry.promote("v2", val_ppl=29.0, current_ppl=30.0, margin=0.02)
+    assert list(registry.models_dir.glob(".registry.json.*.tmp")) == []
+    assert not stale_copy.exists()
+    assert registry.current().name == "v2"  # type: ignore[union-attr]
