@@ -119,6 +119,26 @@ def _choice(*allowed: str, allow_cuda_index: bool = False) -> Callable[[str], st
     return parse
 
 
+def _base_urls(raw: str) -> tuple[str, ...]:
+    urls = tuple(u.strip().rstrip("/") for u in raw.split(",") if u.strip())
+    if not all(u.startswith(("http://", "https://")) for u in urls):
+        raise ValueError("must be a comma-separated list of http:// or https:// URLs (ending in /v1)")
+    return urls
+
+
+def _shards(raw: str) -> str | None:
+    value = raw.strip().lower()
+    if not value:
+        return None
+    if value != "auto" and not (value.isdigit() and 1 <= int(value) <= 10_000):
+        raise ValueError("must be auto or a shard count 1–10000")
+    return value
+
+
+def _optional_text(raw: str) -> str:
+    return raw.strip()
+
+
 def _setting(env: str, default: str, parse: Callable[[str], Any], secret: bool = False) -> Any:
     """A dataclass field that knows its environment variable, its default (as text) and its parser."""
     # An empty default means "unset": None for the token, the empty value (e.g. no ids) otherwise.
@@ -179,6 +199,19 @@ class Settings:
     promote_margin: float = _setting("BOT_PROMOTE_MARGIN", "0.02", _float_in(0, 10))
     metrics_port: int = _setting("BOT_METRICS_PORT", "0", _int_in(0, 65_535))
     metrics_host: str = _setting("BOT_METRICS_HOST", "127.0.0.1", _text(255))
+    shards: str | None = _setting("BOT_SHARDS", "", _shards)
+    shard_ids: frozenset[int] = _setting("BOT_SHARD_IDS", "", _id_set)
+    # Where replies come from: the in-process model, or OpenAI-compatible servers (bot/remote/).
+    backend: str = _setting("BOT_BACKEND", "local", _choice("local", "openai"))
+    openai_base_urls: tuple[str, ...] = _setting("BOT_OPENAI_BASE_URL", "", _base_urls)
+    openai_model: str = _setting("BOT_OPENAI_MODEL", "", _optional_text)
+    openai_tokenizer: str = _setting("BOT_OPENAI_TOKENIZER", "", _optional_text)
+    openai_api_key: str | None = _setting("BOT_OPENAI_API_KEY", "", str.strip, secret=True)
+    openai_api_key_file: str = _setting("BOT_OPENAI_API_KEY_FILE", "", _optional_text)
+    openai_connect_timeout_seconds: float = _setting(
+        "BOT_OPENAI_CONNECT_TIMEOUT_SECONDS", "3", _float_in(0.1, 120)
+    )
+    openai_retry_after_seconds: float = _setting("BOT_OPENAI_RETRY_AFTER_SECONDS", "5", _float_in(0.1, 3600))
 
     @property
     def db_path(self) -> Path:
@@ -196,6 +229,15 @@ class Settings:
     def ct2_dir(self) -> Path:
         """The CTranslate2 conversions of the served models (a cache: safe to delete)."""
         return self.data_dir / "ct2"
+
+    def openai_key(self) -> str | None:
+        """The API key for the model servers: BOT_OPENAI_API_KEY, else the first line of the key file."""
+        if self.openai_api_key:
+            return self.openai_api_key
+        if self.openai_api_key_file:
+            lines = Path(self.openai_api_key_file).read_text(encoding="utf-8").splitlines()
+            return lines[0].strip() if lines and lines[0].strip() else None
+        return None
 
     def sampling(self) -> SamplingParams:
         """The default sampling settings (a guild's /config overrides are applied on top by the bot)."""
@@ -228,9 +270,40 @@ class Settings:
             problems.append(f"BOT_DATA_DIR {data_dir_problem}")
         if values.get("discord_token_file") is not None:
             _read_token_file(values, problems)
+        problems.extend(_backend_problems(values))
+        problems.extend(_shard_problems(values))
         if problems:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
         return cls(**values)
+
+
+def _backend_problems(values: Mapping[str, Any]) -> list[str]:
+    """BOT_BACKEND=openai needs at least one server URL and the served model's name."""
+    if values.get("backend", "local") != "openai":
+        return []
+    problems = []
+    if not values.get("openai_base_urls"):
+        problems.append(
+            "BOT_OPENAI_BASE_URL must be set when BOT_BACKEND=openai (e.g. http://127.0.0.1:8011/v1)"
+        )
+    if not values.get("openai_model"):
+        problems.append("BOT_OPENAI_MODEL must be set when BOT_BACKEND=openai (the served model's name)")
+    key_file = values.get("openai_api_key_file")
+    if key_file and not Path(key_file).is_file():
+        problems.append(f"BOT_OPENAI_API_KEY_FILE names no file: {key_file!r}")
+    return problems
+
+
+def _shard_problems(values: Mapping[str, Any]) -> list[str]:
+    """BOT_SHARD_IDS needs a shard count, and each id must be below it."""
+    shards, ids = values.get("shards"), values.get("shard_ids", frozenset())
+    if ids and shards is None:
+        return ["BOT_SHARD_IDS needs BOT_SHARDS (the total shard count across every process)"]
+    if ids and shards == "auto":
+        return ["BOT_SHARD_IDS needs BOT_SHARDS set to a number: with auto, Discord picks the count"]
+    if ids and shards is not None and max(ids) >= int(shards):
+        return [f"BOT_SHARD_IDS must be below BOT_SHARDS={shards}, got {sorted(ids)}"]
+    return []
 
 
 def _data_dir_problem(path: Path) -> str | None:

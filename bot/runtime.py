@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from bot.config import Settings
 
 if TYPE_CHECKING:  # importing the worker loads torch: only create_worker needs it
+    from bot.remote.generator import RemoteGenerator
     from model.serving.worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,14 @@ def _version_folder(name: str, models_dir: Path) -> str | None:
     return resolved if resolved != name else None  # a hub id resolves to itself
 
 
-def create_worker(settings: Settings) -> ModelWorker:
-    """A model worker configured from the settings (not started: use `async with`); seeds fixed first."""
+def create_worker(settings: Settings) -> ModelWorker | RemoteGenerator:
+    """The reply generator the settings pick (not started: use `async with`): the in-process model
+    worker (seeds fixed first), or with BOT_BACKEND=openai the client of the model servers."""
+    if settings.backend == "openai":
+        from bot.remote.generator import RemoteGenerator, remote_config
+
+        config = remote_config(settings, tokenizer_source=settings.openai_tokenizer or model_source(settings))
+        return RemoteGenerator(config)
     from model.loading import set_seed
     from model.serving.engines import EngineOptions
     from model.serving.readiness import default_smoke_request

@@ -59,6 +59,8 @@ class ModelInfo:
     gpu_memory_allocated_bytes: int | None = None
     gpu_memory_total_bytes: int | None = None
     engine: str = ""  # which decode engine serves, e.g. "ctranslate2 int8 (2 CPU threads)"
+    backend: str = "local"  # or "openai": model servers elsewhere (bot/remote/)
+    details: tuple[str, ...] = ()  # extra /stats lines, e.g. each model server's health and latency
 
 
 class GeneratorError(Exception):

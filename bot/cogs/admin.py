@@ -31,6 +31,7 @@ from bot.cogs.common import (
 from bot.config import SAMPLING_LIMITS
 from bot.conversation import apply_overrides
 from bot.runtime import model_source
+from bot.sharding import shard_lines
 from bot.storage import Stats
 from model.api import ModelInfo, ReloadFailed, ReloadInProgress
 
@@ -124,6 +125,7 @@ def format_stats(
         f"{info.dtype}, context {info.n_positions})",
         f"Engine: {info.engine}" if info.engine else "",
         _gpu_line(info),
+        *(f"Server {line}" for line in info.details),
         _lag_line(lags),
     ]
     return "\n".join(line for line in lines if line)
@@ -218,7 +220,7 @@ class AdminCog(commands.Cog):
             self.bot.generator.info(),
             list(self.lag.samples),
         )
-        return Answer(text, "viewed")
+        return Answer("\n".join([text, *shard_lines(self.bot)]), "viewed")  # per-shard latency if sharded
 
     @channel.command(name="enable")
     @admin_check()
