@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import cast
+from typing import Any, cast
 
 import discord
 from discord import app_commands
@@ -83,6 +83,7 @@ class ChatBot(commands.Bot):
         clock: Callable[[], float] = time.time,
         cog_modules: Iterable[str] = COG_MODULES,
         sync_commands: bool = True,
+        **client_options: Any,  # shard_count / shard_ids for bot.sharding's ShardedChatBot
     ) -> None:
         super().__init__(
             command_prefix=commands.when_mentioned,  # unused: no prefix commands (see on_message)
@@ -90,6 +91,7 @@ class ChatBot(commands.Bot):
             allowed_mentions=discord.AllowedMentions.none(),  # generated text must never ping anyone
             help_command=None,
             tree_cls=ChatCommandTree,
+            **client_options,
         )
         self.settings = settings
         self.storage = storage

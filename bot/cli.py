@@ -237,9 +237,12 @@ def run_command(
 def known_failure(exc: Exception) -> tuple[str, int] | None:
     """(line, exit code) for a model or storage failure. The imports wait for a failure: model.loading
     loads torch, seconds that `chatbot health` (run every 30 s by a supervisor) must not pay."""
+    from bot.datalock import EXIT_DATA_DIR_LOCKED, DataDirLocked
     from bot.storage import StorageError
     from model.loading import ModelLoadError
 
+    if isinstance(exc, DataDirLocked):
+        return str(exc), EXIT_DATA_DIR_LOCKED
     if isinstance(exc, ModelLoadError):
         return f"cannot load the model: {exc}", EXIT_MODEL
     if isinstance(exc, StorageError):

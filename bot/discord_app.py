@@ -103,20 +103,25 @@ async def run_bot(settings: Settings) -> int:
     signals = [sig for sig in SHUTDOWN_SIGNALS if _on_signal(loop, sig, task.cancel)]
     log.info("starting: opening the database and loading the model")
     try:
+        from bot.datalock import hold_data_dir
         from bot.runtime import create_worker  # loads torch: only when the bot really runs
+        from bot.sharding import build_bot
 
         metrics = BotMetrics()
-        async with Storage.open(settings.db_path, settings.db_busy_timeout_seconds) as storage:
-            try:
-                async with checked_start(lambda: create_worker(settings), settings.discord_token) as worker:
-                    remove_signal_handlers(loop, signals)  # serve() installs its own
-                    signals = []
-                    bot = ChatBot(settings, storage, MeteredGenerator(worker, metrics))
-                    async with operations(bot, bot.generator, settings, metrics):
-                        return await serve(bot, settings.discord_token)
-            except StartupError as exc:
-                log.error("%s", exc)
-                return exc.exit_code
+        with hold_data_dir(settings.data_dir):
+            async with Storage.open(settings.db_path, settings.db_busy_timeout_seconds) as storage:
+                try:
+                    async with checked_start(
+                        lambda: create_worker(settings), settings.discord_token
+                    ) as worker:
+                        remove_signal_handlers(loop, signals)  # serve() installs its own
+                        signals = []
+                        bot = build_bot(settings, storage, MeteredGenerator(worker, metrics))
+                        async with operations(bot, bot.generator, settings, metrics):
+                            return await serve(bot, settings.discord_token)
+                except StartupError as exc:
+                    log.error("%s", exc)
+                    return exc.exit_code
     except asyncio.CancelledError:
         if not signals:
             raise

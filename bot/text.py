@@ -18,6 +18,7 @@ MAX_REPLY_CHUNKS = 8  # a nonce is message_id * 8 + chunk index, so a reply has 
 BUSY_REPLY = "I'm busy answering other people right now — please try again in a moment."
 SHUTDOWN_REPLY = "I'm restarting right now — please ask me again in a minute."
 ERROR_REPLY = "Sorry, something went wrong while I was thinking. Please try again."
+UNAVAILABLE_REPLY = "My model is unavailable right now — please try again in a little while."
 COOLDOWN_REPLY = "You're going a bit fast for me — give me a few seconds before the next message."
 TRUNCATED_MARK = "…"
 

@@ -79,6 +79,10 @@ class GenerationFailed(GeneratorError):
     """This one request failed (e.g. CUDA out of memory); the generator keeps serving."""
 
 
+class ModelUnavailable(GenerationFailed):
+    """Every model server is down (the remote backend's circuit breaker is open); it retries by itself."""
+
+
 class ReloadInProgress(GeneratorError):
     """A reload was asked for while another reload is queued or running."""
 

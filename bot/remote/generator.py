@@ -33,6 +33,7 @@ from model.api import (
     FALLBACK_REPLY,
     GenerationFailed,
     ModelInfo,
+    ModelUnavailable,
     ReloadFailed,
     ReloadInProgress,
     Reply,
@@ -188,7 +189,7 @@ class RemoteGenerator:
         if self._in_flight >= self._config.queue_size:
             raise WorkerBusy(f"{self._in_flight} requests are already in flight")
         if self._pool.is_open():
-            raise GenerationFailed(
+            raise ModelUnavailable(
                 f"model unavailable: every server is down (next try in {self._pool.retry_in():.0f} s)"
             )
         self._in_flight += 1
@@ -255,7 +256,7 @@ class RemoteGenerator:
         for attempt in range(len(self._pool.replicas) + 2):
             replica = self._pool.pick(exclude=tried) or self._pool.pick()
             if replica is None:
-                raise GenerationFailed("model unavailable: every server is down")
+                raise ModelUnavailable("model unavailable: every server is down")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise GenerationFailed("generation timed out")
@@ -275,7 +276,7 @@ class RemoteGenerator:
             return _first_choice(payload)
         if is_busy:
             raise WorkerBusy("every model server is busy (HTTP 429)")
-        raise GenerationFailed("model unavailable: every server refused the request")
+        raise ModelUnavailable("model unavailable: every server refused the request")
 
     async def _post(
         self, replica: Replica, body: dict[str, Any], seconds_left: float

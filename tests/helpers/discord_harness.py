@@ -23,9 +23,11 @@ import discord
 import pytest
 import simcord
 
+from bot import sharding
 from bot.chatbot import ChatBot
 from bot.config import Settings
 from bot.storage import Storage
+from model.api import ReplyGenerator
 from tests.helpers.fakes import FakeGenerator
 
 TEST_COGS = ("bot.cogs.chat", "bot.cogs.admin", "bot.cogs.privacy", "bot.cogs.feedback")
@@ -54,7 +56,7 @@ class Harness:
 
     env: simcord.Env
     bot: ChatBot
-    generator: FakeGenerator
+    generator: Any  # the FakeGenerator, unless a test passed another ReplyGenerator
     storage: Storage
     guild: simcord.GuildHandle
     channel: simcord.ChannelHandle
@@ -99,12 +101,12 @@ class Harness:
 def build_bot(
     settings: Settings,
     storage: Storage,
-    generator: FakeGenerator,
+    generator: ReplyGenerator,
     cogs: Iterable[str],
     clock: Callable[[], float] = virtual_clock,
 ) -> ChatBot:
-    """ChatBot on the virtual clock (or a skewed one), with instant send retries."""
-    bot = ChatBot(settings, storage, generator, clock=clock, cog_modules=cogs)
+    """ChatBot (ShardedChatBot with BOT_SHARDS) on the virtual clock (or a skewed one), instant send retries."""
+    bot = sharding.build_bot(settings, storage, generator, clock=clock, cog_modules=cogs)
     bot.send_retry_delays_seconds = (0.0, 0.0, 0.0)
     return bot
 
@@ -112,7 +114,7 @@ def build_bot(
 def populate(env: simcord.Env) -> Harness:
     """The small world every test starts from."""
     bot = env.bot
-    assert isinstance(bot, ChatBot) and isinstance(bot.generator, FakeGenerator)
+    assert isinstance(bot, ChatBot)
     guild = env.create_guild("Test Guild")
     admins = guild.create_role("Admins", permissions=discord.Permissions(manage_guild=True))
     return Harness(
@@ -132,7 +134,7 @@ def populate(env: simcord.Env) -> Harness:
 async def running_bot(
     tmp_path: Path,
     *,
-    generator: FakeGenerator | None = None,
+    generator: ReplyGenerator | None = None,
     cog_modules: Iterable[str] = TEST_COGS,
     env_options: dict[str, Any] | None = None,
     clock: Callable[[], float] = virtual_clock,
