@@ -10,6 +10,7 @@ the worker's own costs (prompt building, queueing, reply cleanup). Prints one ma
     python scripts/bench_generation.py --device cpu                # starter-sized model, fp32
     python scripts/bench_generation.py --device cpu --engine ct2   # + the worker on CT2Engine (int8)
     python scripts/bench_generation.py --device cpu --engine ct2 --shape gpt2 --counts 1,8
+    python scripts/bench_generation.py --backend openai --base-url URL  # a server (scripts/bench_remote.py)
 
 With `--engine ct2` the table has a fourth system, the worker on CT2Engine (model/ct2/, BOT_CPU_COMPUTE's
 int8 by default), beside generate and the current CPU engine (the worker on BatchedGPT2Engine's eager
@@ -463,7 +464,13 @@ def parse_options(argv: list[str] | None) -> tuple[Options, Path | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and print the table."""
+    """Run the benchmark and print the table (--backend openai: scripts/bench_remote.py's)."""
+    args = sys.argv[1:] if argv is None else argv
+    if "--backend" in args and args[args.index("--backend") + 1 :][:1] == ["openai"]:
+        import bench_remote  # scripts/ is on sys.path when this file runs as a script
+
+        at = args.index("--backend")
+        return int(bench_remote.main(args[:at] + args[at + 2 :]))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per captured graph is noise.
     logging.getLogger("model.fastgen.engine").setLevel(logging.WARNING)

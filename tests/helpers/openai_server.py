@@ -60,6 +60,7 @@ class OpenAIServer:
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/test/fault", self._set_fault)  # for a server in another process
+        app.router.add_get("/test/server_seconds", self._server_times)  # for the benchmark
         self._runner = web.AppRunner(app, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
@@ -96,7 +97,11 @@ class OpenAIServer:
         self.fault = (await request.json()).get("fault")
         return web.json_response({"fault": self.fault})
 
+    async def _server_times(self, request: web.Request) -> web.Response:
+        return web.json_response({"server_seconds": self.server_seconds})
+
     async def _completions(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()  # the server's own time: request read → answer built
         body = await request.json()
         self.bodies.append(body)
         self.auth_headers.append(request.headers.get("Authorization"))
@@ -106,11 +111,11 @@ class OpenAIServer:
         problem = self._problem(body)
         if problem is not None:
             return web.json_response({"error": {"message": problem}}, status=problem_status(problem))
-        started = time.perf_counter()
         loop = asyncio.get_running_loop()
         ids, reason = await loop.run_in_executor(self._executor, self._generate, body)
+        answer = web.json_response(self._answer(body, ids, reason))
         self.server_seconds.append(time.perf_counter() - started)
-        return web.json_response(self._answer(body, ids, reason))
+        return answer
 
     async def _fault(self, request: web.Request) -> web.StreamResponse | None:
         if self.fault in ("500", "429", "503"):

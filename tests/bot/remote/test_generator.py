@@ -1,4 +1,4 @@
-"""The remote generator against a real OpenAI-compatible server on loopback (tests/helpers/openai_server):
+"""The remote generator against a real OpenAI-compatible server on loopback (tests/helpers/openai_server.py):
 what it sends, that replies equal the local worker's, start-up checks, faults, the circuit breaker,
 recovery, blue/green reloads. No client mocks: real sockets, the real tokenizer, the tiny GPT-2."""
 
