@@ -116,6 +116,27 @@ async def bench(
     return results
 
 
+def client_work_ms(tokenizer_dir: Path, new_tokens: int, count: int) -> float:
+    """The client's own CPU work per reply, no network: prompt, request body, JSON both ways, cleanup."""
+    from bot.remote.generator import completion_body
+    from model.loading import load_tokenizer
+    from model.prompt import build_prompt
+    from model.replies import clean_reply, stop_token_ids
+
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    stops = sorted(stop_token_ids(tokenizer))
+    answer = json.dumps(
+        {"choices": [{"text": " well, I think that is a good one. How are you?", "finish_reason": "stop"}]}
+    )
+    begun = time.perf_counter()
+    for index in range(count):
+        r = request(new_tokens, index)
+        prompt = build_prompt(tokenizer, r.persona, r.history, r.bot_name, new_tokens, 256)
+        json.dumps(completion_body("starter", prompt.input_ids, r.params, stops))
+        clean_reply(json.loads(answer)["choices"][0]["text"], ("Bot", "alice"), has_ended_turn=True)
+    return 1000 * (time.perf_counter() - begun) / count
+
+
 @contextlib.contextmanager
 def fake_server(model_dir: Path) -> Iterator[str]:
     with socket.socket() as sock:
@@ -201,7 +222,9 @@ async def run(args: argparse.Namespace) -> None:
         f"{datetime.date.today()} · {platform.processor() or 'CPU'} ({os.cpu_count()} cores, shared) · "
         f"max {args.new_tokens} new tokens, default sampling but no-repeat n-grams · noisy: shared CPU"
     )
+    work = client_work_ms(args.tokenizer, args.new_tokens, max(counts))
     print(f"\n{header}\n\n{table(columns, counts)}\n", flush=True)
+    print(f"client's own work per reply (prompt build, body, JSON, cleanup; no network): {work:.2f} ms\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ answers through it. Skipped unless a server answers at BOT_TEST_VLLM_URL (defaul
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -13,11 +14,13 @@ from pathlib import Path
 import pytest
 
 from bot.remote.generator import RemoteConfig, RemoteGenerator
+from bot.text import BUSY_REPLY, ERROR_REPLY, UNAVAILABLE_REPLY
 from model.api import ReplyRequest
 from model.loading import starter_model_dir
 from model.prompt import Turn
 from model.sampling import SamplingParams
 from model.serving.worker import ModelWorker
+from tests.helpers.discord_harness import running_bot
 
 VLLM_URL = os.environ.get("BOT_TEST_VLLM_URL", "http://127.0.0.1:8011/v1").rstrip("/")
 # Greedy, with the repetition penalty on (so it must reach vLLM to match); no_repeat_ngram_size off,
@@ -89,3 +92,19 @@ def test_chatbot_console_answers_through_vllm(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     print(result.stdout)
     assert len(lines) == 2 and all(line.startswith("bot: ") and len(line) > 5 for line in lines), lines
+
+
+async def test_the_discord_bot_answers_through_vllm(tmp_path: Path) -> None:
+    config = RemoteConfig((VLLM_URL,), "starter", str(starter_model_dir()))
+    async with RemoteGenerator(config) as remote, running_bot(tmp_path, generator=remote) as h:
+        remote.external_wait = lambda awaitable: h.env.external_wait(awaitable, reason="vLLM")
+        assert h.bot.user is not None
+        await h.alice.send(h.channel, f"{h.bot.user.mention} hello there, how are you?")
+        for _ in range(600):  # real time: the server is outside simcord's virtual world
+            if h.bot_messages():
+                break
+            await asyncio.sleep(0.05)
+        await h.env.settle()
+        [reply] = h.bot_messages()
+    print(f"bot: {reply.content}")
+    assert reply.content and reply.content not in (ERROR_REPLY, BUSY_REPLY, UNAVAILABLE_REPLY)
