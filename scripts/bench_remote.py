@@ -138,7 +138,7 @@ def client_work_ms(tokenizer_dir: Path, new_tokens: int, count: int) -> float:
 
 
 @contextlib.contextmanager
-def fake_server(model_dir: Path) -> Iterator[str]:
+def fake_server(model_dir: Path, instant: bool) -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -151,6 +151,7 @@ def fake_server(model_dir: Path) -> Iterator[str]:
         str(port),
         "--name",
         "bench",
+        *(["--fault", "instant"] if instant else []),
     ]
     child = subprocess.Popen(
         args, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent
@@ -207,7 +208,11 @@ async def run(args: argparse.Namespace) -> None:
     counts = [int(c) for c in args.counts.split(",")]
     columns: dict[str, dict[str, dict[str, float]]] = {}
     with contextlib.ExitStack() as stack:
-        url = stack.enter_context(fake_server(args.fake_server)) if args.fake_server else args.base_url
+        url = (
+            stack.enter_context(fake_server(args.fake_server, args.instant))
+            if args.fake_server
+            else args.base_url
+        )
         model = "bench" if args.fake_server else args.model
         config = RemoteConfig((url,), model, str(args.tokenizer), queue_size=max(counts) * 2)
         async with RemoteGenerator(config) as remote:
@@ -235,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="starter", help="the served model's name")
     parser.add_argument("--tokenizer", type=Path, default=Path("model/starter"))
     parser.add_argument("--fake-server", type=Path, help="start the test server on this model dir instead")
+    parser.add_argument("--instant", action="store_true", help="the fake server answers at once, no model")
     parser.add_argument("--local", type=Path, help="also run the local worker on this model dir")
     parser.add_argument("--counts", default="8,32")
     parser.add_argument("--singles", type=int, default=5)
