@@ -83,6 +83,7 @@ async def burst(
         "p95_ms": 1000 * _q(latencies, 0.95),
         "mean_ms": 1000 * statistics.fmean(latencies),
         "lag_p99_ms": 1000 * _q(lags, 0.99),
+        "wall_ms_per_reply": 1000 * wall / count,
     }
 
 
@@ -188,6 +189,11 @@ def table(columns: dict[str, dict[str, dict[str, float]]], counts: list[int]) ->
         lines.append(
             f"| {count} concurrent: loop lag p99 (ms) | "
             + " | ".join(f"{c['lag_p99_ms']:.1f}" for c in cells)
+            + " |"
+        )
+        lines.append(
+            f"| {count} concurrent: wall time / replies (ms) | "
+            + " | ".join(f"{c['wall_ms_per_reply']:.2f}" for c in cells)
             + " |"
         )
         if any("client_overhead_ms" in c for c in cells):
