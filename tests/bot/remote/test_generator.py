@@ -135,8 +135,13 @@ async def test_under_each_fault_every_request_gets_one_outcome_and_the_loop_stay
             *(remote.generate(request(f"hi {i}", limit=1.0)) for i in range(12)), return_exceptions=True
         )
     kinds = {type(o).__name__ for o in outcomes}
-    assert len(outcomes) == 12 and kinds <= {"Reply", "WorkerBusy", "GenerationFailed"}, outcomes
-    expected = {"slow": "Reply", "429": "WorkerBusy"}.get(fault, "GenerationFailed")
+    assert len(outcomes) == 12 and kinds <= {"Reply", "WorkerBusy", "GenerationFailed", "ModelUnavailable"}, (
+        outcomes
+    )
+    # 503 is retried on another server (there is none): the circuit opens; 500 and a drop fail their request
+    expected = {"slow": "Reply", "429": "WorkerBusy", "503": "ModelUnavailable"}.get(
+        fault, "GenerationFailed"
+    )
     assert expected in kinds
     assert sum(isinstance(o, WorkerBusy) for o in outcomes) >= (8 if fault != "429" else 12)
     assert (percentile(probe.lags, 0.99) or 0.0) < 0.050, max(probe.lags)
