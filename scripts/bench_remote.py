@@ -222,7 +222,11 @@ async def run(args: argparse.Namespace) -> None:
         model = "bench" if args.fake_server else args.model
         config = RemoteConfig((url,), model, str(args.tokenizer), queue_size=max(counts) * 2)
         async with RemoteGenerator(config) as remote:
-            label = "fake server (HFGenerateEngine)" if args.fake_server else f"server {url}"
+            label = f"server {url}"
+            if args.fake_server:
+                label = (
+                    "fake server (instant, no model)" if args.instant else "fake server (HFGenerateEngine)"
+                )
             columns[label] = await bench(remote.generate, counts, args, url)
     if args.local:
         async with ModelWorker(
