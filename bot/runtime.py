@@ -68,7 +68,8 @@ def create_worker(settings: Settings) -> ModelWorker | RemoteGenerator:
     if settings.backend == "openai":
         from bot.remote.generator import RemoteGenerator, remote_config
 
-        config = remote_config(settings, tokenizer_source=settings.openai_tokenizer or model_source(settings))
+        source = model_source(settings)  # the tokenizer's, unless BOT_OPENAI_TOKENIZER names another
+        config = remote_config(settings, settings.openai_tokenizer or source, local_source=source)
         return RemoteGenerator(config)
     from model.loading import set_seed
     from model.serving.engines import EngineOptions

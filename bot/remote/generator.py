@@ -62,6 +62,7 @@ class RemoteConfig:
     queue_size: int = 32
     connect_timeout_seconds: float = 3.0
     retry_after_seconds: float = 5.0
+    local_source: str = ""  # what /reload without a model name passes (BOT_MODEL or the promoted one)
 
 
 def completion_body(
@@ -167,7 +168,8 @@ class RemoteGenerator:
             raise WorkerClosed("the remote generator is not running")
         if self._is_reloading:
             raise ReloadInProgress("a reload is already running")
-        model = self._model if source in ("", self._config.tokenizer_source) else source
+        same = ("", self._config.tokenizer_source, self._config.local_source)
+        model = self._model if source in same else source
         self._is_reloading = True
         try:
             self._n_positions = await self._check(model)
@@ -358,7 +360,7 @@ def local_context_window(source: str) -> int | None:
     return None
 
 
-def remote_config(settings: Settings, tokenizer_source: str) -> RemoteConfig:
+def remote_config(settings: Settings, tokenizer_source: str, local_source: str = "") -> RemoteConfig:
     """The remote backend's configuration from the settings; `tokenizer_source` is a name BOT_MODEL
     accepts ("starter", a registry version, a folder or a hub id)."""
     from model.loading import resolve_model_source
@@ -371,4 +373,5 @@ def remote_config(settings: Settings, tokenizer_source: str) -> RemoteConfig:
         queue_size=settings.queue_size,
         connect_timeout_seconds=settings.openai_connect_timeout_seconds,
         retry_after_seconds=settings.openai_retry_after_seconds,
+        local_source=local_source,
     )

@@ -16,8 +16,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from bot.cogs.admin import format_stats
 from bot.remote.generator import RemoteConfig, RemoteGenerator
 from bot.remote.replicas import percentile
+from bot.storage import Stats
 from model.api import GenerationFailed, ReloadFailed, Reply, ReplyRequest, WorkerBusy
 from model.loading import ModelLoadError
 from model.prompt import Turn, build_prompt
@@ -100,6 +102,8 @@ async def test_sends_token_ids_stops_and_every_sampling_field_and_matches_the_lo
     assert info.backend == "openai" and info.n_positions == 1024
     assert "sk-secret" not in repr(info) and any("up" in line for line in info.details)
     assert any("no_repeat_ngram_size" in line for line in info.details)
+    stats_text = format_stats(1.0, Stats(1, 2, 3, 0, 0, None, None), 0, info, [])
+    assert f"Server {server.url}: up, 0 in flight, p50 " in stats_text and "sk-secret" not in stats_text
 
 
 async def test_start_up_says_what_is_wrong(server: OpenAIServer, tiny_model_dir: Path) -> None:
@@ -176,7 +180,8 @@ async def test_a_hung_server_fails_within_the_time_limit(server: OpenAIServer, t
 async def test_blue_green_reload_switches_the_served_model_name(
     server: OpenAIServer, tiny_model_dir: Path
 ) -> None:
-    async with started(config(server.url, tokenizer=tiny_model_dir)) as remote:
+    async with started(config(server.url, tokenizer=tiny_model_dir, local_source="starter")) as remote:
+        assert (await remote.reload("starter")).name == "tiny"  # /reload alone: re-check, same model
         info = await remote.reload("green")
         await remote.generate(request())
         assert info.name == "green" and server.bodies[-1]["model"] == "green"
