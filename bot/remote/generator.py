@@ -312,6 +312,11 @@ class RemoteGenerator:
     def queue_depth(self) -> int:
         return self._in_flight
 
+    def is_alive(self) -> bool:
+        """Running (for health checks): servers being down is not a reason to restart the bot, which
+        recovers by itself when they answer again; /stats shows their state."""
+        return self._session is not None and not self._is_closing
+
     async def close(self, grace_seconds: float = 10.0) -> None:
         """Refuse new work, give in-flight requests the grace period, then close the connections."""
         if self._is_closing:

@@ -86,6 +86,8 @@ async def test_sends_token_ids_stops_and_every_sampling_field_and_matches_the_lo
     async with started(config(server.url, tokenizer=tiny_model_dir, api_key="sk-secret")) as remote:
         remote_replies = [await remote.generate(request(text)) for text in prompts]
         info = remote.info()
+        assert remote.is_alive()
+    assert not remote.is_alive()
     async with ModelWorker(str(tiny_model_dir), device="cpu", dtype="float32") as worker:
         local_replies = [await worker.generate(request(text)) for text in prompts]
     assert [r.text for r in remote_replies] == [r.text for r in local_replies]
