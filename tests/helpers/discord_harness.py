@@ -105,7 +105,7 @@ def build_bot(
     cogs: Iterable[str],
     clock: Callable[[], float] = virtual_clock,
 ) -> ChatBot:
-    """ChatBot (ShardedChatBot with BOT_SHARDS) on the virtual clock (or a skewed one), instant send retries."""
+    """ChatBot (ShardedChatBot with BOT_SHARDS) on the virtual clock (or a skewed one), instant retries."""
     bot = sharding.build_bot(settings, storage, generator, clock=clock, cog_modules=cogs)
     bot.send_retry_delays_seconds = (0.0, 0.0, 0.0)
     return bot
