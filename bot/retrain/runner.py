@@ -29,10 +29,15 @@ Wait = Callable[[Awaitable[Any]], Awaitable[Any]]
 
 
 def _env_text(value: object) -> str:
+    """A setting's value as its variable spells it, so Settings.from_env reads back the same value."""
+    if value is None:
+        return ""  # an optional setting left unset
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, frozenset):
         return ",".join(str(v) for v in sorted(value))
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
     return str(value)
 
 
