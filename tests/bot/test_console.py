@@ -15,6 +15,7 @@ from bot.config import Settings
 from bot.console import CONSOLE_BOT_ID, ConsoleChat, channel_id_for, run_console
 from bot.conversation import ConversationService
 from bot.storage import Storage
+from tests.helpers.console import run_console_process
 from tests.helpers.fakes import FakeGenerator
 
 
@@ -75,15 +76,7 @@ def test_chatbot_console_with_a_real_tiny_model(tmp_path: Path, tiny_model_dir: 
         "BOT_MAX_NEW_TOKENS": "12",
         "HF_HUB_OFFLINE": "1",
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "--env-file", str(tmp_path / "none"), "console"],
-        input="hello\nhow are you?\n",
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+    result = run_console_process(tmp_path / "none", env, "hello\nhow are you?\n")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 2 and all(line.startswith("bot: ") and len(line) > 5 for line in lines), lines

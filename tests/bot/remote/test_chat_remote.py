@@ -19,6 +19,7 @@ import pytest
 from bot.config import Settings
 from bot.runtime import create_worker
 from bot.text import BUSY_REPLY, ERROR_REPLY, UNAVAILABLE_REPLY
+from tests.helpers.console import run_console_process
 from tests.helpers.discord_harness import Harness, running_bot
 from tests.helpers.openai_server import OpenAIServer
 
@@ -137,23 +138,12 @@ def test_chatbot_console_with_the_openai_backend(tmp_path: Path, tiny_model_dir:
             "BOT_DATA_DIR": str(tmp_path / "data"),
             "HF_HUB_OFFLINE": "1",
         }
-        args = [sys.executable, "-m", "bot.cli", "--env-file", str(tmp_path / "none"), "console"]
-        result = subprocess.run(
-            args,
-            input="hello\nhow are you?\n",
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-            check=False,
-        )
+        result = run_console_process(tmp_path / "none", env, "hello\nhow are you?\n")
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()
         assert len(lines) == 2 and all(line.startswith("bot: ") and len(line) > 5 for line in lines), lines
         wrong = {**env, "BOT_OPENAI_MODEL": "nope"}
-        failed = subprocess.run(
-            args, input="hi\n", capture_output=True, text=True, env=wrong, timeout=120, check=False
-        )
+        failed = run_console_process(tmp_path / "none", wrong, "hi\n")
         assert failed.returncode == 3
         assert "does not serve a model named 'nope'" in failed.stderr and "Traceback" not in failed.stderr
     finally:
