@@ -32,6 +32,7 @@ from bot.config import SAMPLING_LIMITS
 from bot.conversation import apply_overrides
 from bot.runtime import model_source
 from bot.sharding import shard_lines
+from bot.stats import percentile
 from bot.storage import Stats
 from model.api import ModelInfo, ReloadFailed, ReloadInProgress
 
@@ -48,14 +49,6 @@ REFUSED_OTHER_MODEL = (
 LAG_PROBE_INTERVAL_SECONDS = 0.5
 LAG_SAMPLES = 240  # two minutes of probes
 PERSONA_MAX_CHARS = 1000
-
-
-def percentile(values: Sequence[float], fraction: float) -> float | None:
-    """Nearest-rank percentile of `values` (None when empty)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
 
 
 class LoopLagProbe:

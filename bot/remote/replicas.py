@@ -12,16 +12,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from bot.stats import percentile
+
 LATENCY_SAMPLES = 512  # the newest reply times kept per replica for p50/p95
 MAX_BACKOFF_FACTOR = 8
-
-
-def percentile(values: Sequence[float], fraction: float) -> float | None:
-    """The nearest-rank percentile of `values`; None when empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 @dataclass(eq=False)
