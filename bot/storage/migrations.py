@@ -107,7 +107,50 @@ MESSAGE_TOMBSTONES: Migration = (
     "CREATE INDEX message_tombstones_by_expiry ON message_tombstones (expires_at)",
 )
 
-MIGRATIONS: tuple[Migration, ...] = (INITIAL_SCHEMA, GUILD_CONFIG_AND_INDEXES, MESSAGE_TOMBSTONES)
+# Step 4: the conversation features of issue 25.
+# - channels: per-channel persona and sampling overrides (NULL / '{}' = the guild's), a thread's parent (a
+#   thread inherits its parent's settings), thread mode, wake words, the reply chance and its cooldown.
+# - bot_threads: the threads this bot opened (thread mode answers in its own threads only).
+# - channel_facts: /remember facts, with their author so that /forget-me deletes what a user wrote.
+# - bot_replies.replaces_reply_id: a regenerated reply points at the reply it replaced.
+CONVERSATION_FEATURES: Migration = (
+    "ALTER TABLE channels ADD COLUMN persona TEXT",
+    "ALTER TABLE channels ADD COLUMN sampling_json TEXT NOT NULL DEFAULT '{}'",
+    "ALTER TABLE channels ADD COLUMN parent_id INTEGER",
+    "ALTER TABLE channels ADD COLUMN thread_mode INTEGER NOT NULL DEFAULT 0 CHECK (thread_mode IN (0, 1))",
+    "ALTER TABLE channels ADD COLUMN wake_words_json TEXT NOT NULL DEFAULT '[]'",
+    "ALTER TABLE channels ADD COLUMN wake_on_name INTEGER NOT NULL DEFAULT 0 CHECK (wake_on_name IN (0, 1))",
+    "ALTER TABLE channels ADD COLUMN reply_chance REAL NOT NULL DEFAULT 0 "
+    "CHECK (reply_chance >= 0 AND reply_chance <= 1)",
+    "ALTER TABLE channels ADD COLUMN chance_cooldown_seconds REAL NOT NULL DEFAULT 300 "
+    "CHECK (chance_cooldown_seconds >= 0)",
+    """CREATE TABLE bot_threads (
+        thread_id INTEGER PRIMARY KEY,
+        parent_id INTEGER NOT NULL,
+        guild_id INTEGER,
+        opened_for_message_id INTEGER NOT NULL UNIQUE,
+        created_at REAL NOT NULL
+    )""",
+    """CREATE TABLE channel_facts (
+        fact_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        channel_id INTEGER NOT NULL,
+        guild_id INTEGER,
+        author_id INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        created_at REAL NOT NULL
+    )""",
+    "CREATE INDEX channel_facts_by_channel ON channel_facts (channel_id, fact_id)",
+    "CREATE INDEX channel_facts_by_author ON channel_facts (author_id)",
+    "ALTER TABLE bot_replies ADD COLUMN replaces_reply_id INTEGER",
+    "CREATE INDEX bot_replies_by_replaced ON bot_replies (replaces_reply_id)",
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    INITIAL_SCHEMA,
+    GUILD_CONFIG_AND_INDEXES,
+    MESSAGE_TOMBSTONES,
+    CONVERSATION_FEATURES,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -42,6 +42,14 @@ EXPECTED_COLUMNS = {
         ("name", "TEXT", 1, "''", 0),
         ("answer_all", "INTEGER", 1, "0", 0),
         ("reset_at", "REAL", 0, None, 0),
+        ("persona", "TEXT", 0, None, 0),
+        ("sampling_json", "TEXT", 1, "'{}'", 0),
+        ("parent_id", "INTEGER", 0, None, 0),
+        ("thread_mode", "INTEGER", 1, "0", 0),
+        ("wake_words_json", "TEXT", 1, "'[]'", 0),
+        ("wake_on_name", "INTEGER", 1, "0", 0),
+        ("reply_chance", "REAL", 1, "0", 0),
+        ("chance_cooldown_seconds", "REAL", 1, "300", 0),
     ],
     "users": [
         ("user_id", "INTEGER", 0, None, 1),
@@ -72,6 +80,7 @@ EXPECTED_COLUMNS = {
         ("prompt_tokens", "INTEGER", 1, None, 0),
         ("completion_tokens", "INTEGER", 1, None, 0),
         ("created_at", "REAL", 1, None, 0),
+        ("replaces_reply_id", "INTEGER", 0, None, 0),
     ],
     "feedback": [
         ("message_id", "INTEGER", 1, None, 1),
@@ -95,6 +104,21 @@ EXPECTED_COLUMNS = {
         ("edited_at", "REAL", 0, None, 0),
         ("expires_at", "REAL", 1, None, 0),
     ],
+    "bot_threads": [
+        ("thread_id", "INTEGER", 0, None, 1),
+        ("parent_id", "INTEGER", 1, None, 0),
+        ("guild_id", "INTEGER", 0, None, 0),
+        ("opened_for_message_id", "INTEGER", 1, None, 0),
+        ("created_at", "REAL", 1, None, 0),
+    ],
+    "channel_facts": [
+        ("fact_id", "INTEGER", 0, None, 1),
+        ("channel_id", "INTEGER", 1, None, 0),
+        ("guild_id", "INTEGER", 0, None, 0),
+        ("author_id", "INTEGER", 1, None, 0),
+        ("text", "TEXT", 1, None, 0),
+        ("created_at", "REAL", 1, None, 0),
+    ],
 }
 EXPECTED_INDEXES = {
     "messages_by_channel_time": "messages",
@@ -104,6 +128,9 @@ EXPECTED_INDEXES = {
     "feedback_by_user": "feedback",
     "audit_log_by_actor": "audit_log",
     "message_tombstones_by_expiry": "message_tombstones",
+    "channel_facts_by_channel": "channel_facts",
+    "channel_facts_by_author": "channel_facts",
+    "bot_replies_by_replaced": "bot_replies",
 }
 
 
@@ -162,7 +189,7 @@ async def export_all(storage: Storage, **kwargs: object) -> list[bot.storage.Exp
 
 
 async def test_blank_database_migrates_to_the_pinned_schema(storage: Storage, db_path: Path) -> None:
-    assert await storage.schema_version() == SCHEMA_VERSION == 3
+    assert await storage.schema_version() == SCHEMA_VERSION == 4
     tables = raw_query(
         db_path, "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
     )
