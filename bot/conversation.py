@@ -44,6 +44,7 @@ class IncomingMessage:
     reply_to_id: int | None = None
     # (user id, display name) of the users the text mentions as `<@id>` markup.
     mentioned: tuple[tuple[int, str], ...] = ()
+    parent_channel_id: int | None = None  # a thread's parent channel (a thread inherits its settings)
 
     def stored(self) -> StoredMessage:
         """The storage row for this message."""

@@ -74,6 +74,7 @@ def incoming_of(message: discord.Message) -> IncomingMessage:
         created_at=message.created_at.timestamp(),
         reply_to_id=message.reference.message_id if message.reference else None,
         mentioned=mentioned_names(message),
+        parent_channel_id=message.channel.parent_id if isinstance(message.channel, discord.Thread) else None,
     )
 
 
