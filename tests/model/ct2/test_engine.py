@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from model.api import ReplyRequest
-from model.ct2.engine import CT2Engine, _RowWatch, build_ct2_engine
+from model.ct2.engine import CT2Engine, _RowWatch, build_ct2_engine, describe_threads, thread_layout
 from model.engine import EngineJob, EngineResult
 from model.hf_engine import HFGenerateEngine
 from model.loading import LoadedModel, load_model
@@ -76,7 +76,9 @@ def test_greedy_tokens_equal_hf_generate_in_float32_with_mixed_prompt_lengths(
     got, steps = run_all(engine, jobs)
     expected, _ = run_all(HFGenerateEngine(tiny.model, tiny.tokenizer), jobs)
     assert got == expected
-    assert steps == 3  # the two prompts of equal length and settings shared one generate_batch call
+    # Two parallel calls (a tiny model runs one thread per call): the first two groups, then the third;
+    # the two prompts of equal length and settings shared one call.
+    assert steps == 2
     tokens = {token for result in got.values() for token in result.token_ids}
     assert len(tokens) >= 5 or params is PLAIN_GREEDY  # the penalties bite (plain greedy repeats one token)
 
@@ -90,10 +92,38 @@ def test_a_settings_change_splits_the_call_and_a_seed_reproduces_the_reference_e
     prompt, deadline = greedy[1].prompt_ids, time.monotonic() + 60
     jobs = [*greedy[:2], *(EngineJob(i, prompt, seeded, deadline, frozenset()) for i in (10, 11))]
     got, steps = run_all(engine, jobs)
-    assert steps == 4  # two greedy prompts of different lengths, two seeded jobs one at a time
+    assert steps == 3  # two greedy prompts of different lengths side by side, two seeded jobs one at a time
     assert got[10].token_ids == got[11].token_ids and len(got[10].token_ids) == 8
     reference, _ = run_all(HFGenerateEngine(tiny.model, tiny.tokenizer), jobs[2:3])
     assert reference[10] == got[10]
+
+
+def test_a_small_model_runs_one_thread_per_call_and_a_wide_one_splits_each_call() -> None:
+    assert thread_layout(2, width=256) == (2, 1)  # the starter
+    assert thread_layout(4, width=64) == (4, 1)
+    assert thread_layout(2, width=768) == (1, 2)  # GPT-2 124M
+    assert describe_threads(1, 2) == "2 CPU threads" and describe_threads(1, 1) == "1 CPU thread"
+
+
+def test_a_step_runs_the_oldest_groups_side_by_side_and_halves_a_lone_group(
+    tiny: LoadedModel, tmp_path: Path
+) -> None:
+    engine = build_ct2_engine(tiny, tmp_path, "int8", threads=2)
+    assert engine.parallel_calls == 2
+    greedy = jobs_for(tiny, GREEDY)
+    same = [EngineJob(20 + i, greedy[0].prompt_ids, GREEDY, greedy[0].deadline, greedy[0].stop_token_ids)
+            for i in range(5)]  # fmt: skip
+    for job in same:
+        engine.admit(job)
+    assert [[job.job_id for job in call] for call in engine._plan()] == [[20, 21, 22], [23, 24]]
+    engine.abort_all()
+    seeded = EngineJob(30, greedy[0].prompt_ids, SamplingParams(seed=1), greedy[0].deadline, frozenset())
+    for job in [greedy[1], seeded, *greedy[2:], greedy[0]]:
+        engine.admit(job)
+    # Age order of each group's oldest job; the seeded job waits until it is the oldest; at most two calls.
+    assert [[job.job_id for job in call] for call in engine._plan()] == [[1, 3], [2]]
+    results, steps = run_all(engine, [])
+    assert sorted(results) == [0, 1, 2, 3, 30] and steps == 3  # {1,3}+{2}, then the seeded job, then {0}
 
 
 def test_a_job_past_its_deadline_stops_after_one_token(tiny: LoadedModel, tmp_path: Path) -> None:
@@ -133,7 +163,7 @@ async def test_int8_replies_through_the_worker_are_well_formed(tiny: LoadedModel
     options = EngineOptions("ct2", "int8", 2, tmp_path / "ct2")
     params = SamplingParams(max_new_tokens=16)  # the bot's default sampling otherwise
     async with ModelWorker("tiny", loader=lambda _: tiny, engine_options=options) as worker:
-        assert worker.info().engine == "ctranslate2 int8 (2 CPU threads)"
+        assert worker.info().engine == "ctranslate2 int8 (2 parallel calls × 1 CPU thread)"
         requests = [
             ReplyRequest("A friendly chat.", (Turn("Alice", "hi " * n),), params=params) for n in range(6)
         ]
