@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 COG_MODULES: tuple[str, ...] = (
     "bot.cogs.chat",
     "bot.cogs.admin",
+    "bot.cogs.channels",
     "bot.cogs.privacy",
     "bot.cogs.feedback",
     "bot.cogs.retrain",

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 RECENT_BOT_REPLIES = 5  # how many of the bot's last replies the repeat guard compares against
 SEEN_IDS_LIMIT = 10_000  # replay detection for guilds that store nothing
 SAMPLING_KEYS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) - {"seed"}
+# The levels a setting can come from, as /config show names them.
+THIS_CHANNEL, PARENT_CHANNEL, SERVER, DEFAULT = "this channel", "parent channel", "server", "default"
 
 
 @dataclass(frozen=True)
@@ -63,15 +65,50 @@ class IncomingMessage:
 
 @dataclass(frozen=True)
 class MessageContext:
-    """A message's guild and channel settings, read once per message and passed down its path."""
+    """A message's guild and channel settings, read once per message and passed down its path.
+
+    The one owner of "what are this channel's settings?": persona and sampling resolve per value from the
+    channel, then (in a thread) its parent channel, then the guild, then the global Settings; thread mode,
+    wake words and the reply chance belong to the parent channel in a thread (`home`).
+    """
 
     guild: GuildSettings | None  # None in DMs
     channel: ChannelSettings
+    parent: ChannelSettings | None = None  # a thread's parent channel
 
     @property
     def is_logged(self) -> bool:
         """Whether messages here are stored (DMs always are)."""
         return self.guild is None or self.guild.logging_enabled
+
+    @property
+    def home(self) -> ChannelSettings:
+        """Where thread mode, wake words and the reply chance are set: a thread's parent, else the channel."""
+        return self.parent or self.channel
+
+    def levels(self) -> list[tuple[str, str | None, Mapping[str, float]]]:
+        """(level, persona, sampling overrides) from the most specific level to the guild's."""
+        found = [(THIS_CHANNEL, self.channel.persona, self.channel.sampling_overrides)]
+        if self.parent is not None:
+            found.append((PARENT_CHANNEL, self.parent.persona, self.parent.sampling_overrides))
+        if self.guild is not None:
+            found.append((SERVER, self.guild.persona, self.guild.sampling_overrides))
+        return found
+
+    def persona_source(self) -> tuple[str | None, str]:
+        """The overriding persona and the level it comes from; (None, "default") when none overrides it."""
+        return next(((persona, level) for level, persona, _ in self.levels() if persona), (None, DEFAULT))
+
+    def sampling_sources(self) -> dict[str, tuple[float, str]]:
+        """Each overridden sampling setting: (value, the most specific level that sets it)."""
+        found: dict[str, tuple[float, str]] = {}
+        for level, _, overrides in reversed(self.levels()):
+            found.update((key, (value, level)) for key, value in overrides.items())
+        return found
+
+    def sampling_overrides(self) -> dict[str, float]:
+        """The sampling overrides in effect (each from its most specific level)."""
+        return {key: value for key, (value, _) in self.sampling_sources().items()}
 
 
 @dataclass(frozen=True)
@@ -154,8 +191,15 @@ class ConversationService:
 
     async def context_for(self, message: IncomingMessage) -> MessageContext:
         """The message's guild and channel settings: the one read of each for this message."""
-        guild = await self.storage.guild_settings(message.guild_id) if message.guild_id else None
-        return MessageContext(guild, await self.storage.channel_settings(message.channel_id))
+        return await self.settings_for(message.channel_id, message.guild_id, message.parent_channel_id)
+
+    async def settings_for(
+        self, channel_id: int, guild_id: int | None, parent_id: int | None = None
+    ) -> MessageContext:
+        """A channel's settings (and a thread's parent's, in the same read) and its guild's."""
+        guild = await self.storage.guild_settings(guild_id) if guild_id else None
+        channel, parent = await self.storage.channel_and_parent_settings(channel_id, parent_id)
+        return MessageContext(guild, channel, parent)
 
     async def record(self, message: IncomingMessage, context: MessageContext) -> bool:
         """Store the message (unless its guild turned logging off); False when it was seen before.
@@ -165,7 +209,10 @@ class ConversationService:
         is_new = self._seen.add(message.message_id)
         if not context.is_logged:
             return is_new
-        return await self.storage.add_message(message.stored(), message.mentioned) and is_new
+        stored = await self.storage.add_message(
+            message.stored(), message.mentioned, message.parent_channel_id
+        )
+        return stored and is_new
 
     async def compose_reply(self, message: IncomingMessage, context: MessageContext) -> DraftReply:
         """Build the request from the channel's history and await the generator (its errors propagate)."""
@@ -178,15 +225,15 @@ class ConversationService:
         stored = await self.storage.recent_history(
             message.channel_id, self.settings.history_messages, since=context.channel.reset_at
         )
-        messages = with_newest(stored, await self._as_stored(message))
+        start = await self._thread_start(context, stored)
+        messages = with_newest([*start, *stored], await self._as_stored(message))
         names = await self.storage.display_names(mentioned_user_ids(messages))
         names = {user_id: f"@{name}" for user_id, name in {**names, **dict(message.mentioned)}.items()}
         history = history_to_turns(messages, self.bot_user_id, names)
         recent = tuple(t.text for t in history if t.is_bot)[-RECENT_BOT_REPLIES:]
-        guild = context.guild
-        params = apply_overrides(self.settings.sampling(), guild.sampling_overrides if guild else {})
+        params = apply_overrides(self.settings.sampling(), context.sampling_overrides())
         return ReplyRequest(
-            persona=(guild.persona if guild and guild.persona else self.settings.persona),
+            persona=context.persona_source()[0] or self.settings.persona,
             history=history,
             bot_name=self.settings.bot_name,
             params=params,
@@ -194,6 +241,38 @@ class ConversationService:
             recent_bot_replies=recent,
             request_id=str(message.message_id),
         )
+
+    async def _thread_start(
+        self, context: MessageContext, stored: Sequence[StoredMessage]
+    ) -> list[StoredMessage]:
+        """A bot thread's history starts with the message that opened it, which is stored in the parent
+        channel: [it] while the history window still reaches back to the thread's start, else []."""
+        opened = context.channel.opened_for_message_id
+        if opened is None or len(stored) >= self.settings.history_messages:
+            return []
+        if any(m.message_id == opened for m in stored):
+            return []
+        first = await self.storage.get_message(opened)
+        reset_at = context.channel.reset_at
+        if first is None or first.deleted or (reset_at is not None and first.created_at < reset_at):
+            return []
+        return [first]
+
+    async def open_thread(
+        self, message: IncomingMessage, context: MessageContext, thread_id: int, at: float
+    ) -> tuple[IncomingMessage, MessageContext]:
+        """Record a thread the bot opened from `message`; the message and context as seen from inside it.
+
+        The new thread's settings are the defaults (nothing is set on a thread yet), so no read is needed.
+        """
+        await self.storage.add_bot_thread(
+            thread_id, message.channel_id, message.guild_id, message.message_id, at
+        )
+        thread = ChannelSettings(
+            thread_id, parent_id=message.channel_id, opened_for_message_id=message.message_id
+        )
+        in_thread = dataclasses.replace(message, channel_id=thread_id, parent_channel_id=message.channel_id)
+        return in_thread, MessageContext(context.guild, thread, parent=context.channel)
 
     async def _as_stored(self, message: IncomingMessage) -> StoredMessage:
         """The message as storage has it now: an edit or a deletion may have arrived meanwhile (a deleted

@@ -9,26 +9,42 @@ Rules, in order (the first that matches decides):
    non-empty allow list is exclusive: users and roles are one "who" dimension (the author must be in
    `allowed_users` or hold one of `allowed_roles` when either list is set); channels are the "where"
    dimension and apply to guild channels only (DMs are governed by `answer_dms`).
-3. Triggers. Explicit: a mention of the bot, a reply to one of the bot's messages, a DM (when `answer_dms`).
-   Implicit: a channel an admin enabled with `/channel enable` (every message), and the follow-up window:
-   for `followup_window_seconds` after the bot last spoke in a channel, messages from ANY of the channel's
-   users are answered (a conversation with the bot is usually a group one), except messages that are
-   visibly addressed to someone else (they mention another user or reply to another user's message).
-4. Cooldown per user (all channels): within `cooldown_seconds` of the last answer to that user, an explicit
+3. An archived thread is left alone (answering would unarchive it).
+4. Triggers. Explicit: a mention of the bot, a reply to one of the bot's messages, a DM (when `answer_dms`),
+   a wake word of the channel (`/channel wake`; the bot's name when `/channel wake name` is on): a wake word
+   is addressed to the bot, so it is explicit. Implicit: a thread the bot opened in thread mode (every
+   message), a channel an admin enabled with `/channel enable` (every message), the follow-up window: for
+   `followup_window_seconds` after the bot last spoke in a channel, messages from ANY of the channel's users
+   are answered (a conversation with the bot is usually a group one), except messages that are visibly
+   addressed to someone else (they mention another user or reply to another user's message); last the reply
+   chance (`/channel chance`): a message not addressed to anyone else is answered when the caller's random
+   `roll` (uniform in [0, 1)) is below the channel's chance and the channel's last chance reply is at least
+   `chance_cooldown_seconds` old. The roll is passed in, never drawn here.
+5. Cooldown per user (all channels): within `cooldown_seconds` of the last answer to that user, an explicit
    trigger gets ONE short notice per cooldown period, then silence; implicit triggers are silent (a notice
    for a message that was not addressed to the bot would be noise).
+Wake words match case-insensitively: a word with CJK characters (Han, kana, Hangul: text written without
+spaces) matches anywhere in the text; any other word matches whole words only (no letter, digit or
+underscore right before or after it), so "bot" wakes on "hey bot!" but not on "robot".
 Threads are their own conversations: they carry their own channel id.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from bot.config import Settings
 
 COOLDOWN_USERS_LIMIT = 10_000  # cooldown entries kept; the least recently active users are forgotten first
+CHANCE_TRIGGER = "reply chance"
+CHANCE_COOLDOWN_MAX_SECONDS = 86_400.0  # /channel chance accepts a cooldown of up to a day
+# Scripts written without spaces between words: Han, Hiragana, Katakana (and its extensions), Hangul.
+_CJK = re.compile(
+    r"[\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af\uff66-\uff9f]"
+)
 
 
 class Action(enum.Enum):
@@ -53,6 +69,8 @@ class MessageFacts:
     mentions_bot: bool = False
     replies_to_bot: bool = False
     addressed_to_other: bool = False  # mentions another user or replies to another user's message
+    text: str = ""  # what the wake words are matched against
+    in_archived_thread: bool = False
 
     @property
     def is_dm(self) -> bool:
@@ -66,6 +84,12 @@ class ChannelState:
 
     answer_all: bool = False  # enabled with /channel enable
     last_bot_message_at: float | None = None
+    is_bot_thread: bool = False  # a thread the bot opened in thread mode
+    thread_mode: bool = False  # /channel threads: an explicit trigger opens a thread
+    wake_words: tuple[str, ...] = ()  # the bot's names included when /channel wake name is on
+    reply_chance: float = 0.0
+    chance_cooldown_seconds: float = 300.0
+    last_chance_reply_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -137,19 +161,58 @@ def should_record(facts: MessageFacts, policy: ReplyPolicy) -> bool:
     return access_denied(facts, policy) is None
 
 
-def find_trigger(facts: MessageFacts, channel: ChannelState, policy: ReplyPolicy) -> Trigger | None:
-    """Why this message calls for an answer (ignoring cooldowns), or None."""
+def find_trigger(
+    facts: MessageFacts, channel: ChannelState, policy: ReplyPolicy, roll: float = 1.0
+) -> Trigger | None:
+    """Why this message calls for an answer (ignoring cooldowns), or None; `roll` is the chance draw."""
     if facts.is_dm:
         return Trigger("dm", True) if policy.answer_dms else None
     if facts.mentions_bot:
         return Trigger("mention", True)
     if facts.replies_to_bot:
         return Trigger("reply to the bot", True)
+    word = matched_wake_word(facts.text, channel.wake_words)
+    if word is not None:
+        return Trigger(f"wake word {word!r}", True)
+    if channel.is_bot_thread:
+        return Trigger("the bot's own thread", False)
     if channel.answer_all:
         return Trigger("channel answers every message", False)
     if _in_followup_window(facts, channel, policy):
         return Trigger("follow-up window", False)
+    if _chance_reply(facts, channel, roll):
+        return Trigger(CHANCE_TRIGGER, False)
     return None
+
+
+def matched_wake_word(text: str, wake_words: tuple[str, ...]) -> str | None:
+    """The first wake word the text contains (rules in the module docstring), or None."""
+    folded = text.casefold()
+    for word in wake_words:
+        needle = word.casefold().strip()
+        if not needle:
+            continue
+        if _CJK.search(needle):
+            if needle in folded:
+                return word
+        elif re.search(rf"(?<!\w){re.escape(needle)}(?!\w)", folded):
+            return word
+    return None
+
+
+def _chance_reply(facts: MessageFacts, channel: ChannelState, roll: float) -> bool:
+    """Join in unprompted: the roll came up and the channel's last chance reply is a cooldown old."""
+    if facts.addressed_to_other or not roll < channel.reply_chance:
+        return False
+    last = channel.last_chance_reply_at
+    return last is None or facts.created_at - last >= channel.chance_cooldown_seconds
+
+
+def opens_thread(decision: Decision, facts: MessageFacts, channel: ChannelState) -> bool:
+    """Thread mode: an answer to an explicit trigger in a channel (not a thread) goes into a new thread."""
+    trigger = decision.trigger
+    is_explicit_reply = decision.action is Action.REPLY and trigger is not None and trigger.is_explicit
+    return is_explicit_reply and channel.thread_mode and not facts.is_dm and facts.parent_channel_id is None
 
 
 def _in_followup_window(facts: MessageFacts, channel: ChannelState, policy: ReplyPolicy) -> bool:
@@ -167,8 +230,11 @@ class Decision:
     trigger: Trigger | None = None
 
 
-def decide(facts: MessageFacts, channel: ChannelState, policy: ReplyPolicy) -> Decision:
-    """Whether to answer, before cooldowns: self/bots ignored, access lists, then triggers."""
+def decide(facts: MessageFacts, channel: ChannelState, policy: ReplyPolicy, roll: float = 1.0) -> Decision:
+    """Whether to answer, before cooldowns: self/bots ignored, access lists, archived threads, then triggers.
+
+    `roll` is a uniform draw in [0, 1) from the caller's random source, for the reply chance (1.0: none).
+    """
     if facts.author_id == policy.bot_user_id:
         return Decision(Action.IGNORE, "own message")
     if facts.author_is_bot:
@@ -176,7 +242,9 @@ def decide(facts: MessageFacts, channel: ChannelState, policy: ReplyPolicy) -> D
     denied = access_denied(facts, policy)
     if denied:
         return Decision(Action.IGNORE, denied)
-    trigger = find_trigger(facts, channel, policy)
+    if facts.in_archived_thread:
+        return Decision(Action.IGNORE, "archived thread")
+    trigger = find_trigger(facts, channel, policy, roll)
     if trigger is None:
         return Decision(Action.IGNORE, "not addressed to the bot")
     return Decision(Action.REPLY, trigger.reason, trigger)

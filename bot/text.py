@@ -174,3 +174,22 @@ def chunk_nonce(message_id: int, chunk_index: int) -> int:
     assert 0 <= chunk_index < MAX_REPLY_CHUNKS, chunk_index
     # Snowflakes are < 2**64, so the nonce is < 2**67: at most 21 digits, within Discord's 25 characters.
     return message_id * MAX_REPLY_CHUNKS + chunk_index
+
+
+THREAD_NAME_LIMIT = 100  # Discord's longest thread name
+DEFAULT_THREAD_NAME = "Conversation"
+
+
+def thread_name(text: str) -> str:
+    """A thread's name from the message that opens it: one line, at most 100 units, cut at a space when
+    there is one in the second half (Japanese has none: cut between characters), "…" marking the cut."""
+    line = " ".join(text.split())
+    if not line:
+        return DEFAULT_THREAD_NAME
+    if utf16_len(line) <= THREAD_NAME_LIMIT:
+        return line
+    cut = safe_cut(line, _prefix_within(line, THREAD_NAME_LIMIT - utf16_len(TRUNCATED_MARK)))
+    space = line.rfind(" ", 0, cut + 1)
+    if space >= cut * MIN_CHUNK_FRACTION:
+        cut = space
+    return line[:cut].rstrip() + TRUNCATED_MARK

@@ -1,4 +1,4 @@
-"""Admin commands: /reload, /stats, /channel, /config and /reset; plus the event-loop lag probe for /stats.
+"""Admin commands: /reload, /stats, /config and /reset; plus the event-loop lag probe for /stats.
 
 Every admin command is guild-only and checked on the server side (bot.cogs.common.is_guild_admin); its
 work runs through bot.cogs.common.respond: deferred at once (Discord's 3-second deadline), answered
@@ -8,11 +8,9 @@ ephemerally, audited.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import discord
@@ -28,8 +26,14 @@ from bot.cogs.common import (
     is_guild_admin,
     respond,
 )
-from bot.config import SAMPLING_LIMITS
-from bot.conversation import apply_overrides
+from bot.cogs.sampling import (
+    SAMPLING_HELP,
+    SamplingChange,
+    describe_config,
+    persona_error,
+    settings_here,
+    validate_change,
+)
 from bot.runtime import model_source
 from bot.sharding import shard_lines
 from bot.stats import percentile
@@ -48,7 +52,6 @@ REFUSED_OTHER_MODEL = (
 
 LAG_PROBE_INTERVAL_SECONDS = 0.5
 LAG_SAMPLES = 240  # two minutes of probes
-PERSONA_MAX_CHARS = 1000
 
 
 class LoopLagProbe:
@@ -66,15 +69,6 @@ class LoopLagProbe:
         if self._last is not None:
             self.samples.append(max(0.0, now - self._last - self.interval_seconds))
         self._last = now
-
-
-def validate_sampling(overrides: Mapping[str, float]) -> str | None:
-    """One line naming the first out-of-range setting, or None when all are valid."""
-    for key, value in overrides.items():
-        low, high = SAMPLING_LIMITS[key]
-        if not (math.isfinite(value) and low <= value <= high):
-            return f"{key} must be between {low:g} and {high:g} (got {value:g}); nothing was changed."
-    return None
 
 
 def format_duration(seconds: float) -> str:
@@ -124,22 +118,6 @@ def format_stats(
     return "\n".join(line for line in lines if line)
 
 
-@dataclass(frozen=True)
-class SamplingChange:
-    """The options of /config set, as given (None = unchanged)."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    max_new_tokens: int | None = None
-    no_repeat_ngram_size: int | None = None
-
-    def given(self) -> dict[str, float]:
-        """Only the settings the admin actually passed."""
-        return {key: value for key, value in vars(self).items() if value is not None}
-
-
 async def can_reset(interaction: discord.Interaction) -> bool:
     """/reset: anyone in their own DM with the bot; a server admin in a server channel."""
     return interaction.guild is None or await is_guild_admin(interaction)
@@ -148,9 +126,6 @@ async def can_reset(interaction: discord.Interaction) -> bool:
 class AdminCog(commands.Cog):
     """Server admin commands and the loop-lag probe."""
 
-    channel = admin_group(
-        "channel", "Make the bot answer every message in this channel, or only when addressed"
-    )
     config = admin_group("config", "View or change this server's sampling settings and persona")
 
     def __init__(self, bot: ChatBot) -> None:
@@ -215,45 +190,17 @@ class AdminCog(commands.Cog):
         )
         return Answer("\n".join([text, *shard_lines(self.bot)]), "viewed")  # per-shard latency if sharded
 
-    @channel.command(name="enable")
-    @admin_check()
-    async def channel_enable(self, interaction: discord.Interaction) -> None:
-        """Answer every message in this channel."""
-        await self._set_answer_all(interaction, True)
-
-    @channel.command(name="disable")
-    @admin_check()
-    async def channel_disable(self, interaction: discord.Interaction) -> None:
-        """Answer only mentions, replies and follow-ups in this channel."""
-        await self._set_answer_all(interaction, False)
-
-    async def _set_answer_all(self, interaction: discord.Interaction, enabled: bool) -> None:
-        await respond(interaction, lambda: self._answer_all(interaction, enabled))
-
-    async def _answer_all(self, interaction: discord.Interaction, enabled: bool) -> Answer:
-        assert interaction.channel_id is not None
-        await self.bot.storage.set_channel_answer_all(interaction.channel_id, interaction.guild_id, enabled)
-        state = "every message" if enabled else "only when addressed"
-        return Answer(f"In this channel I now answer {state}.", f"channel {interaction.channel_id}: {state}")
-
     @config.command(name="show")
     @admin_check()
     async def config_show(self, interaction: discord.Interaction) -> None:
-        """Show this server's sampling settings and persona."""
+        """Show the settings in effect here (this server's and this channel's) and where each comes from."""
         await respond(interaction, lambda: self._show_config(interaction))
 
     async def _show_config(self, interaction: discord.Interaction) -> Answer:
-        return Answer(await self._describe_config(interaction), "viewed")
+        return Answer(describe_config(await settings_here(interaction), self.bot.settings), "viewed")
 
     @config.command(name="set")
-    @app_commands.describe(
-        temperature="0–5: higher is more surprising; 0 always picks the likeliest word",
-        top_p="0.01–1: sample only from the most likely words covering this probability",
-        top_k="0–50000: sample only from this many likeliest words (0 = no limit)",
-        repetition_penalty="1–3: discourage repeating words (1 = off)",
-        max_new_tokens="1–1024: longest reply, in tokens",
-        no_repeat_ngram_size="0–20: never repeat a phrase of this many tokens (0 = off)",
-    )
+    @app_commands.describe(**SAMPLING_HELP)
     @admin_check()
     async def config_set(
         self,
@@ -272,7 +219,7 @@ class AdminCog(commands.Cog):
         await respond(interaction, lambda: self._apply_sampling(interaction, change.given()))
 
     async def _apply_sampling(self, interaction: discord.Interaction, given: dict[str, float]) -> Answer:
-        error = validate_sampling(given) if given else "Give at least one setting to change."
+        error = validate_change(given)
         if error:
             return Answer(error, f"rejected: {error}")
         assert interaction.guild_id is not None
@@ -280,7 +227,7 @@ class AdminCog(commands.Cog):
         merged = {**current.sampling_overrides, **given}
         await self.bot.storage.set_guild_sampling(interaction.guild_id, merged)
         return Answer(
-            "Saved.\n" + await self._describe_config(interaction),
+            "Saved.\n" + describe_config(await settings_here(interaction), self.bot.settings),
             ", ".join(f"{k}={v:g}" for k, v in sorted(given.items())),
         )
 
@@ -292,11 +239,9 @@ class AdminCog(commands.Cog):
         await respond(interaction, lambda: self._set_persona(interaction, (text or "").strip() or None))
 
     async def _set_persona(self, interaction: discord.Interaction, persona: str | None) -> Answer:
-        if persona and len(persona) > PERSONA_MAX_CHARS:
-            return Answer(
-                f"The persona must be at most {PERSONA_MAX_CHARS} characters; nothing was changed.",
-                "rejected: too long",
-            )
+        error = persona_error(persona)
+        if error:
+            return Answer(error, "rejected: too long")
         assert interaction.guild_id is not None
         await self.bot.storage.set_guild_persona(interaction.guild_id, persona)
         return Answer(
@@ -315,14 +260,6 @@ class AdminCog(commands.Cog):
         await self.bot.storage.set_guild_sampling(interaction.guild_id, {})
         await self.bot.storage.set_guild_persona(interaction.guild_id, None)
         return Answer("Sampling settings and persona are back to the bot's defaults.", "reset to defaults")
-
-    async def _describe_config(self, interaction: discord.Interaction) -> str:
-        assert interaction.guild_id is not None
-        guild = await self.bot.storage.guild_settings(interaction.guild_id)
-        params = apply_overrides(self.bot.settings.sampling(), guild.sampling_overrides)
-        values = ", ".join(f"{key}={getattr(params, key):g}" for key in SAMPLING_LIMITS)
-        persona = guild.persona or f"(default) {self.bot.settings.persona}"
-        return f"Sampling: {values}\nPersona: {persona}"
 
     @app_commands.command(name="reset")
     @app_commands.check(can_reset)

@@ -11,13 +11,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from typing import TYPE_CHECKING
 
 import discord
 from discord.ext import commands
 
+from bot.cogs.reply_threads import ThreadOpener
 from bot.conversation import DraftReply, IncomingMessage, MessageContext
-from bot.policy import Action, ChannelState, Cooldowns, MessageFacts, ReplyPolicy, decide, should_record
+from bot.policy import (
+    CHANCE_TRIGGER,
+    Action,
+    ChannelState,
+    Cooldowns,
+    Decision,
+    MessageFacts,
+    ReplyPolicy,
+    decide,
+    opens_thread,
+    should_record,
+)
 from bot.storage import StorageError
 from bot.text import (
     BUSY_REPLY,
@@ -102,6 +115,8 @@ def facts_of(message: discord.Message, bot_user_id: int, replied_author_id: int 
         mentions_bot=mentions_bot(message, bot_user_id),
         replies_to_bot=replied_author_id == bot_user_id,
         addressed_to_other=other_mentioned or replies_to_other,
+        text=message.content,
+        in_archived_thread=isinstance(channel, discord.Thread) and channel.archived,
     )
 
 
@@ -135,6 +150,9 @@ class ChatCog(commands.Cog):
         self.cooldowns = Cooldowns(bot.settings.cooldown_seconds)
         self.last_spoke: dict[int, float] = {}  # channel id → when this process last posted there
         self.skipped_sends = 0  # replies not attempted for lack of Send Messages
+        self.random = random.Random()  # the reply chance's draws (tests put a seeded one here)
+        self.last_chance_reply: dict[int, float] = {}  # channel id → when the bot last joined in unprompted
+        self.threads = ThreadOpener()
 
     # -- messages -------------------------------------------------------------------------------------
 
@@ -157,13 +175,18 @@ class ChatCog(commands.Cog):
         context = await self.bot.conversation.context_for(incoming)
         if not await self.record(incoming, context):
             return  # a replayed event was answered the first time
-        decision = decide(facts, await self.channel_state(context), self.policy)
+        state = await self.channel_state(message, context)
+        decision = decide(facts, state, self.policy, self.random.random())
         decision = self.cooldowns.check(facts.author_id, decision, facts.created_at)
         log.debug("message %d: %s (%s)", message.id, decision.action.value, decision.reason)
         if decision.action is Action.IGNORE:
             return
         if decision.action is Action.COOLDOWN_NOTICE:
             await self.send_chunks(message, [COOLDOWN_REPLY])
+            return
+        self.note_chance_reply(decision, context, facts.created_at)
+        if opens_thread(decision, facts, state):
+            await self.answer_in_new_thread(message, incoming, context)
         else:
             await self.answer(message, incoming, context)
 
@@ -184,33 +207,75 @@ class ChatCog(commands.Cog):
             return reference.resolved.author.id
         return await self.bot.conversation.author_of(reference.message_id)
 
-    async def channel_state(self, context: MessageContext) -> ChannelState:
-        """The channel's /channel switch and when the bot last spoke there."""
-        channel_id = context.channel.channel_id
+    async def channel_state(self, message: discord.Message, context: MessageContext) -> ChannelState:
+        """The channel's /channel switches, wake words and reply chance, and when the bot last spoke there."""
+        channel_id, home = context.channel.channel_id, context.home
         last = self.last_spoke.get(channel_id) or await self.bot.conversation.last_bot_message_at(channel_id)
-        return ChannelState(answer_all=context.channel.answer_all, last_bot_message_at=last)
+        names = self.bot_names(message) if home.wake_on_name else ()
+        return ChannelState(
+            answer_all=context.channel.answer_all,
+            last_bot_message_at=last,
+            is_bot_thread=context.channel.is_bot_thread,
+            thread_mode=home.thread_mode,
+            wake_words=(*home.wake_words, *names),
+            reply_chance=home.reply_chance,
+            chance_cooldown_seconds=home.chance_cooldown_seconds,
+            last_chance_reply_at=self.last_chance_reply.get(home.channel_id),
+        )
 
-    async def answer(
+    def bot_names(self, message: discord.Message) -> tuple[str, ...]:
+        """The bot's names as wake words: BOT_NAME and its display name in this server."""
+        me = message.guild.me if message.guild else None
+        return tuple(dict.fromkeys(n for n in (self.bot.settings.bot_name, me and me.display_name) if n))
+
+    def note_chance_reply(self, decision: Decision, context: MessageContext, at: float) -> None:
+        """Start the channel's reply-chance cooldown when the bot joins in unprompted."""
+        if decision.trigger is not None and decision.trigger.reason == CHANCE_TRIGGER:
+            self.last_chance_reply[context.home.channel_id] = at
+
+    async def answer_in_new_thread(
         self, message: discord.Message, incoming: IncomingMessage, context: MessageContext
     ) -> None:
-        """Generate (unless the bot may not post here), send the chunks, store the reply."""
-        if not self.may_send(message.channel):
-            return  # no point generating what cannot be sent
-        outcome = await self.compose(message, incoming, context)
-        if isinstance(outcome, str):
-            await self.send_chunks(message, [outcome])
+        """Thread mode: open a thread from the message and answer inside it (in the channel if that fails)."""
+        thread = await self.threads.open_from(message, incoming)
+        if thread is None:
+            await self.answer(message, incoming, context)
             return
-        sent = await self.send_chunks(message, reply_chunks(outcome.text))
+        at = discord.utils.snowflake_time(thread.id).timestamp()
+        try:
+            incoming, context = await self.bot.conversation.open_thread(incoming, context, thread.id, at)
+        except StorageError as exc:  # answered once; without the record its later messages need a mention
+            log.warning("thread %d was opened but not stored: %s", thread.id, exc)
+        await self.answer(message, incoming, context, thread)
+
+    async def answer(
+        self,
+        message: discord.Message,
+        incoming: IncomingMessage,
+        context: MessageContext,
+        channel: Sendable | None = None,
+    ) -> None:
+        """Generate (unless the bot may not post here), send the chunks, store the reply.
+
+        `channel`: where to answer when not in the message's channel (thread mode's new thread)."""
+        target = channel or message.channel
+        if not self.may_send(target):
+            return  # no point generating what cannot be sent
+        outcome = await self.compose(message, incoming, context, target)
+        if isinstance(outcome, str):
+            await self.send_chunks(message, [outcome], target)
+            return
+        sent = await self.send_chunks(message, reply_chunks(outcome.text), target)
         await self.store_reply(incoming, context, outcome, sent)
 
     async def compose(
-        self, message: discord.Message, incoming: IncomingMessage, context: MessageContext
+        self, message: discord.Message, incoming: IncomingMessage, context: MessageContext, target: Sendable
     ) -> DraftReply | str:
         """The generated draft (typing indicator meanwhile), or the one line saying why there is none."""
         try:
             async with contextlib.AsyncExitStack() as stack:
                 with contextlib.suppress(discord.HTTPException):  # no typing indicator is no reason to fail
-                    await stack.enter_async_context(message.channel.typing())
+                    await stack.enter_async_context(target.typing())
                 return await self.bot.conversation.compose_reply(incoming, context)
         except WorkerBusy:
             return BUSY_REPLY
@@ -255,18 +320,20 @@ class ChatCog(commands.Cog):
         log.info("no Send Messages permission in channel %s: reply skipped", getattr(channel, "id", "?"))
         return False
 
-    async def send_chunks(self, message: discord.Message, chunks: list[str]) -> list[tuple[int, str]]:
-        """Send chunks in order (the first replies to `message`); stop at the first failed chunk."""
-        if not self.may_send(message.channel):
+    async def send_chunks(
+        self, message: discord.Message, chunks: list[str], channel: Sendable | None = None
+    ) -> list[tuple[int, str]]:
+        """Send chunks in order (the first replies to `message` when in its channel); stop at the first
+        failed chunk."""
+        target = channel or message.channel
+        if not self.may_send(target):
             return []
-        can_reference = send_permissions(message.channel)[1]
+        can_reference = send_permissions(target)[1] and target is message.channel
         sent: list[tuple[int, str]] = []
         for index, text in enumerate(chunks):
             is_first = index == 0 and can_reference
             reference = message.to_reference(fail_if_not_exists=False) if is_first else None
-            posted = await self.send_with_retry(
-                message.channel, text, reference, chunk_nonce(message.id, index)
-            )
+            posted = await self.send_with_retry(target, text, reference, chunk_nonce(message.id, index))
             if posted is None:
                 break
             sent.append((posted.id, text))

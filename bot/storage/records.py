@@ -39,11 +39,25 @@ class GuildSettings:
 
 @dataclass(frozen=True)
 class ChannelSettings:
-    """Per-channel switches."""
+    """Per-channel switches and /channel overrides (a thread inherits unset ones from its parent)."""
 
     channel_id: int
     answer_all: bool = False
     reset_at: float | None = None  # /reset: history before this time is not used for prompts
+    persona: str | None = None  # None = the parent channel's, else the guild's
+    sampling_overrides: Mapping[str, float] = field(default_factory=dict)
+    parent_id: int | None = None  # a thread's parent channel
+    thread_mode: bool = False  # /channel threads: a mention opens a thread
+    wake_words: tuple[str, ...] = ()
+    wake_on_name: bool = False  # the bot's name is a wake word
+    reply_chance: float = 0.0  # probability of joining in unprompted
+    chance_cooldown_seconds: float = 300.0  # at most one unprompted reply per this period
+    opened_for_message_id: int | None = None  # set when this is a thread the bot opened (from that message)
+
+    @property
+    def is_bot_thread(self) -> bool:
+        """Whether this channel is a thread the bot opened in thread mode."""
+        return self.opened_for_message_id is not None
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """All SQL of the bot: the SQLite database on aiosqlite and its domain methods.
 
-Long because: all the bot's SQL stays in one module; its ~35 one-statement domain methods read best together.
+Long because: all the bot's SQL stays in one module; its ~45 one-statement domain methods read best together.
 The records they take and return are in records.py; opening the file (checks, migrations, pragmas) is
 database.py.
 
@@ -61,6 +61,11 @@ TOMBSTONE_TTL_SECONDS = 15 * 60.0
 # waits only for readers, and the read connection holds no transaction between queries.
 SCRUB_CHECKPOINT_DELAY_SECONDS = 2.0
 _GUILD_COLUMNS = frozenset({"logging_enabled", "training_export_enabled", "persona", "sampling_json"})
+_CHANNEL_COLUMNS = frozenset({
+    "persona", "sampling_json", "thread_mode", "wake_words_json", "wake_on_name", "reply_chance",
+    "chance_cooldown_seconds",
+})  # fmt: skip
+_WANTED_IDS = {1: "SELECT ? AS id", 2: "SELECT ? AS id UNION ALL SELECT ?"}  # ids asked of channel settings
 _MESSAGE_COLUMNS = """m.message_id, m.channel_id, c.guild_id, m.author_id, u.display_name AS author_name,
     m.is_bot, m.content, m.created_at, m.reply_to_id, m.edited_at, m.deleted"""
 _MESSAGE_FROM = """messages m JOIN channels c ON c.channel_id = m.channel_id
@@ -298,12 +303,18 @@ class Storage:
 
     # -- messages -------------------------------------------------------------------------------------
 
-    async def add_message(self, message: StoredMessage, mentioned: Iterable[tuple[int, str]] = ()) -> bool:
+    async def add_message(
+        self,
+        message: StoredMessage,
+        mentioned: Iterable[tuple[int, str]] = (),
+        parent_id: int | None = None,
+    ) -> bool:
         """Store a message with its user and channel rows and the names of the users it mentions (user id,
         display name), in one transaction; False when its id was already stored (replay) or it was deleted
-        before it could be stored (then it is stored deleted, without its text)."""
+        before it could be stored (then it is stored deleted, without its text). `parent_id`: the parent
+        channel of a thread, remembered with the thread's row."""
         async with self._transaction() as db:
-            await _ensure_channel(db, message.channel_id, message.guild_id)
+            await _ensure_channel(db, message.channel_id, message.guild_id, parent_id)
             for user_id, name in mentioned:  # so later prompts can show their names
                 await _run(db, _UPSERT_USER, (user_id, name))
             await _run(db, _UPSERT_USER, (message.author_id, message.author_name))
@@ -513,10 +524,8 @@ class Storage:
 
     async def channel_settings(self, channel_id: int) -> ChannelSettings:
         """A channel's settings (defaults when unknown)."""
-        row = await self._one("SELECT answer_all, reset_at FROM channels WHERE channel_id = ?", (channel_id,))
-        if row is None:
-            return ChannelSettings(channel_id)
-        return ChannelSettings(channel_id, answer_all=bool(row["answer_all"]), reset_at=row["reset_at"])
+        channel, _ = await self.channel_and_parent_settings(channel_id, None)
+        return channel
 
     async def set_channel_answer_all(self, channel_id: int, guild_id: int | None, enabled: bool) -> None:
         """Make the bot answer every message in a channel, or only when addressed."""
@@ -529,6 +538,87 @@ class Storage:
         async with self._transaction() as db:
             await _ensure_channel(db, channel_id, None)
             await _run(db, "UPDATE channels SET reset_at = ? WHERE channel_id = ?", (at, channel_id))
+
+    # -- channel settings and threads (issue 25: /channel persona, config, threads, wake, chance) ---------
+
+    async def channel_and_parent_settings(
+        self, channel_id: int, parent_id: int | None
+    ) -> tuple[ChannelSettings, ChannelSettings | None]:
+        """A channel's settings and, for a thread, its parent's (defaults when unknown), in ONE query.
+
+        The parent is None when `parent_id` is None. Whether the channel is a thread the bot opened comes
+        with it (bot_threads), so the message path reads all of it at once.
+        """
+        ids = [channel_id] if parent_id is None else [channel_id, parent_id]
+        rows = await self._rows(
+            f"SELECT wanted.id AS wanted_id, c.*, t.opened_for_message_id FROM ({_WANTED_IDS[len(ids)]}) "
+            "wanted LEFT JOIN channels c ON c.channel_id = wanted.id "
+            "LEFT JOIN bot_threads t ON t.thread_id = wanted.id",
+            ids,
+        )
+        found = {row["wanted_id"]: _channel(row) for row in rows}
+        return found[channel_id], (found[parent_id] if parent_id is not None else None)
+
+    async def set_channel_persona(self, channel_id: int, guild_id: int | None, persona: str | None) -> None:
+        """Override the persona in a channel; None returns to the parent channel's or guild's."""
+        await self._set_channel(channel_id, guild_id, persona=persona)
+
+    async def set_channel_sampling(
+        self, channel_id: int, guild_id: int | None, overrides: Mapping[str, float]
+    ) -> None:
+        """Replace a channel's sampling overrides (finite numbers only; empty = the guild's)."""
+        sampling_json = json.dumps(dict(overrides), sort_keys=True, allow_nan=False)
+        await self._set_channel(channel_id, guild_id, sampling_json=sampling_json)
+
+    async def reset_channel_config(self, channel_id: int, guild_id: int | None) -> None:
+        """Forget a channel's persona and sampling overrides (back to the parent channel's or guild's)."""
+        await self._set_channel(channel_id, guild_id, persona=None, sampling_json="{}")
+
+    async def set_channel_thread_mode(self, channel_id: int, guild_id: int | None, enabled: bool) -> None:
+        """Turn thread mode (a mention opens a thread) on or off in a channel."""
+        await self._set_channel(channel_id, guild_id, thread_mode=enabled)
+
+    async def set_channel_wake_words(
+        self, channel_id: int, guild_id: int | None, words: Sequence[str]
+    ) -> None:
+        """Replace a channel's wake words."""
+        await self._set_channel(channel_id, guild_id, wake_words_json=json.dumps(list(words)))
+
+    async def set_channel_wake_on_name(self, channel_id: int, guild_id: int | None, enabled: bool) -> None:
+        """Make the bot's name a wake word in a channel, or not."""
+        await self._set_channel(channel_id, guild_id, wake_on_name=enabled)
+
+    async def set_channel_reply_chance(
+        self, channel_id: int, guild_id: int | None, chance: float, cooldown_seconds: float
+    ) -> None:
+        """Set the probability of an unprompted reply in a channel and the least time between two."""
+        await self._set_channel(
+            channel_id, guild_id, reply_chance=chance, chance_cooldown_seconds=cooldown_seconds
+        )
+
+    async def _set_channel(self, channel_id: int, guild_id: int | None, **values: object) -> None:
+        assert set(values) <= _CHANNEL_COLUMNS, values  # column names are ours, never user input
+        assignments = ", ".join(f"{column} = :{column}" for column in values)
+        async with self._transaction() as db:
+            await _ensure_channel(db, channel_id, guild_id)
+            await _run(
+                db,
+                f"UPDATE channels SET {assignments} WHERE channel_id = :channel",
+                {**values, "channel": channel_id},
+            )
+
+    async def add_bot_thread(
+        self, thread_id: int, parent_id: int, guild_id: int | None, message_id: int, at: float
+    ) -> None:
+        """Remember a thread the bot opened from `message_id` (its channel row knows its parent)."""
+        async with self._transaction() as db:
+            await _ensure_channel(db, thread_id, guild_id, parent_id)
+            await _run(
+                db,
+                "INSERT INTO bot_threads (thread_id, parent_id, guild_id, opened_for_message_id, created_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (thread_id, parent_id, guild_id, message_id, at),
+            )
 
     # -- audit, stats, export, backup -----------------------------------------------------------------
 
@@ -626,23 +716,47 @@ async def _logs_messages(db: aiosqlite.Connection, guild_id: int | None) -> bool
     return row is None or bool(row[0])
 
 
+def _channel(row: sqlite3.Row) -> ChannelSettings:
+    """A channels row (LEFT JOINed: all NULL when the channel is unknown) as settings."""
+    if row["channel_id"] is None:
+        return ChannelSettings(row["wanted_id"], opened_for_message_id=row["opened_for_message_id"])
+    return ChannelSettings(
+        channel_id=row["channel_id"],
+        answer_all=bool(row["answer_all"]),
+        reset_at=row["reset_at"],
+        persona=row["persona"],
+        sampling_overrides=json.loads(row["sampling_json"]),
+        parent_id=row["parent_id"],
+        thread_mode=bool(row["thread_mode"]),
+        wake_words=tuple(json.loads(row["wake_words_json"])),
+        wake_on_name=bool(row["wake_on_name"]),
+        reply_chance=row["reply_chance"],
+        chance_cooldown_seconds=row["chance_cooldown_seconds"],
+        opened_for_message_id=row["opened_for_message_id"],
+    )
+
+
 def _reply_params(r: BotReplyRecord) -> tuple[Any, ...]:
     params_json = json.dumps(dict(r.params), sort_keys=True, allow_nan=False)
     return (r.reply_message_id, r.answers_message_id, r.channel_id, r.model_name, r.model_version,
             params_json, r.latency_seconds, r.prompt_tokens, r.completion_tokens, r.created_at)  # fmt: skip
 
 
-async def _ensure_channel(db: aiosqlite.Connection, channel_id: int, guild_id: int | None) -> None:
-    """Create the guild and channel rows if missing; a channel first seen without a guild gains one later."""
+async def _ensure_channel(
+    db: aiosqlite.Connection, channel_id: int, guild_id: int | None, parent_id: int | None = None
+) -> None:
+    """Create the guild and channel rows if missing; a channel first seen without a guild (or a thread
+    without its parent) gains one later."""
     if guild_id is not None:
         await _run(
             db, "INSERT INTO guilds (guild_id) VALUES (?) ON CONFLICT (guild_id) DO NOTHING", (guild_id,)
         )
     await _run(
         db,
-        "INSERT INTO channels (channel_id, guild_id) VALUES (?, ?) ON CONFLICT (channel_id) "
-        "DO UPDATE SET guild_id = COALESCE(channels.guild_id, excluded.guild_id)",
-        (channel_id, guild_id),
+        "INSERT INTO channels (channel_id, guild_id, parent_id) VALUES (?, ?, ?) ON CONFLICT (channel_id) "
+        "DO UPDATE SET guild_id = COALESCE(channels.guild_id, excluded.guild_id), "
+        "parent_id = COALESCE(channels.parent_id, excluded.parent_id)",
+        (channel_id, guild_id, parent_id),
     )
 
 

@@ -10,8 +10,9 @@ import pytest
 import simcord
 from discord import app_commands
 
-from bot.cogs.admin import REFUSED_OTHER_MODEL, LoopLagProbe, format_stats, percentile, validate_sampling
+from bot.cogs.admin import REFUSED_OTHER_MODEL, LoopLagProbe, format_stats, percentile
 from bot.cogs.common import REFUSED_NOT_ADMIN, is_guild_admin
+from bot.cogs.sampling import validate_sampling
 from bot.storage import Stats
 from model.api import ModelInfo, ReloadInProgress
 from tests.helpers import discord_harness
