@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import discord
 from discord.ext import commands
 
-from bot.cogs.reply_threads import ThreadOpener
+from bot.cogs.reply_threads import ThreadOpener, is_archived_thread
 from bot.conversation import DraftReply, IncomingMessage, MessageContext
 from bot.policy import (
     CHANCE_TRIGGER,
@@ -116,7 +116,7 @@ def facts_of(message: discord.Message, bot_user_id: int, replied_author_id: int 
         replies_to_bot=replied_author_id == bot_user_id,
         addressed_to_other=other_mentioned or replies_to_other,
         text=message.content,
-        in_archived_thread=isinstance(channel, discord.Thread) and channel.archived,
+        in_archived_thread=is_archived_thread(message),
     )
 
 

@@ -1,4 +1,4 @@
-"""Thread mode's Discord side: open a public thread from the message the bot answers.
+"""Thread mode's Discord side: open a public thread from the message the bot answers; tell archived threads.
 
 The decision to open one is bot.policy.opens_thread; recording it is the conversation core's
 (`ConversationService.open_thread`). This module only makes the Discord call and turns a refusal (no Create
@@ -50,3 +50,12 @@ def _readable_text(incoming: IncomingMessage) -> str:
     return scrub_discord_markup(
         incoming.content, {user_id: f"@{name}" for user_id, name in incoming.mentioned}
     )
+
+
+def is_archived_thread(message: discord.Message) -> bool:
+    """Whether the message is in an archived thread. discord.py drops archived threads from its cache, so a
+    server message whose channel it does not know (a PartialMessageable) is taken to be in one."""
+    channel = message.channel
+    if isinstance(channel, discord.Thread):
+        return channel.archived
+    return message.guild is not None and isinstance(channel, discord.PartialMessageable)

@@ -1,8 +1,12 @@
-"""The reply policy: triggers, self/bots, access lists, follow-up window, threads, per-user cooldown."""
+"""The reply policy: triggers, self/bots, access lists, follow-up window, threads, per-user cooldown, wake
+words, the bot's own threads, thread mode and the reply chance (with a seeded random source)."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
+import random
 
 import pytest
 
@@ -14,8 +18,11 @@ from bot.policy import (
     Decision,
     MessageFacts,
     ReplyPolicy,
+    Trigger,
     apply_cooldown,
     decide,
+    matched_wake_word,
+    opens_thread,
     should_record,
 )
 
@@ -174,3 +181,145 @@ def test_cooldown_memory_is_bounded() -> None:
         cooldowns.check(user, reply(), 0.0)
     assert cooldowns.check(1, reply(), 0.1).action is Action.REPLY  # forgotten: oldest dropped first
     assert cooldowns.check(3, reply(), 0.1).action is Action.COOLDOWN_NOTICE
+
+
+@pytest.mark.parametrize(
+    ("text", "words", "expected"),
+    [
+        ("hey Bot, what's up?", ("bot",), "bot"),  # case-insensitive, punctuation is a word boundary
+        ("BOT", ("Bot",), "Bot"),
+        ("a robot walks in", ("bot",), None),  # Latin words match whole words only
+        ("bots everywhere", ("bot",), None),
+        ("ok computer, play", ("ok computer",), "ok computer"),  # a phrase
+        ("ねえボットさん、元気？", ("ボット",), "ボット"),  # CJK: a substring (no spaces between words)
+        ("今日は天気がいい", ("天気",), "天気"),
+        ("今日は晴れ", ("天気",), None),
+        ("c++ rocks", ("c++",), "c++"),  # regex characters are literal
+        ("anything", ("",), None),  # an empty word never matches
+        ("", ("bot",), None),
+    ],
+)
+def test_wake_word_matching(text: str, words: tuple[str, ...], expected: str | None) -> None:
+    assert matched_wake_word(text, words) == expected
+
+
+@pytest.mark.parametrize(
+    ("changes", "channel", "expected_reason", "is_explicit"),
+    [
+        ({"text": "hello bot"}, ChannelState(wake_words=("bot",)), "wake word 'bot'", True),
+        ({"text": "hello robot"}, ChannelState(wake_words=("bot",)), None, None),
+        ({"text": "hi"}, ChannelState(is_bot_thread=True), "the bot's own thread", False),
+        # The bot's own thread answers every message, even one addressed to someone else.
+        ({"addressed_to_other": True}, ChannelState(is_bot_thread=True), "the bot's own thread", False),
+        ({"in_archived_thread": True, "mentions_bot": True}, ChannelState(is_bot_thread=True), None, None),
+        ({"mentions_bot": True}, ChannelState(wake_words=("hi",)), "mention", True),  # mention comes first
+        ({"text": "hello bot", "author_is_bot": True}, ChannelState(wake_words=("bot",)), None, None),
+    ],
+)
+def test_wake_words_own_threads_and_archived_threads(
+    changes: dict[str, object], channel: ChannelState, expected_reason: str | None, is_explicit: bool | None
+) -> None:
+    decision = decide(facts(**changes), channel, POLICY)
+    if expected_reason is None:
+        assert decision.action is Action.IGNORE
+        return
+    assert decision.action is Action.REPLY and decision.trigger is not None
+    assert (decision.trigger.reason, decision.trigger.is_explicit) == (expected_reason, is_explicit)
+
+
+def test_wake_word_is_explicit_so_the_cooldown_notices_it_once() -> None:
+    cooldowns = Cooldowns(cooldown_seconds=10)
+    channel = ChannelState(wake_words=("bot",), reply_chance=1.0, chance_cooldown_seconds=0)
+    first = cooldowns.check(USER, decide(facts(text="bot?"), channel, POLICY), 1000)
+    woken = cooldowns.check(USER, decide(facts(text="bot?"), channel, POLICY), 1001)
+    chance = cooldowns.check(USER, decide(facts(text="hmm"), channel, POLICY, roll=0.0), 1002)
+    assert [first.action, woken.action, chance.action] == [
+        Action.REPLY,
+        Action.COOLDOWN_NOTICE,
+        Action.IGNORE,
+    ]
+
+
+CHANCE = ChannelState(reply_chance=0.25, chance_cooldown_seconds=60, last_chance_reply_at=None)
+
+
+@pytest.mark.parametrize(
+    ("changes", "channel", "roll", "expected"),
+    [
+        ({}, CHANCE, 0.1, Action.REPLY),  # the roll came up
+        ({}, CHANCE, 0.25, Action.IGNORE),  # a roll equal to the chance does not (uniform in [0, 1))
+        ({}, CHANCE, 0.9, Action.IGNORE),
+        ({}, dataclasses.replace(CHANCE, last_chance_reply_at=950), 0.0, Action.IGNORE),  # 50 s < 60 s
+        ({}, dataclasses.replace(CHANCE, last_chance_reply_at=940), 0.0, Action.REPLY),  # exactly 60 s
+        ({"addressed_to_other": True}, CHANCE, 0.0, Action.IGNORE),  # never barge into others' exchange
+        ({}, ChannelState(), 0.0, Action.IGNORE),  # off by default
+        ({"author_is_bot": True}, CHANCE, 0.0, Action.IGNORE),
+    ],
+)
+def test_reply_chance_table(
+    changes: dict[str, object], channel: ChannelState, roll: float, expected: Action
+) -> None:
+    decision = decide(facts(**changes), channel, POLICY, roll=roll)
+    assert decision.action is expected
+    if expected is Action.REPLY:
+        assert decision.trigger is not None and not decision.trigger.is_explicit
+
+
+def binomial_bounds(trials: int, p: float, sigmas: float = 4.0) -> tuple[float, float]:
+    """trials·p ± sigmas·σ: a seeded run outside this range means the rule, not luck, is off."""
+    spread = sigmas * math.sqrt(trials * p * (1 - p))
+    return trials * p - spread, trials * p + spread
+
+
+def simulate_chance(
+    p: float, cooldown_seconds: float, seconds_between: float, seed: int
+) -> tuple[int, list[float]]:
+    """1,000 plain messages through decide() as the chat cog drives it: (eligible messages, reply times)."""
+    rng = random.Random(seed)
+    last: float | None = None
+    eligible, replies = 0, []
+    for index in range(1000):
+        at = 1000 + index * seconds_between
+        channel = ChannelState(
+            reply_chance=p, chance_cooldown_seconds=cooldown_seconds, last_chance_reply_at=last
+        )
+        eligible += last is None or at - last >= cooldown_seconds
+        if decide(facts(created_at=at), channel, POLICY, roll=rng.random()).action is Action.REPLY:
+            replies.append(at)
+            last = at
+    return eligible, replies
+
+
+@pytest.mark.parametrize("seed", [1, 25, 2026])
+def test_reply_chance_rate_is_within_binomial_bounds_without_a_cooldown(seed: int) -> None:
+    eligible, replies = simulate_chance(0.2, 0, 5, seed)
+    low, high = binomial_bounds(1000, 0.2)
+    assert eligible == 1000 and low <= len(replies) <= high
+
+
+@pytest.mark.parametrize("seed", [1, 25, 2026])
+def test_reply_chance_never_exceeds_one_per_cooldown_and_is_p_of_the_eligible_messages(seed: int) -> None:
+    eligible, replies = simulate_chance(0.3, 60, 10, seed)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(replies)]
+    assert gaps and min(gaps) >= 60
+    assert len(replies) <= 1 + (999 * 10) // 60  # at most one per window over the whole run
+    low, high = binomial_bounds(eligible, 0.3)  # each message outside a cooldown is a fresh draw
+    assert low <= len(replies) <= high
+
+
+@pytest.mark.parametrize(
+    ("decision", "changes", "thread_mode", "expected"),
+    [
+        (Decision(Action.REPLY, "mention", Trigger("mention", True)), {}, True, True),
+        (Decision(Action.REPLY, "mention", Trigger("mention", True)), {}, False, False),
+        (Decision(Action.REPLY, "follow-up", Trigger("follow-up window", False)), {}, True, False),
+        (Decision(Action.REPLY, "mention", Trigger("mention", True)), {"parent_channel_id": 7}, True, False),
+        (Decision(Action.REPLY, "dm", Trigger("dm", True)), {"guild_id": None}, True, False),
+        (Decision(Action.COOLDOWN_NOTICE, "cooldown", Trigger("mention", True)), {}, True, False),
+    ],
+    ids=["mention", "mode-off", "implicit", "already-in-a-thread", "dm", "cooldown-notice"],
+)
+def test_opens_thread_only_for_an_explicit_reply_in_a_thread_mode_channel(
+    decision: Decision, changes: dict[str, object], thread_mode: bool, expected: bool
+) -> None:
+    assert opens_thread(decision, facts(**changes), ChannelState(thread_mode=thread_mode)) is expected

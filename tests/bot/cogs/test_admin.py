@@ -149,16 +149,6 @@ def test_lag_probe_and_percentile() -> None:
     assert percentile([3, 1, 2], 0.5) == 2 and percentile([], 0.5) is None
 
 
-async def test_channel_enable_then_disable(harness: Harness) -> None:
-    result = await harness.admin.slash(harness.channel, "channel enable")
-    assert harness.deferred() and result.ephemeral
-    await harness.alice.send(harness.channel, "anyone?")
-    await harness.admin.slash(harness.channel, "channel disable")
-    await harness.alice.send(harness.channel, "anyone at all?")
-    assert len(harness.bot_messages()) == 1
-    assert [e.action for e in await harness.storage.audit_log()] == ["channel disable", "channel enable"]
-
-
 def test_validate_sampling_names_the_bad_setting() -> None:
     assert validate_sampling({"temperature": 0.7, "top_k": 0}) is None
     error = validate_sampling({"top_p": 0.0})
