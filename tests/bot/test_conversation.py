@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 
 from bot.config import Settings
-from bot.conversation import ConversationService, IncomingMessage, apply_overrides
-from bot.storage import Storage
+from bot.conversation import ConversationService, IncomingMessage, MessageContext, apply_overrides
+from bot.storage import ChannelSettings, GuildSettings, Storage
 from model.sampling import SamplingParams
 from tests.helpers.fakes import FakeGenerator
 
 BOT_ID = 999
 CHANNEL = 10
 GUILD = 1
+THREAD = 11
 
 
 def incoming(
@@ -139,3 +140,41 @@ async def test_guild_overrides_apply(
 def test_apply_overrides_ignores_unknown_keys_and_keeps_types() -> None:
     params = apply_overrides(SamplingParams(), {"top_k": 7.0, "bogus": 1.0})
     assert params.top_k == 7 and isinstance(params.top_k, int)
+
+
+def test_settings_resolve_per_value_from_channel_to_parent_to_server_to_default() -> None:
+    guild = GuildSettings(
+        GUILD, persona="Server persona.", sampling_overrides={"temperature": 0.9, "top_k": 10}
+    )
+    parent = ChannelSettings(CHANNEL, persona="Parent persona.", sampling_overrides={"temperature": 0.5})
+    thread = ChannelSettings(THREAD, sampling_overrides={"top_p": 0.8}, parent_id=CHANNEL)
+    context = MessageContext(guild, thread, parent)
+    assert context.persona_source() == ("Parent persona.", "parent channel")
+    assert context.sampling_sources() == {
+        "temperature": (0.5, "parent channel"),
+        "top_k": (10, "server"),
+        "top_p": (0.8, "this channel"),
+    }
+    assert context.home is parent
+    assert MessageContext(None, ChannelSettings(CHANNEL)).persona_source() == (None, "default")
+    assert MessageContext(guild, ChannelSettings(CHANNEL)).sampling_overrides() == {
+        "temperature": 0.9,
+        "top_k": 10,
+    }
+
+
+async def test_a_bot_threads_history_starts_with_the_message_that_opened_it(
+    service: ConversationService, fake: FakeGenerator
+) -> None:
+    opener = incoming(1, "let's plan the trip")
+    context = await service.context_for(opener)
+    assert await service.record(opener, context)
+    in_thread, thread_context = await service.open_thread(opener, context, THREAD, at=1002.0)
+    assert in_thread.channel_id == THREAD and thread_context.channel.is_bot_thread
+    draft = await service.compose_reply(in_thread, thread_context)
+    await service.record_reply(in_thread, thread_context, draft, [(2, draft.text)], 1003.0)
+    follow_up = incoming(3, "I can drive", channel_id=THREAD, parent_channel_id=CHANNEL)
+    await exchange(service, follow_up, reply_id=4)
+    history = [turn.text for turn in fake.requests[-1].history]
+    assert history == ["let's plan the trip", "first reply", "I can drive"]
+    assert (await service.context_for(follow_up)).parent == context.channel  # the parent, read with it

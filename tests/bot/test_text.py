@@ -16,6 +16,7 @@ from bot.text import (
     reply_chunks,
     safe_cut,
     split_message,
+    thread_name,
     utf16_len,
 )
 
@@ -137,3 +138,16 @@ def test_property_no_visible_text_lost_without_fences(text: str) -> None:
     chunks = split_message(text, limit=40)
     assert visible("".join(chunks)) == visible(text)
     assert all(not re.search(r"[\ud800-\udfff]", chunk) for chunk in chunks)
+
+
+def test_thread_name_is_one_line_within_discords_limit() -> None:
+    assert thread_name("  plan the\n trip  ") == "plan the trip"
+    assert thread_name("   ") == "Conversation"
+    long_latin = "word " * 40
+    name = thread_name(long_latin)
+    assert utf16_len(name) <= 100 and name.endswith("word…")  # cut at a space, never inside a word
+    japanese = "今日は東京の天気について話しましょう。" * 10  # no spaces: a cut between characters
+    name = thread_name(japanese)
+    assert utf16_len(name) == 100 and name.endswith("…") and japanese.startswith(name[:-1])
+    emoji = "😀" * 80  # astral: two UTF-16 units each
+    assert utf16_len(thread_name(emoji)) <= 100 and thread_name(emoji).startswith("😀")
