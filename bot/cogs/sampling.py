@@ -75,10 +75,20 @@ def describe_config(context: MessageContext, settings: Settings) -> str:
         for key in SAMPLING_LIMITS
     )
     persona, level = context.persona_source()
-    lines = [f"Sampling: {values}", f"Persona ({level}): {persona or settings.persona}"]
+    lines = [f"Sampling: {values}", f"Persona ({level}): {persona or settings.persona}", _overrides(context)]
     if context.guild is not None:
         lines.append(describe_channel(context))
     return "\n".join(lines)
+
+
+def _overrides(context: MessageContext) -> str:
+    """What each level sets itself, shadowed values included (the server's under a channel's override)."""
+    parts = []
+    for level, persona, sampling in context.levels():
+        values = [f"{key}={value:g}" for key, value in sorted(sampling.items())]
+        values += [f"persona ({len(persona)} chars)"] if persona else []
+        parts.append(f"{level}: {', '.join(values) or 'nothing'}")
+    return "Overrides by level: " + "; ".join(parts)
 
 
 def describe_channel(context: MessageContext) -> str:

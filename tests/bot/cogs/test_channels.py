@@ -84,6 +84,7 @@ async def test_channel_config_overrides_the_server_per_setting_and_config_show_n
     assert "temperature=0.3 (this channel)" in shown and "top_k=10 (server)" in shown
     assert f"top_p={h.bot.settings.top_p:g} (default)" in shown
     assert f"Persona (default): {h.bot.settings.persona}" in shown
+    assert "this channel: temperature=0.3; server: temperature=0.5, top_k=10" in shown  # shadowed too
 
     thread = await user_thread(h)
     await h.alice.send(thread, mention(h))
