@@ -28,6 +28,8 @@ class ReplyRequest:
     # The bot's recent replies in this conversation: a reply equal to one of them is resampled once.
     recent_bot_replies: tuple[str, ...] = ()
     request_id: str = ""
+    # The channel's remembered facts (/remember), oldest first: rendered after the persona line.
+    facts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,16 @@
 """The dialogue format shared by serving, export and training, and the exact token budget.
 
-Long because: the format and its exact token budget are one contract: the budget counts what rendering writes.
+Long because: the format (persona, facts, turns) and its exact token budget are one contract: the budget
+counts what rendering writes.
 
 The format (docs/ARCHITECTURE.md, "The dialogue format") is one line per turn:
 
     {persona}
+    - {fact}          (a channel's remembered facts, if any: /remember)
     {speaker}: {text}
     {bot_name}:
 
-Turn text is folded onto one line, so user text can never start a line and so never forge a turn.
+Turn and fact text is folded onto one line, so user text can never start a line and so never forge a turn.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ SPEAKER_COLONS = (":", "\uff1a", "\ufe55", "\ufe13")
 # Older lines are counted in batches of about this many characters per token of budget left: English
 # GPT-2 text runs ~4 characters a token, so one batch usually fills the budget without counting far past it.
 CHUNK_CHARS_PER_TOKEN = 4
+# A remembered fact's line starts with this: a bulleted note under the persona, as web text lists them,
+# not `Fact: …`, which GPT-2 would read as one more speaker's turn.
+FACT_PREFIX = "- "
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class Prompt:
     text: str
     turns_used: int  # how many of the history turns made it in (always the newest ones)
     newest_truncated: bool  # the newest turn was cut from the left to fit
+    facts_used: int = 0  # how many of the facts made it in (always the newest ones)
 
 
 class PromptTooLong(ValueError):
@@ -106,15 +112,24 @@ def _render_turn(turn: Turn, bot_name: str) -> str:
     return f"{_speaker_tag(turn, bot_name)}: {sanitize_text(turn.text)}"
 
 
-def render_dialogue(persona: str, turns: Sequence[Turn], bot_name: str, open_bot_turn: bool) -> str:
-    """The one renderer: persona line, one line per turn, then `{bot_name}:` when the bot is to answer.
+def _fact_lines(facts: Iterable[str], specials: Iterable[str] = ()) -> list[str]:
+    """Each fact folded onto its own bulleted line ("\n" included); an empty fact gives no line."""
+    specials = list(specials)
+    return [FACT_PREFIX + text + "\n" for text in (sanitize_text(fact, specials) for fact in facts) if text]
+
+
+def render_dialogue(
+    persona: str, turns: Sequence[Turn], bot_name: str, open_bot_turn: bool, facts: Sequence[str] = ()
+) -> str:
+    """The one renderer: persona line, a line per fact, a line per turn, then `{bot_name}:` to answer.
 
     Every line ends with a newline, so a closed dialogue (training, open_bot_turn=False) teaches the model
-    that a newline ends its turn; an empty persona gives no persona line.
+    that a newline ends its turn; an empty persona gives no persona line. Training renders no facts.
     """
     persona_line = sanitize_text(persona)
-    lines = ([persona_line] if persona_line else []) + [_render_turn(turn, bot_name) for turn in turns]
-    text = "".join(line + "\n" for line in lines)
+    head = ([persona_line + "\n"] if persona_line else []) + _fact_lines(facts)
+    lines = [_render_turn(turn, bot_name) for turn in turns]
+    text = "".join(head) + "".join(line + "\n" for line in lines)
     return (text + f"{_bot_tag(bot_name)}:") if open_bot_turn else text
 
 
@@ -129,6 +144,18 @@ class _Line:
     turn: Turn
     text: str
     ids: list[int]
+
+
+@dataclass(frozen=True)
+class _Fact:
+    """One fact as its prompt line ("\n" included) and that line's ids, encoded alone."""
+
+    text: str
+    ids: list[int]
+
+    @property
+    def fact(self) -> str:
+        return self.text.removeprefix(FACT_PREFIX).removesuffix("\n")
 
 
 @dataclass(frozen=True)
@@ -194,14 +221,14 @@ class _Renderer:
 
 
 def _first_turns(
-    newest_first: Iterator[Turn], renderer: _Renderer, persona: str, budget_tokens: int
+    newest_first: Iterator[Turn], renderer: _Renderer, head_chars: int, budget_tokens: int
 ) -> list[Turn]:
     """The newest turn, then as many older ones as the budget left may hold by characters (cleaned)."""
     newest = next(newest_first, None)
     if newest is None:
         return []
     turns = [renderer.clean(newest)]
-    guess_tokens = budget_tokens - (len(persona) + len(turns[0].text)) // CHUNK_CHARS_PER_TOKEN
+    guess_tokens = budget_tokens - (head_chars + len(turns[0].text)) // CHUNK_CHARS_PER_TOKEN
     return turns + _next_chunk(newest_first, renderer, guess_tokens)
 
 
@@ -250,6 +277,17 @@ def _fit_older(
     return kept[::-1]
 
 
+def _fit_facts(facts: list[_Fact], available_tokens: int) -> list[_Fact]:
+    """The newest facts whose lines fit in `available_tokens`: the oldest go first, as older turns do."""
+    kept: list[_Fact] = []
+    for fact in reversed(facts):
+        if len(fact.ids) > available_tokens:
+            break
+        available_tokens -= len(fact.ids)
+        kept.append(fact)
+    return kept[::-1]
+
+
 def _next_chunk(newest_first: Iterator[Turn], renderer: _Renderer, budget_tokens: int) -> list[Turn]:
     """The next turns (cleaned) to count in one batch: about enough characters to fill `budget_tokens`."""
     chunk: list[Turn] = []
@@ -263,16 +301,19 @@ def _next_chunk(newest_first: Iterator[Turn], renderer: _Renderer, budget_tokens
     return chunk
 
 
-def _joined(frame: _Frame, lines: list[_Line], budget_tokens: int, newest_truncated: bool) -> Prompt | None:
+def _joined(
+    frame: _Frame, facts: list[_Fact], lines: list[_Line], budget_tokens: int, newest_truncated: bool
+) -> Prompt | None:
     """The prompt from the ids in hand, when they join exactly as the text does (joins_lines) and fit."""
-    if len(frame.parts_ids) != 2 or not all(joins_cleanly(line.text) for line in lines):
+    pieces: list[_Fact | _Line] = [*facts, *lines]
+    if len(frame.parts_ids) != 2 or not all(joins_cleanly(piece.text) for piece in pieces):
         return None  # the encoder does not join lines, or a line ends (or starts) with whitespace
     head_ids, tail_ids = frame.parts_ids
-    input_ids = (*head_ids, *chain.from_iterable(line.ids for line in lines), *tail_ids)
+    input_ids = (*head_ids, *chain.from_iterable(piece.ids for piece in pieces), *tail_ids)
     if len(input_ids) > budget_tokens:
         return None  # a cut newest line came out longer than asked for: _verified cuts more
-    text = frame.head + "".join(line.text for line in lines) + frame.tail
-    return Prompt(input_ids, text, len(lines), newest_truncated)
+    text = frame.head + "".join(piece.text for piece in pieces) + frame.tail
+    return Prompt(input_ids, text, len(lines), newest_truncated, len(facts))
 
 
 def _shorten(encoder: Encoder, newest: Turn, over_tokens: int) -> Turn:
@@ -287,24 +328,32 @@ def _shorten(encoder: Encoder, newest: Turn, over_tokens: int) -> Turn:
 
 def _verified(
     encoder: Encoder,
-    persona: str,
-    turns: tuple[list[Turn], Turn],
+    head: tuple[str, list[str]],
+    turns: tuple[list[Turn], Turn | None],
     bot_name: str,
     budget_tokens: int,
     newest_truncated: bool,
 ) -> Prompt:
-    """Tokenise the final string once; if per-line counts underestimated it, drop or cut more and retry."""
-    older, newest = turns
+    """Tokenise the final string once; if per-line counts underestimated it, drop or cut more and retry.
+
+    What goes first: older turns (oldest first), then facts (oldest first), then the newest turn's start.
+    """
+    (persona, facts), (older, newest) = head, turns
     while True:
-        text = render_dialogue(persona, [*older, newest], bot_name, open_bot_turn=True)
+        kept = [*older, newest] if newest is not None else older
+        text = render_dialogue(persona, kept, bot_name, open_bot_turn=True, facts=facts)
         input_ids = encoder.encode(text)
         over_tokens = len(input_ids) - budget_tokens
         if over_tokens <= 0:
-            return Prompt(tuple(input_ids), text, len(older) + 1, newest_truncated)
+            return Prompt(tuple(input_ids), text, len(kept), newest_truncated, len(facts))
         if older:
             older = older[1:]
-        else:
+        elif facts:
+            facts = facts[1:]
+        elif newest is not None:
             newest, newest_truncated = _shorten(encoder, newest, over_tokens), True
+        else:  # the frame alone is measured exactly by _first_pass: not reached
+            raise PromptTooLong("the persona and the open bot turn do not fit")
 
 
 @dataclass(frozen=True)
@@ -316,6 +365,7 @@ class PromptRequest:
     bot_name: str
     max_new_tokens: int
     n_positions: int
+    facts: Sequence[str] = ()  # remembered facts, oldest first; rendered after the persona line
 
 
 class _Build:
@@ -328,32 +378,44 @@ class _Build:
         self.max_new_tokens, self.n_positions = request.max_new_tokens, request.n_positions
         self.budget_tokens = request.n_positions - request.max_new_tokens
         self.newest_first = reversed(request.history)  # no copy of a long history
-        self.turns = _first_turns(self.newest_first, renderer, self.persona, self.budget_tokens)
+        self.fact_texts = _fact_lines(request.facts, specials)
+        head_chars = len(self.persona) + sum(map(len, self.fact_texts))
+        self.turns = _first_turns(self.newest_first, renderer, head_chars, self.budget_tokens)
         self.head = render_dialogue(self.persona, [], renderer.bot_name, open_bot_turn=False)  # or ""
         self.tail = f"{_bot_tag(renderer.bot_name)}:"
         apart = encoder.joins_lines and all(joins_cleanly(piece) for piece in (self.head, self.tail) if piece)
         self.frame_texts = [self.head, self.tail] if apart else [self.head + self.tail]
-        # The first pass: the frame, the newest line and the first older lines.
-        self.texts = [*self.frame_texts, *map(renderer.line, self.turns)]
+        # The first pass: the frame, the facts, the newest line and the first older lines.
+        self.texts = [*self.frame_texts, *self.fact_texts, *map(renderer.line, self.turns)]
 
     def finish(self, encoded: list[list[int]]) -> Prompt:
-        """The prompt from the ids of `texts`; tokenises more only where the first pass was not enough."""
+        """The prompt from the ids of `texts`; tokenises more only where the first pass was not enough.
+
+        The newest turn first, then the facts, then older turns: each takes what the one before left.
+        """
         encoder, bot_name, budget_tokens = self.encoder, self.renderer.bot_name, self.budget_tokens
-        frame, lines = self._first_pass(encoded)
-        if not lines:
+        frame, all_facts, lines = self._first_pass(encoded)
+        if not lines and not all_facts:
             return Prompt(tuple(encoder.encode(frame.text)), frame.text, 0, False)
-        newest_line, truncated = _fit_newest(encoder, lines[0], bot_name, budget_tokens - frame.tokens)
-        available_tokens = budget_tokens - frame.tokens - len(newest_line.ids)
+        available_tokens, newest, truncated = budget_tokens - frame.tokens, [], False
+        if lines:
+            newest_line, truncated = _fit_newest(encoder, lines[0], bot_name, available_tokens)
+            available_tokens, newest = available_tokens - len(newest_line.ids), [newest_line]
+            if truncated:  # the newest turn's cut start has the first claim on any token left
+                available_tokens = 0
+        facts = _fit_facts(all_facts, available_tokens)
+        available_tokens -= sum(len(fact.ids) for fact in facts)
         older = _fit_older(encoder, self.renderer, lines[1:], self.newest_first, available_tokens)
-        joined = _joined(frame, [*older, newest_line], budget_tokens, truncated)
+        joined = _joined(frame, facts, [*older, *newest], budget_tokens, truncated)
         if joined is not None:
             return joined
-        turns = ([line.turn for line in older], newest_line.turn)
-        return _verified(encoder, self.persona, turns, bot_name, budget_tokens, truncated)
+        head = (self.persona, [fact.fact for fact in facts])
+        turns = ([line.turn for line in older], newest[0].turn if newest else None)
+        return _verified(encoder, head, turns, bot_name, budget_tokens, truncated)
 
-    def _first_pass(self, encoded: list[list[int]]) -> tuple[_Frame, list[_Line]]:
-        """The frame and the first lines with their ids; PromptTooLong when the frame alone cannot fit."""
-        frame_parts = len(self.frame_texts)
+    def _first_pass(self, encoded: list[list[int]]) -> tuple[_Frame, list[_Fact], list[_Line]]:
+        """The frame, the facts and the first lines with their ids; PromptTooLong when the frame can't fit."""
+        frame_parts, facts_end = len(self.frame_texts), len(self.frame_texts) + len(self.fact_texts)
         frame = _Frame(self.head, self.tail, encoded[:frame_parts])
         if self.max_new_tokens < 1 or frame.tokens > self.budget_tokens:
             raise PromptTooLong(
@@ -361,8 +423,12 @@ class _Build:
                 f"exceed the context window of {self.n_positions} tokens: "
                 "shorten the persona or max_new_tokens"
             )
-        lines = zip(self.turns, self.texts[frame_parts:], encoded[frame_parts:], strict=True)
-        return frame, [_Line(*line) for line in lines]
+        facts = [
+            _Fact(text, ids)
+            for text, ids in zip(self.fact_texts, encoded[frame_parts:facts_end], strict=True)
+        ]
+        lines = zip(self.turns, self.texts[facts_end:], encoded[facts_end:], strict=True)
+        return frame, facts, [_Line(*line) for line in lines]
 
 
 def _build_one(tokenizer: PreTrainedTokenizerBase, request: PromptRequest) -> Prompt:
@@ -378,14 +444,18 @@ def build_prompt(
     bot_name: str,
     max_new_tokens: int,
     n_positions: int,
+    facts: Sequence[str] = (),
 ) -> Prompt:
     """The prompt for the bot's next turn with `len(input_ids) + max_new_tokens <= n_positions`.
 
     History is oldest → newest. Oldest turns are dropped first; the persona and the newest turn always
-    stay (an over-long newest turn keeps its end). Raises PromptTooLong when even the persona and the
-    open bot turn cannot fit next to max_new_tokens.
+    stay (an over-long newest turn keeps its end). Facts (oldest first) come after the persona line and
+    before any older turn, but after the newest turn: they go, oldest first, when the newest turn needs
+    their room. Raises PromptTooLong when even the persona and the open bot turn cannot fit next to
+    max_new_tokens.
     """
-    return _build_one(tokenizer, PromptRequest(persona, history, bot_name, max_new_tokens, n_positions))
+    request = PromptRequest(persona, history, bot_name, max_new_tokens, n_positions, facts)
+    return _build_one(tokenizer, request)
 
 
 def build_prompts(

@@ -241,7 +241,7 @@ class RemoteGenerator:
         args = (request.persona, request.history, request.bot_name, request.params.max_new_tokens)
         try:
             return await loop.run_in_executor(
-                self._builder, build_prompt, self._tokenizer, *args, self._n_positions
+                self._builder, build_prompt, self._tokenizer, *args, self._n_positions, request.facts
             )
         except PromptTooLong as exc:
             raise GenerationFailed(f"prompt too long: {exc}") from None

@@ -101,7 +101,7 @@ class PromptBuilders:
             tokenizer = self._tokenizer(serving, generation)
             prompt = build_prompt(
                 tokenizer, request.persona, request.history, request.bot_name,
-                request.params.max_new_tokens, serving.loaded.n_positions,
+                request.params.max_new_tokens, serving.loaded.n_positions, request.facts,
             )  # fmt: skip
             return built_prompt(job, generation, prompt)
         except PromptTooLong as exc:
@@ -121,8 +121,9 @@ class PromptBuilders:
 def prompt_request(request: ReplyRequest, n_positions: int) -> PromptRequest:
     """What build_prompts needs of a reply request."""
     return PromptRequest(
-        request.persona, request.history, request.bot_name, request.params.max_new_tokens, n_positions
-    )
+        request.persona, request.history, request.bot_name, request.params.max_new_tokens, n_positions,
+        request.facts,
+    )  # fmt: skip
 
 
 def built_prompt(job: GenerateJob, generation: int, outcome: Prompt | PromptTooLong) -> BuiltPrompt:

@@ -1,4 +1,5 @@
-"""A tokenizer copy whose Rust backend counts its calls: for tests that pin how often prompts are encoded."""
+"""Tokenizer wrappers for prompt tests: a copy whose Rust backend counts its calls (tests that pin how often
+prompts are encoded), and one seen through its transformers call alone (no fast path)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,20 @@ def counting_copy(tokenizer: Any) -> tuple[Any, CountingBackend]:
     clone = copy.copy(tokenizer)
     clone._tokenizer = counting = CountingBackend(tokenizer.backend_tokenizer)
     return clone, counting
+
+
+class WrapperOnly:
+    """A tokenizer seen through its transformers call alone, so build_prompt takes none of its fast paths.
+
+    With is_fast=False it is served as a slow tokenizer is: one call per string, no offsets.
+    """
+
+    def __init__(self, tokenizer: Any, is_fast: bool = True) -> None:
+        self.inner = tokenizer
+        self.is_fast = is_fast
+
+    def __call__(self, text: str, **kwargs: Any) -> Any:
+        return self.inner(text, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)

@@ -23,7 +23,7 @@ from model.prompt import (
     sanitize_speaker,
     sanitize_text,
 )
-from tests.helpers.tokenizers import counting_copy
+from tests.helpers.tokenizers import WrapperOnly, counting_copy
 
 EOT = "<|endoftext|>"
 # Strings that try to break the one-line-per-turn format or smuggle in special tokens.
@@ -318,23 +318,6 @@ def test_property_long_messages(
 
 
 # --- the fast paths: the Rust tokenizer called directly, and line ids joined without a final pass -------
-
-
-class WrapperOnly:
-    """A tokenizer seen through its transformers call alone, so build_prompt takes none of its fast paths.
-
-    With is_fast=False it is served as a slow tokenizer is: one call per string, no offsets.
-    """
-
-    def __init__(self, tokenizer: Any, is_fast: bool = True) -> None:
-        self.inner = tokenizer
-        self.is_fast = is_fast
-
-    def __call__(self, text: str, **kwargs: Any) -> Any:
-        return self.inner(text, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 def outcome(
