@@ -18,6 +18,7 @@ from bot.storage.errors import (
 from bot.storage.records import (
     AuditEntry,
     BotReplyRecord,
+    ChannelFact,
     ChannelSettings,
     ExportRow,
     GuildSettings,
@@ -30,6 +31,7 @@ __all__ = [
     "EXPORT_BATCH_ROWS",
     "AuditEntry",
     "BotReplyRecord",
+    "ChannelFact",
     "ChannelSettings",
     "DatabaseBusy",
     "DatabaseFull",

@@ -109,3 +109,14 @@ class AuditEntry:
     action: str
     detail: str
     allowed: bool
+
+
+@dataclass(frozen=True)
+class ChannelFact:
+    """One remembered fact of a channel (/remember), with who wrote it (for /forget-me)."""
+
+    fact_id: int
+    channel_id: int
+    author_id: int
+    text: str
+    created_at: float  # unix seconds

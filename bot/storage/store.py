@@ -42,6 +42,7 @@ from bot.storage.errors import (
 from bot.storage.records import (
     AuditEntry,
     BotReplyRecord,
+    ChannelFact,
     ChannelSettings,
     ExportRow,
     GuildSettings,
@@ -413,7 +414,11 @@ class Storage:
         return row[0] if row else None
 
     async def purge_guild_messages(self, guild_id: int) -> int:
-        """Delete every stored message of a guild, its reply records and feedback; return messages deleted."""
+        """Delete every stored message of a guild, its reply records and feedback; return messages deleted.
+
+        Remembered facts stay: they are settings an admin wrote on purpose, not logged conversation (their
+        authors remove them with /forget-me, admins with /remember forget).
+        """
         params = {"guild": guild_id}
         async with self._transaction() as db:
             await _run(db, f"DELETE FROM feedback WHERE message_id IN ({_GUILD_MESSAGES})", params)
@@ -447,7 +452,8 @@ class Storage:
     # -- privacy and settings -------------------------------------------------------------------------
 
     async def delete_user_data(self, user_id: int, at: float) -> int:
-        """Delete a user's messages, the bot replies to them, feedback and audit rows; keep a tombstone."""
+        """Delete a user's messages, the bot replies to them, feedback, audit rows and the facts they wrote
+        (/remember); keep a tombstone."""
         params = {"user": user_id, "at": at}
         async with self._transaction() as db:
             deleted = await _run(
@@ -464,6 +470,7 @@ class Storage:
             )
             deleted += await _run(db, "DELETE FROM messages WHERE author_id = :user", params)
             deleted += await _run(db, "DELETE FROM audit_log WHERE actor_id = :user", params)
+            deleted += await _run(db, "DELETE FROM channel_facts WHERE author_id = :user", params)
             await _run(db, _TOMBSTONE_USER, params)
         await self._checkpoint()
         log.info("deleted %d rows of user %d at their request", deleted, user_id)
@@ -619,6 +626,62 @@ class Storage:
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (thread_id, parent_id, guild_id, message_id, at),
             )
+
+    # -- remembered facts (/remember) -----------------------------------------------------------------
+
+    async def add_fact(
+        self, channel_id: int, guild_id: int | None, author_id: int, text: str, at: float, limit: int
+    ) -> ChannelFact | None:
+        """Remember a fact for a channel; None (nothing stored) when the channel has `limit` facts already.
+
+        The count and the insert are one transaction, so two racing adds cannot pass the limit together.
+        """
+        async with self._transaction() as db:
+            async with db.execute(
+                "SELECT COUNT(*) FROM channel_facts WHERE channel_id = ?", (channel_id,)
+            ) as c:
+                row = await c.fetchone()
+            if row is not None and row[0] >= limit:
+                return None
+            async with db.execute(
+                "INSERT INTO channel_facts (channel_id, guild_id, author_id, text, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (channel_id, guild_id, author_id, text, at),
+            ) as cursor:
+                fact_id = cursor.lastrowid
+        assert fact_id is not None
+        return ChannelFact(fact_id, channel_id, author_id, text, at)
+
+    async def channel_facts(self, channel_ids: Sequence[int]) -> list[ChannelFact]:
+        """The facts of these channels in one read: `channel_ids`' order (a thread's parent, then the
+        thread), each channel's oldest first."""
+        if not channel_ids:
+            return []
+        rows = await self._rows(
+            "SELECT fact_id, channel_id, author_id, text, created_at FROM channel_facts "
+            f"WHERE channel_id IN ({', '.join('?' * len(channel_ids))})",
+            list(channel_ids),
+        )
+        order = {channel_id: index for index, channel_id in enumerate(channel_ids)}
+        facts = [ChannelFact(*row) for row in rows]
+        return sorted(facts, key=lambda fact: (order[fact.channel_id], fact.fact_id))
+
+    async def forget_fact(self, channel_id: int, number: int) -> ChannelFact | None:
+        """Delete a channel's `number`-th fact (1 = oldest, as /remember list numbers them); None if none."""
+        if number < 1:
+            return None
+        async with self._transaction() as db:
+            async with db.execute(
+                "SELECT fact_id, channel_id, author_id, text, created_at FROM channel_facts "
+                "WHERE channel_id = ? ORDER BY fact_id LIMIT 1 OFFSET ?",
+                (channel_id, number - 1),
+            ) as cursor:
+                row = await cursor.fetchone()
+            if row is None:
+                return None
+            await _run(db, "DELETE FROM channel_facts WHERE fact_id = ?", (row[0],))
+        self._schedule_scrub()  # the fact's text leaves the -wal file too
+        return ChannelFact(*row)
 
     # -- audit, stats, export, backup -----------------------------------------------------------------
 
