@@ -17,7 +17,7 @@ from typing import Any
 
 from bot.config import Settings
 from bot.scrub import USER_MENTION, scrub_discord_markup
-from bot.storage import BotReplyRecord, ChannelSettings, GuildSettings, Storage, StoredMessage
+from bot.storage import BotReplyRecord, ChannelFact, ChannelSettings, GuildSettings, Storage, StoredMessage
 from model.api import Reply, ReplyGenerator, ReplyRequest
 from model.prompt import Turn
 from model.sampling import SamplingParams
@@ -143,9 +143,16 @@ def history_to_turns(
     )
 
 
-def mentioned_user_ids(history: Sequence[StoredMessage]) -> set[int]:
-    """Ids of the users mentioned anywhere in the history."""
-    return {int(match.group(1)) for m in history for match in USER_MENTION.finditer(m.content)}
+def mentioned_user_ids(history: Sequence[StoredMessage], facts: Sequence[ChannelFact] = ()) -> set[int]:
+    """Ids of the users mentioned anywhere in the history (and in the channel's remembered facts)."""
+    texts = [m.content for m in history] + [fact.text for fact in facts]
+    return {int(match.group(1)) for text in texts for match in USER_MENTION.finditer(text)}
+
+
+def fact_channel_ids(message: IncomingMessage) -> tuple[int, ...]:
+    """Whose facts a message's prompt gets: a thread's parent channel's, then the thread's (or channel's)."""
+    parent = message.parent_channel_id
+    return (message.channel_id,) if parent is None else (parent, message.channel_id)
 
 
 def with_newest(history: Sequence[StoredMessage], message: StoredMessage) -> list[StoredMessage]:
@@ -227,7 +234,8 @@ class ConversationService:
         )
         start = await self._thread_start(context, stored)
         messages = with_newest([*start, *stored], await self._as_stored(message))
-        names = await self.storage.display_names(mentioned_user_ids(messages))
+        facts = await self.storage.channel_facts(fact_channel_ids(message))  # one read: parent + thread
+        names = await self.storage.display_names(mentioned_user_ids(messages, facts))
         names = {user_id: f"@{name}" for user_id, name in {**names, **dict(message.mentioned)}.items()}
         history = history_to_turns(messages, self.bot_user_id, names)
         recent = tuple(t.text for t in history if t.is_bot)[-RECENT_BOT_REPLIES:]
@@ -240,6 +248,8 @@ class ConversationService:
             time_limit_seconds=self.settings.generation_timeout_seconds,
             recent_bot_replies=recent,
             request_id=str(message.message_id),
+            # Scrubbed like any turn; model.prompt folds them onto their own lines.
+            facts=tuple(scrub_discord_markup(fact.text, names) for fact in facts),
         )
 
     async def _thread_start(

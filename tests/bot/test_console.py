@@ -146,3 +146,13 @@ async def test_a_full_disk_leaves_the_console_answering_and_storing_again(tmp_pa
         assert await chat.handle_line("kept")
     assert out.getvalue().splitlines() == ["bot: a", "bot: b"]
     assert stored_rows(settings.db_path)[-2:] == [(0, "kept"), (1, "b")]
+
+
+async def test_a_console_channels_facts_reach_its_prompts_only(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    async with Storage.open(settings.db_path) as storage:
+        await storage.add_fact(channel_id_for("a"), None, 1, "the llama is called Pat", 0.0, limit=10)
+    fake = FakeGenerator()
+    await run_console(settings, fake, channel="a", stdin=io.StringIO("who?\n"), stdout=io.StringIO())
+    await run_console(settings, fake, channel="b", stdin=io.StringIO("who?\n"), stdout=io.StringIO())
+    assert [request.facts for request in fake.requests] == [("the llama is called Pat",), ()]

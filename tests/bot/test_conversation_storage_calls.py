@@ -47,6 +47,8 @@ async def test_one_reply_in_a_server_reads_each_setting_once_and_writes_the_mess
     assert per_reply["guild_settings"] <= 1
     # One query for the channel row, a thread's parent row and whether it is the bot's thread (issue 25).
     assert per_reply["channel_and_parent_settings"] == 1
+    # /remember: one more read per reply, the channel's facts (with a thread's parent's) in one query.
+    assert per_reply["channel_facts"] == 1
     assert before_generate[TRANSACTIONS] == 1  # the incoming message, its author and mentioned users
 
 
