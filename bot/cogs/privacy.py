@@ -131,8 +131,8 @@ class PrivacyCog(commands.Cog):
         deleted = await self.bot.storage.delete_user_data(interaction.user.id, self.bot.clock())
         log.info("forget-me: deleted %d rows", deleted)
         return Answer(
-            f"Done: deleted {deleted:,} stored records about you (your messages, the replies to them and "
-            "your reactions), and you are excluded from training data."
+            f"Done: deleted {deleted:,} stored records about you (your messages, the replies to them, "
+            "your reactions and the facts you had me remember), and you are excluded from training data."
         )
 
 
