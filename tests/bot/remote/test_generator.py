@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import subprocess
 import sys
@@ -225,3 +226,18 @@ async def test_a_server_process_killed_mid_request_fails_it_and_its_return_is_pi
     finally:
         child.kill()
         child.wait()
+
+
+async def test_remembered_facts_reach_the_remote_prompt(
+    server: OpenAIServer, tiny_model_dir: Path, gpt2_tokenizer: object
+) -> None:
+    facts = ("The llama is called Pat.", "Meetings are on Fridays.")
+    with_facts = dataclasses.replace(request("who is Pat?"), facts=facts)
+    async with started(config(server.url, tokenizer=tiny_model_dir)) as remote:
+        await remote.generate(with_facts)
+    history = (Turn("alice", "who is Pat?"),)
+    expected = build_prompt(gpt2_tokenizer, "A friendly bot.", history, "Bot", 12, 1024, facts=facts)  # type: ignore[arg-type]
+    assert expected.text.startswith(
+        "A friendly bot.\n- The llama is called Pat.\n- Meetings are on Fridays.\n"
+    )
+    assert server.bodies[-1]["prompt"] == list(expected.input_ids)
