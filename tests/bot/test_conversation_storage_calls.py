@@ -65,6 +65,7 @@ async def test_a_reply_in_a_thread_reads_the_thread_and_its_parent_in_one_call(t
         per_reply = calls.snapshot()
     assert per_reply["guild_settings"] == 1 and per_reply["channel_and_parent_settings"] == 1
     assert per_reply["channel_settings"] == 0
+    assert per_reply["channel_facts"] == 1  # the thread's and its parent's facts, in one query too
 
 
 async def test_a_stored_message_that_gets_no_reply_is_one_transaction(tmp_path: Path) -> None:
