@@ -9,6 +9,8 @@ The format (docs/ARCHITECTURE.md, "The dialogue format") is one line per turn:
     {bot_name}:
 
 Turn text is folded onto one line, so user text can never start a line and so never forge a turn.
+To continue a reply instead, the open bot turn (the "tail") carries its start: `{bot_name}: {continue_text}`
+with no newline, so the model writes on from there; the budget counts it like any line.
 """
 
 from __future__ import annotations
@@ -106,16 +108,25 @@ def _render_turn(turn: Turn, bot_name: str) -> str:
     return f"{_speaker_tag(turn, bot_name)}: {sanitize_text(turn.text)}"
 
 
-def render_dialogue(persona: str, turns: Sequence[Turn], bot_name: str, open_bot_turn: bool) -> str:
+def render_dialogue(
+    persona: str, turns: Sequence[Turn], bot_name: str, open_bot_turn: bool, continue_text: str = ""
+) -> str:
     """The one renderer: persona line, one line per turn, then `{bot_name}:` when the bot is to answer.
 
     Every line ends with a newline, so a closed dialogue (training, open_bot_turn=False) teaches the model
-    that a newline ends its turn; an empty persona gives no persona line.
+    that a newline ends its turn; an empty persona gives no persona line. `continue_text` (folded like any
+    bot turn) goes into the open bot turn, which then ends without a newline: the model continues it.
     """
     persona_line = sanitize_text(persona)
     lines = ([persona_line] if persona_line else []) + [_render_turn(turn, bot_name) for turn in turns]
     text = "".join(line + "\n" for line in lines)
-    return (text + f"{_bot_tag(bot_name)}:") if open_bot_turn else text
+    return (text + open_turn(bot_name, continue_text)) if open_bot_turn else text
+
+
+def open_turn(bot_name: str, continue_text: str = "") -> str:
+    """The open bot turn (the prompt's tail): `{bot_name}:`, or `{bot_name}: {continue_text}` to continue."""
+    started = sanitize_text(continue_text)
+    return f"{_bot_tag(bot_name)}: {started}" if started else f"{_bot_tag(bot_name)}:"
 
 
 def _special_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
@@ -289,14 +300,18 @@ def _verified(
     encoder: Encoder,
     persona: str,
     turns: tuple[list[Turn], Turn],
-    bot_name: str,
+    frame: tuple[str, str],
     budget_tokens: int,
     newest_truncated: bool,
 ) -> Prompt:
-    """Tokenise the final string once; if per-line counts underestimated it, drop or cut more and retry."""
+    """Tokenise the final string once; if per-line counts underestimated it, drop or cut more and retry.
+
+    `frame` is (bot name, continue text): the open bot turn, exactly as the first pass rendered it.
+    """
     older, newest = turns
+    bot_name, continue_text = frame
     while True:
-        text = render_dialogue(persona, [*older, newest], bot_name, open_bot_turn=True)
+        text = render_dialogue(persona, [*older, newest], bot_name, True, continue_text)
         input_ids = encoder.encode(text)
         over_tokens = len(input_ids) - budget_tokens
         if over_tokens <= 0:
@@ -316,6 +331,7 @@ class PromptRequest:
     bot_name: str
     max_new_tokens: int
     n_positions: int
+    continue_text: str = ""  # the start of the bot's turn to continue ("" = a new turn)
 
 
 class _Build:
@@ -330,7 +346,8 @@ class _Build:
         self.newest_first = reversed(request.history)  # no copy of a long history
         self.turns = _first_turns(self.newest_first, renderer, self.persona, self.budget_tokens)
         self.head = render_dialogue(self.persona, [], renderer.bot_name, open_bot_turn=False)  # or ""
-        self.tail = f"{_bot_tag(renderer.bot_name)}:"
+        self.continue_text = sanitize_text(request.continue_text, specials)  # folded like any bot turn
+        self.tail = open_turn(renderer.bot_name, self.continue_text)
         apart = encoder.joins_lines and all(joins_cleanly(piece) for piece in (self.head, self.tail) if piece)
         self.frame_texts = [self.head, self.tail] if apart else [self.head + self.tail]
         # The first pass: the frame, the newest line and the first older lines.
@@ -349,7 +366,8 @@ class _Build:
         if joined is not None:
             return joined
         turns = ([line.turn for line in older], newest_line.turn)
-        return _verified(encoder, self.persona, turns, bot_name, budget_tokens, truncated)
+        frame_args = (bot_name, self.continue_text)
+        return _verified(encoder, self.persona, turns, frame_args, budget_tokens, truncated)
 
     def _first_pass(self, encoded: list[list[int]]) -> tuple[_Frame, list[_Line]]:
         """The frame and the first lines with their ids; PromptTooLong when the frame alone cannot fit."""
@@ -378,14 +396,16 @@ def build_prompt(
     bot_name: str,
     max_new_tokens: int,
     n_positions: int,
+    continue_text: str = "",
 ) -> Prompt:
     """The prompt for the bot's next turn with `len(input_ids) + max_new_tokens <= n_positions`.
 
     History is oldest → newest. Oldest turns are dropped first; the persona and the newest turn always
     stay (an over-long newest turn keeps its end). Raises PromptTooLong when even the persona and the
-    open bot turn cannot fit next to max_new_tokens.
+    open bot turn (with `continue_text`, the start of a reply to continue) cannot fit next to max_new_tokens.
     """
-    return _build_one(tokenizer, PromptRequest(persona, history, bot_name, max_new_tokens, n_positions))
+    request = PromptRequest(persona, history, bot_name, max_new_tokens, n_positions, continue_text)
+    return _build_one(tokenizer, request)
 
 
 def build_prompts(
