@@ -23,6 +23,7 @@ from bot.storage.records import (
     GuildSettings,
     Stats,
     StoredMessage,
+    StoredReply,
 )
 from bot.storage.store import EXPORT_BATCH_ROWS, Storage
 
@@ -41,6 +42,7 @@ __all__ = [
     "Storage",
     "StorageError",
     "StoredMessage",
+    "StoredReply",
     "migrate",
     "storage_failure",
 ]
