@@ -32,6 +32,7 @@ COG_MODULES: tuple[str, ...] = (
     "bot.cogs.channels",
     "bot.cogs.privacy",
     "bot.cogs.feedback",
+    "bot.cogs.regenerate",
     "bot.cogs.retrain",
 )
 SEND_RETRY_DELAYS_SECONDS: tuple[float, ...] = (1.0, 2.0, 4.0)

@@ -30,7 +30,14 @@ from bot.storage import Storage
 from model.api import ReplyGenerator
 from tests.helpers.fakes import FakeGenerator
 
-TEST_COGS = ("bot.cogs.chat", "bot.cogs.admin", "bot.cogs.channels", "bot.cogs.privacy", "bot.cogs.feedback")
+TEST_COGS = (
+    "bot.cogs.chat",
+    "bot.cogs.admin",
+    "bot.cogs.channels",
+    "bot.cogs.privacy",
+    "bot.cogs.feedback",
+    "bot.cogs.regenerate",
+)
 MESSAGES_POST = "/channels/*/messages"
 
 
