@@ -131,7 +131,7 @@ async def test_a_replaced_reply_leaves_prompts_and_export_unless_its_person_keep
 
 
 async def test_continue_edits_the_message_and_the_stored_text(harness: Harness) -> None:
-    question, reply = await ask(harness, "a story please", "Once upon a time")
+    _, reply = await ask(harness, "a story please", "Once upon a time")
     harness.generator.replies.append(" there was a cat.")
     result = await harness.alice.context_menu(harness.channel, CONTINUE, reply)
     assert result.ephemeral and response_text(result) == CONTINUED
