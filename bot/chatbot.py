@@ -33,6 +33,7 @@ COG_MODULES: tuple[str, ...] = (
     "bot.cogs.privacy",
     "bot.cogs.feedback",
     "bot.cogs.memory",
+    "bot.cogs.regenerate",
     "bot.cogs.retrain",
 )
 SEND_RETRY_DELAYS_SECONDS: tuple[float, ...] = (1.0, 2.0, 4.0)

@@ -1,5 +1,7 @@
 """The conversation core: store a message, build the request from history, await the model, store the reply.
 
+Long because: every path to a generated reply (answer, regenerate, continue) shares one request builder here.
+
 No Discord types here: the Discord cogs and the terminal chat both drive this with plain data. It owns
 every storage call of a message's path: the guild and channel settings are read once per message
 (`context_for` → MessageContext, passed down), the incoming message is one write, the sent reply another.
@@ -17,7 +19,15 @@ from typing import Any
 
 from bot.config import Settings
 from bot.scrub import USER_MENTION, scrub_discord_markup
-from bot.storage import BotReplyRecord, ChannelFact, ChannelSettings, GuildSettings, Storage, StoredMessage
+from bot.storage import (
+    BotReplyRecord,
+    ChannelFact,
+    ChannelSettings,
+    GuildSettings,
+    Storage,
+    StoredMessage,
+    StoredReply,
+)
 from model.api import Reply, ReplyGenerator, ReplyRequest
 from model.prompt import Turn
 from model.sampling import SamplingParams
@@ -29,6 +39,7 @@ SEEN_IDS_LIMIT = 10_000  # replay detection for guilds that store nothing
 SAMPLING_KEYS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) - {"seed"}
 # The levels a setting can come from, as /config show names them.
 THIS_CHANNEL, PARENT_CHANNEL, SERVER, DEFAULT = "this channel", "parent channel", "server", "default"
+SEED_RANGE = 2**31  # a regeneration's seed: the command's interaction id (a snowflake) modulo this
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,26 @@ class DraftReply:
     reply: Reply
     params: SamplingParams
     received_at: float
+
+
+@dataclass(frozen=True)
+class RedoneReply:
+    """A stored reply regenerated or continued: what answers whom, generated but not yet posted.
+
+    For a continuation `draft.text` is only the text that follows the reply's, joined exactly (its leading
+    space, if any, included; "" when the model added nothing usable).
+    """
+
+    stored: StoredReply
+    answered: IncomingMessage  # the message the reply answers, as stored
+    context: MessageContext
+    draft: DraftReply
+
+
+def regeneration_params(params: SamplingParams, seed: int) -> SamplingParams:
+    """A new seed, and sampling even where the settings are greedy (which would only say the same again)."""
+    temperature = params.temperature if not params.is_greedy else SamplingParams().temperature
+    return dataclasses.replace(params, seed=seed % SEED_RANGE, temperature=temperature)
 
 
 def apply_overrides(base: SamplingParams, overrides: Mapping[str, float]) -> SamplingParams:
@@ -234,6 +265,12 @@ class ConversationService:
         )
         start = await self._thread_start(context, stored)
         messages = with_newest([*start, *stored], await self._as_stored(message))
+        return await self._request_from(messages, message, context)
+
+    async def _request_from(
+        self, messages: Sequence[StoredMessage], message: IncomingMessage, context: MessageContext
+    ) -> ReplyRequest:
+        """The request answering `message`, the newest of `messages` (its history, oldest first)."""
         facts = await self.storage.channel_facts(fact_channel_ids(message))  # one read: parent + thread
         names = await self.storage.display_names(mentioned_user_ids(messages, facts))
         names = {user_id: f"@{name}" for user_id, name in {**names, **dict(message.mentioned)}.items()}
@@ -296,16 +333,21 @@ class ConversationService:
         draft: DraftReply,
         sent: Sequence[tuple[int, str]],
         sent_at: float,
+        replaces: int | None = None,
     ) -> None:
         """Store the sent chunks (message id, text) and the reply's accounting, in one write.
 
         Storage checks the guild's logging switch again inside that write: it may have been turned off
-        (and the guild purged) while the reply was being generated.
+        (and the guild purged) while the reply was being generated. `replaces`: the first message id of
+        the reply this one regenerated.
         """
         if not sent or not context.is_logged:
             return
         chunks = [self._bot_message(message, message_id, text, sent_at) for message_id, text in sent]
-        await self.storage.add_reply(chunks, self._reply_record(message, draft, sent[0][0], sent_at))
+        record = dataclasses.replace(
+            self._reply_record(message, draft, sent[0][0], sent_at), replaces_reply_id=replaces
+        )
+        await self.storage.add_reply(chunks, record)
 
     def _bot_message(
         self, message: IncomingMessage, message_id: int, text: str, sent_at: float
@@ -355,3 +397,93 @@ class ConversationService:
             completion_tokens=draft.reply.completion_tokens,
             created_at=sent_at,
         )
+
+    # -- regenerate and continue (bot/cogs/regenerate.py) ---------------------------------------------
+
+    async def find_reply(self, message_id: int) -> StoredReply | None:
+        """This bot's stored reply that a message is part of (None for any other message)."""
+        return await self.storage.reply_for_message(message_id)
+
+    async def regenerate(
+        self, stored: StoredReply, seed: int, parent_channel_id: int | None = None
+    ) -> RedoneReply | None:
+        """A new reply to the message `stored` answered, from the history that reply was generated from (up
+        to and including that message), with a new seed; the old reply's text counts as a repeat, so an
+        equal reply is resampled once. None when the answered message is gone. Generator errors propagate."""
+        answered = await self._answered(stored, parent_channel_id)
+        if answered is None:
+            return None
+        context = await self.context_for(answered)
+        request = await self._request_until(answered, context)
+        request = dataclasses.replace(
+            request,
+            params=regeneration_params(request.params, seed),
+            recent_bot_replies=(*request.recent_bot_replies, stored.text),
+        )
+        return RedoneReply(stored, answered, context, await self._draft(request))
+
+    async def continue_reply(
+        self, stored: StoredReply, parent_channel_id: int | None = None
+    ) -> RedoneReply | None:
+        """The text that continues `stored` (its text is the open bot turn of the same history); None when
+        the answered message is gone. Generator errors propagate (ReplyTooLongToContinue among them)."""
+        answered = await self._answered(stored, parent_channel_id)
+        if answered is None:
+            return None
+        context = await self.context_for(answered)
+        request = await self._request_until(answered, context)
+        request = dataclasses.replace(request, continue_text=stored.text, recent_bot_replies=())
+        return RedoneReply(stored, answered, context, await self._draft(request))
+
+    async def record_regenerated(
+        self, redone: RedoneReply, sent: Sequence[tuple[int, str]], sent_at: float
+    ) -> None:
+        """Store the regenerated reply's chunks with its link to the reply it replaced, in one write."""
+        replaces = redone.stored.reply_message_id
+        await self.record_reply(redone.answered, redone.context, redone.draft, sent, sent_at, replaces)
+
+    async def record_continuation(
+        self,
+        redone: RedoneReply,
+        edited: tuple[int, str] | None,
+        added: Sequence[tuple[int, str]],
+        sent_at: float,
+    ) -> None:
+        """Store a continued reply in one write: the edited message's whole new text, the chunks sent after
+        it, and the completion tokens the continuation cost."""
+        if not redone.context.is_logged:
+            return
+        chunks = [self._bot_message(redone.answered, message_id, text, sent_at) for message_id, text in added]
+        tokens = redone.draft.reply.completion_tokens
+        await self.storage.extend_reply(redone.stored.reply_message_id, edited, chunks, tokens, sent_at)
+
+    async def _answered(self, stored: StoredReply, parent_channel_id: int | None) -> IncomingMessage | None:
+        """The message a stored reply answers, as plain data (None when it is gone)."""
+        message = await self.storage.get_message(stored.answers_message_id)
+        if message is None or message.deleted:
+            return None
+        return IncomingMessage(
+            message_id=message.message_id,
+            channel_id=message.channel_id,
+            guild_id=message.guild_id,
+            author_id=message.author_id,
+            author_name=message.author_name,
+            is_bot=message.is_bot,
+            content=message.content,
+            created_at=message.created_at,
+            reply_to_id=message.reply_to_id,
+            parent_channel_id=parent_channel_id,
+        )
+
+    async def _request_until(self, answered: IncomingMessage, context: MessageContext) -> ReplyRequest:
+        """The request answering `answered` again: the history as it stood then, later messages left out."""
+        messages = await self.storage.history_until(
+            answered.channel_id, answered.message_id, self.settings.history_messages, context.channel.reset_at
+        )
+        start = await self._thread_start(context, messages)
+        return await self._request_from([*start, *messages], answered, context)
+
+    async def _draft(self, request: ReplyRequest) -> DraftReply:
+        received_at = self.clock()
+        reply = await self.generator.generate(request)
+        return DraftReply(reply.text, reply, request.params, received_at)

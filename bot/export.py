@@ -9,7 +9,8 @@ What leaves the database (README, "Retraining", says the same for admins):
   (a reply can quote what it answers) or answer a message that is not in the export (deleted, or in another
   conversation); other bots' messages are dropped too;
 - the bot's replies rated 👎 (every chunk of that reply) and repeats of a bot text already said in the same
-  conversation are dropped;
+  conversation are dropped; so is a reply that "Regenerate reply" replaced, unless the person it answered
+  kept it (👍 on it): a regeneration says the reply was not wanted (bot/cogs/regenerate.py);
 - every remaining text is scrubbed (bot.scrub); mentions of opted-in users become their display name, of
   anyone else "someone";
 - conversations left with fewer than 2 turns, no bot turn or no human turn are dropped; exact duplicates are
@@ -126,6 +127,11 @@ def _fold(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+def _reply_key(row: ExportRow) -> int | None:
+    """Which reply a bot message is part of (a regenerated reply answers the same message as the old one)."""
+    return row.reply_id if row.reply_id is not None else row.message.reply_to_id
+
+
 def _kept_rows(rows: Sequence[ExportRow], options: ExportOptions, counts: Counter[str]) -> list[ExportRow]:
     """Consent and feedback filtering of one raw conversation (before scrubbing)."""
     own = {r.message.message_id for r in rows if options.is_own(r)}
@@ -134,11 +140,7 @@ def _kept_rows(rows: Sequence[ExportRow], options: ExportOptions, counts: Counte
         for r in rows
         if r.message.message_id not in own and not r.message.is_bot and r.author_opted_in
     }
-    downvoted_answers = {
-        r.message.reply_to_id
-        for r in rows
-        if r.message.message_id in own and r.feedback_score < 0 and r.message.reply_to_id is not None
-    }
+    downvoted = {_reply_key(r) for r in rows if r.message.message_id in own and r.feedback_score < 0}
     kept = []
     for row in rows:
         m = row.message
@@ -147,8 +149,10 @@ def _kept_rows(rows: Sequence[ExportRow], options: ExportOptions, counts: Counte
         elif m.message_id in own and m.reply_to_id is not None and m.reply_to_id not in consented:
             # It answers an unconsented, deleted or out-of-conversation message and may quote it.
             counts["bot_replies_dropped_answering_unexported"] += 1
-        elif m.message_id in own and (row.feedback_score < 0 or m.reply_to_id in downvoted_answers):
+        elif m.message_id in own and _reply_key(row) in downvoted:
             counts["bot_replies_dropped_downvoted"] += 1
+        elif m.message_id in own and row.replaced:  # regenerated, and its person did not keep it (👍)
+            counts["bot_replies_dropped_replaced"] += 1
         else:
             kept.append(row)
     return kept

@@ -169,6 +169,17 @@ def reply_chunks(
     return kept
 
 
+def appended_reply(
+    last_chunk: str, addition: str, limit: int = MESSAGE_LIMIT_CHARS
+) -> tuple[str | None, list[str]]:
+    """How a continuation is posted: (the last message's new text, []) when `last_chunk + addition` still
+    fits one message, else (None, the chunks to post after it). `addition` joins exactly (its own space)."""
+    joined = last_chunk + addition
+    if utf16_len(joined) <= limit:
+        return joined, []
+    return None, split_message(addition, limit)
+
+
 def chunk_nonce(message_id: int, chunk_index: int) -> int:
     """A nonce for the chunk answering `message_id`: a retried send of the same chunk cannot post twice."""
     assert 0 <= chunk_index < MAX_REPLY_CHUNKS, chunk_index

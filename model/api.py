@@ -30,6 +30,9 @@ class ReplyRequest:
     request_id: str = ""
     # The channel's remembered facts (/remember), oldest first: rendered after the persona line.
     facts: tuple[str, ...] = ()
+    # The start of the bot's turn to continue ("" = a new reply). Then Reply.text is only what follows it,
+    # joined exactly (its leading space, if any, kept; "" when nothing usable came).
+    continue_text: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,18 @@ class GenerationFailed(GeneratorError):
 
 class ModelUnavailable(GenerationFailed):
     """Every model server is down (the remote backend's circuit breaker is open); it retries by itself."""
+
+
+class ReplyTooLongToContinue(GenerationFailed):
+    """A continue request's reply leaves no room in the context window for the rest of the prompt."""
+
+
+def too_long_error(request: ReplyRequest, error: Exception) -> GenerationFailed:
+    """What a prompt that cannot fit (model.prompt.PromptTooLong) fails its request with: for a reply to
+    continue, its own length is the cause, and the bot says so."""
+    if request.continue_text:
+        return ReplyTooLongToContinue(f"the reply is too long to continue: {error}")
+    return GenerationFailed(f"prompt too long: {error}")
 
 
 class ReloadInProgress(GeneratorError):

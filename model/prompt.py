@@ -11,6 +11,8 @@ The format (docs/ARCHITECTURE.md, "The dialogue format") is one line per turn:
     {bot_name}:
 
 Turn and fact text is folded onto one line, so user text can never start a line and so never forge a turn.
+To continue a reply instead, the open bot turn (the "tail") carries its start: `{bot_name}: {continue_text}`
+with no newline, so the model writes on from there; the budget counts it like any line.
 """
 
 from __future__ import annotations
@@ -119,18 +121,31 @@ def _fact_lines(facts: Iterable[str], specials: Iterable[str] = ()) -> list[str]
 
 
 def render_dialogue(
-    persona: str, turns: Sequence[Turn], bot_name: str, open_bot_turn: bool, facts: Sequence[str] = ()
+    persona: str,
+    turns: Sequence[Turn],
+    bot_name: str,
+    open_bot_turn: bool,
+    facts: Sequence[str] = (),
+    continue_text: str = "",
 ) -> str:
     """The one renderer: persona line, a line per fact, a line per turn, then `{bot_name}:` to answer.
 
     Every line ends with a newline, so a closed dialogue (training, open_bot_turn=False) teaches the model
     that a newline ends its turn; an empty persona gives no persona line. Training renders no facts.
+    `continue_text` (folded like any bot turn) goes into the open bot turn, which then ends without a
+    newline: the model continues it.
     """
     persona_line = sanitize_text(persona)
     head = ([persona_line + "\n"] if persona_line else []) + _fact_lines(facts)
     lines = [_render_turn(turn, bot_name) for turn in turns]
     text = "".join(head) + "".join(line + "\n" for line in lines)
-    return (text + f"{_bot_tag(bot_name)}:") if open_bot_turn else text
+    return (text + open_turn(bot_name, continue_text)) if open_bot_turn else text
+
+
+def open_turn(bot_name: str, continue_text: str = "") -> str:
+    """The open bot turn (the prompt's tail): `{bot_name}:`, or `{bot_name}: {continue_text}` to continue."""
+    started = sanitize_text(continue_text)
+    return f"{_bot_tag(bot_name)}: {started}" if started else f"{_bot_tag(bot_name)}:"
 
 
 def _special_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
@@ -330,18 +345,20 @@ def _verified(
     encoder: Encoder,
     head: tuple[str, list[str]],
     turns: tuple[list[Turn], Turn | None],
-    bot_name: str,
+    frame: tuple[str, str],
     budget_tokens: int,
     newest_truncated: bool,
 ) -> Prompt:
     """Tokenise the final string once; if per-line counts underestimated it, drop or cut more and retry.
 
     What goes first: older turns (oldest first), then facts (oldest first), then the newest turn's start.
+    `frame` is (bot name, continue text): the open bot turn, exactly as the first pass rendered it.
     """
     (persona, facts), (older, newest) = head, turns
+    bot_name, continue_text = frame
     while True:
         kept = [*older, newest] if newest is not None else older
-        text = render_dialogue(persona, kept, bot_name, open_bot_turn=True, facts=facts)
+        text = render_dialogue(persona, kept, bot_name, True, facts=facts, continue_text=continue_text)
         input_ids = encoder.encode(text)
         over_tokens = len(input_ids) - budget_tokens
         if over_tokens <= 0:
@@ -366,6 +383,7 @@ class PromptRequest:
     max_new_tokens: int
     n_positions: int
     facts: Sequence[str] = ()  # remembered facts, oldest first; rendered after the persona line
+    continue_text: str = ""  # the start of the bot's turn to continue ("" = a new turn)
 
 
 class _Build:
@@ -382,7 +400,8 @@ class _Build:
         head_chars = len(self.persona) + sum(map(len, self.fact_texts))
         self.turns = _first_turns(self.newest_first, renderer, head_chars, self.budget_tokens)
         self.head = render_dialogue(self.persona, [], renderer.bot_name, open_bot_turn=False)  # or ""
-        self.tail = f"{_bot_tag(renderer.bot_name)}:"
+        self.continue_text = sanitize_text(request.continue_text, specials)  # folded like any bot turn
+        self.tail = open_turn(renderer.bot_name, self.continue_text)
         apart = encoder.joins_lines and all(joins_cleanly(piece) for piece in (self.head, self.tail) if piece)
         self.frame_texts = [self.head, self.tail] if apart else [self.head + self.tail]
         # The first pass: the frame, the facts, the newest line and the first older lines.
@@ -411,7 +430,8 @@ class _Build:
             return joined
         head = (self.persona, [fact.fact for fact in facts])
         turns = ([line.turn for line in older], newest[0].turn if newest else None)
-        return _verified(encoder, head, turns, bot_name, budget_tokens, truncated)
+        frame_args = (bot_name, self.continue_text)
+        return _verified(encoder, head, turns, frame_args, budget_tokens, truncated)
 
     def _first_pass(self, encoded: list[list[int]]) -> tuple[_Frame, list[_Fact], list[_Line]]:
         """The frame, the facts and the first lines with their ids; PromptTooLong when the frame can't fit."""
@@ -444,17 +464,21 @@ def build_prompt(
     bot_name: str,
     max_new_tokens: int,
     n_positions: int,
+    *,
     facts: Sequence[str] = (),
+    continue_text: str = "",
 ) -> Prompt:
     """The prompt for the bot's next turn with `len(input_ids) + max_new_tokens <= n_positions`.
 
     History is oldest → newest. Oldest turns are dropped first; the persona and the newest turn always
     stay (an over-long newest turn keeps its end). Facts (oldest first) come after the persona line and
     before any older turn, but after the newest turn: they go, oldest first, when the newest turn needs
-    their room. Raises PromptTooLong when even the persona and the open bot turn cannot fit next to
-    max_new_tokens.
+    their room. Raises PromptTooLong when even the persona and the open bot turn (with `continue_text`, the
+    start of a reply to continue) cannot fit next to max_new_tokens.
     """
-    request = PromptRequest(persona, history, bot_name, max_new_tokens, n_positions, facts)
+    request = PromptRequest(
+        persona, history, bot_name, max_new_tokens, n_positions, facts=facts, continue_text=continue_text
+    )
     return _build_one(tokenizer, request)
 
 

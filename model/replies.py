@@ -2,7 +2,8 @@
 
 `stop_token_ids` gives the ids that end the bot's turn (end-of-text and newline tokens); `clean_reply` trims a
 raw continuation (a newline or a leaked "Name:" tag ends it, a dangling half-sentence is dropped); the repeat
-guard (`is_repeat`, `resample_params`) decides the one retry of a reply the bot just said.
+guard (`is_repeat`, `resample_params`) decides the one retry of a reply the bot just said. For a reply being
+continued, `continuation_of` and `clean_continuation` give the text to append, joined as the tokenizer joins.
 """
 
 from __future__ import annotations
@@ -72,6 +73,21 @@ def clean_reply(text: str, speaker_names: Iterable[str] = (), *, has_ended_turn:
     if not has_ended_turn:
         text = _drop_dangling(text).strip()
     return text if _is_usable(text) else ""
+
+
+def clean_continuation(text: str, speaker_names: Iterable[str] = (), *, has_ended_turn: bool = False) -> str:
+    """clean_reply for text that continues a reply: its leading space (GPT-2 words carry one; Japanese has
+    none) is kept as one space, so `existing + result` joins exactly; "" when nothing usable remains."""
+    body = clean_reply(text, speaker_names, has_ended_turn=has_ended_turn)
+    starts_apart = text[:1].isspace() and text.split("\n", 1)[0].strip() != ""
+    return (" " + body) if body and starts_apart else body
+
+
+def continuation_of(before: str, after: str, alone: str) -> str:
+    """What new ids add to a continued reply: decode(context + new) minus decode(context), where context is
+    the prompt's last ids. Decoding the new ids `alone` would lose a sentencepiece word's leading space
+    (its decode drops the first "▁"); that is the fallback only where the context's text changed."""
+    return after[len(before) :] if after.startswith(before) else alone
 
 
 def cut_at_speaker_tag(text: str, speaker_names: Iterable[str]) -> str:

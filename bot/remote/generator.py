@@ -15,6 +15,7 @@ that may have (a timeout, a dropped connection, a 500) is not, so a reply is nev
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,9 +41,10 @@ from model.api import (
     ReplyRequest,
     WorkerBusy,
     WorkerClosed,
+    too_long_error,
 )
 from model.prompt import Prompt, PromptTooLong, build_prompt
-from model.replies import clean_reply, is_repeat, resample_params, stop_token_ids
+from model.replies import clean_continuation, clean_reply, is_repeat, resample_params, stop_token_ids
 from model.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -217,15 +219,15 @@ class RemoteGenerator:
             choice, used = await self._complete(prompt.input_ids, params, deadline)
             completion_tokens += used
             reason = stop_reason(choice, self._tokenizer.eos_token_id)
-            text = clean_reply(
-                str(choice.get("text", "")), names, has_ended_turn=reason in ("eos", "turn_end")
-            )
+            # A continued reply keeps its leading space: the server detokenizes with the prompt's context.
+            clean = clean_continuation if request.continue_text else clean_reply
+            text = clean(str(choice.get("text", "")), names, has_ended_turn=reason in ("eos", "turn_end"))
             is_again = attempt == 1 and is_repeat(text, request.recent_bot_replies)
             if not is_again or time.monotonic() >= deadline:
                 break
             params = resample_params(params)
         return Reply(
-            text=text or FALLBACK_REPLY,
+            text=text or ("" if request.continue_text else FALLBACK_REPLY),
             prompt_tokens=len(prompt.input_ids),
             completion_tokens=completion_tokens,
             queue_seconds=started_at - submitted_at,
@@ -238,13 +240,21 @@ class RemoteGenerator:
 
     async def _prompt(self, request: ReplyRequest) -> Prompt:
         loop = asyncio.get_running_loop()
-        args = (request.persona, request.history, request.bot_name, request.params.max_new_tokens)
+        build = functools.partial(
+            build_prompt,
+            self._tokenizer,
+            request.persona,
+            request.history,
+            request.bot_name,
+            request.params.max_new_tokens,
+            self._n_positions,
+            facts=request.facts,
+            continue_text=request.continue_text,
+        )
         try:
-            return await loop.run_in_executor(
-                self._builder, build_prompt, self._tokenizer, *args, self._n_positions, request.facts
-            )
+            return await loop.run_in_executor(self._builder, build)
         except PromptTooLong as exc:
-            raise GenerationFailed(f"prompt too long: {exc}") from None
+            raise too_long_error(request, exc) from None
 
     async def _complete(
         self, prompt_ids: Sequence[int], params: SamplingParams, deadline: float

@@ -24,6 +24,7 @@ from bot.storage.records import (
     GuildSettings,
     Stats,
     StoredMessage,
+    StoredReply,
 )
 from bot.storage.store import EXPORT_BATCH_ROWS, Storage
 
@@ -43,6 +44,7 @@ __all__ = [
     "Storage",
     "StorageError",
     "StoredMessage",
+    "StoredReply",
     "migrate",
     "storage_failure",
 ]

@@ -74,6 +74,26 @@ class BotReplyRecord:
     prompt_tokens: int
     completion_tokens: int
     created_at: float
+    replaces_reply_id: int | None = None  # a regenerated reply: the first message id of the one it replaced
+
+
+@dataclass(frozen=True)
+class StoredReply:
+    """One of the bot's stored replies, as regenerate and continue need it: its messages, whom it answered."""
+
+    reply_message_id: int  # its first message
+    answers_message_id: int
+    channel_id: int
+    guild_id: int | None
+    answered_author_id: int | None  # who wrote the message it answers (None when that is not stored)
+    chunks: tuple[tuple[int, str], ...]  # (message id, text) of each of its messages, in order
+    is_latest: bool  # no later reply of the bot in this channel
+    completion_tokens: int
+
+    @property
+    def text(self) -> str:
+        """The whole reply (its messages were cut at whitespace or line breaks, folded in the prompt)."""
+        return "\n".join(text for _, text in self.chunks)
 
 
 @dataclass(frozen=True)
@@ -96,6 +116,8 @@ class ExportRow:
     message: StoredMessage
     author_opted_in: bool
     feedback_score: int  # sum of feedback on this message (+1 / -1 each); 0 when none
+    reply_id: int | None = None  # a bot reply's message: the reply it is part of (its first message's id)
+    replaced: bool = False  # part of a reply a regeneration replaced and its person did not keep (👍)
 
 
 @dataclass(frozen=True)

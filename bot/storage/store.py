@@ -48,6 +48,7 @@ from bot.storage.records import (
     GuildSettings,
     Stats,
     StoredMessage,
+    StoredReply,
 )
 
 log = logging.getLogger(__name__)
@@ -387,14 +388,20 @@ class Storage:
     async def recent_history(
         self, channel_id: int, limit: int, since: float | None = None
     ) -> list[StoredMessage]:
-        """The newest `limit` non-deleted messages of a channel created at or after `since`, oldest first."""
+        """The newest `limit` non-deleted messages of a channel created at or after `since`, oldest first.
+
+        A reply that a regeneration replaced is left out unless its person kept it (_DISCARDED_REPLIES).
+        """
+        return await self._history(channel_id, limit, since, until=None)
+
+    async def _history(
+        self, channel_id: int, limit: int, since: float | None, until: int | None
+    ) -> list[StoredMessage]:
+        """recent_history, ending at message `until` when given; replaced replies not kept are left out."""
         if limit <= 0:
             return []  # SQLite reads a negative LIMIT as "no limit"
         rows = await self._rows(
-            f"SELECT * FROM (SELECT {_MESSAGE_COLUMNS} FROM {_MESSAGE_FROM} "
-            "WHERE m.channel_id = :channel AND m.deleted = 0 AND (:since IS NULL OR m.created_at >= :since) "
-            "ORDER BY m.created_at DESC, m.message_id DESC LIMIT :limit) ORDER BY created_at, message_id",
-            {"channel": channel_id, "since": since, "limit": limit},
+            _HISTORY_QUERY, {"channel": channel_id, "since": since, "limit": limit, "until": until}
         )
         return [_message(row) for row in rows]
 
@@ -683,6 +690,62 @@ class Storage:
         self._schedule_scrub()  # the fact's text leaves the -wal file too
         return ChannelFact(*row)
 
+    # -- regenerate and continue ---------------------------------------------------------------------
+
+    async def reply_for_message(self, message_id: int) -> StoredReply | None:
+        """The stored bot reply that a message is part of (any of its messages), or None."""
+        row = await self._one(_REPLY_QUERY, {"message": message_id})
+        if row is None:
+            return None
+        chunks = await self._rows(_REPLY_CHUNKS, {"reply": row["reply_message_id"]})
+        return StoredReply(
+            reply_message_id=row["reply_message_id"],
+            answers_message_id=row["answers_message_id"],
+            channel_id=row["channel_id"],
+            guild_id=row["guild_id"],
+            answered_author_id=row["answered_author_id"],
+            chunks=tuple((chunk["message_id"], chunk["content"]) for chunk in chunks),
+            is_latest=bool(row["is_latest"]),
+            completion_tokens=row["completion_tokens"],
+        )
+
+    async def history_until(
+        self, channel_id: int, message_id: int, limit: int, since: float | None = None
+    ) -> list[StoredMessage]:
+        """recent_history as it stood when `message_id` was the newest message (it included): what a reply
+        to it was generated from, and what regenerating or continuing that reply generates from again."""
+        return await self._history(channel_id, limit, since, until=message_id)
+
+    async def extend_reply(
+        self,
+        reply_message_id: int,
+        edited: tuple[int, str] | None,
+        added: Sequence[StoredMessage],
+        completion_tokens: int,
+        at: float,
+    ) -> bool:
+        """A continued reply in ONE write: its edited message's new text (message id, text), the messages
+        sent after it, and its completion tokens counted on; False when its guild stopped logging."""
+        async with self._transaction() as db:
+            async with db.execute(_REPLY_GUILD, (reply_message_id,)) as cursor:
+                found = await cursor.fetchone()
+            if found is None or not await _logs_messages(db, found[0]):
+                return False
+            if edited is not None:
+                await _run(
+                    db,
+                    "UPDATE messages SET content = ?, edited_at = ? WHERE message_id = ? AND deleted = 0",
+                    (edited[1], at, edited[0]),
+                )
+            for message in added:
+                await _insert_message(db, message)
+            await _run(
+                db,
+                "UPDATE bot_replies SET completion_tokens = completion_tokens + ? WHERE reply_message_id = ?",
+                (completion_tokens, reply_message_id),
+            )
+        return True
+
     # -- audit, stats, export, backup -----------------------------------------------------------------
 
     async def add_audit(
@@ -726,11 +789,17 @@ class Storage:
         """Exportable messages ordered by channel then time, read in batches (see _EXPORT_QUERY for rules)."""
         position: tuple[int, float, int] = (-(2**63), -math.inf, -(2**63))
         while True:
-            params = {"guild": guild_id, "since": since, "batch": EXPORT_BATCH_ROWS}
+            params = {"guild": guild_id, "since": since, "batch": EXPORT_BATCH_ROWS, "channel": None}
             params.update(zip(("after_channel", "after_time", "after_id"), position, strict=True))
             rows = await self._rows(_EXPORT_QUERY, params)
             for row in rows:
-                yield ExportRow(_message(row), bool(row["author_opted_in"]), int(row["feedback_score"]))
+                yield ExportRow(
+                    _message(row),
+                    bool(row["author_opted_in"]),
+                    int(row["feedback_score"]),
+                    row["reply_id"],
+                    bool(row["replaced"]),
+                )
             if len(rows) < EXPORT_BATCH_ROWS:
                 return
             position = (rows[-1]["channel_id"], rows[-1]["created_at"], rows[-1]["message_id"])
@@ -802,7 +871,8 @@ def _channel(row: sqlite3.Row) -> ChannelSettings:
 def _reply_params(r: BotReplyRecord) -> tuple[Any, ...]:
     params_json = json.dumps(dict(r.params), sort_keys=True, allow_nan=False)
     return (r.reply_message_id, r.answers_message_id, r.channel_id, r.model_name, r.model_version,
-            params_json, r.latency_seconds, r.prompt_tokens, r.completion_tokens, r.created_at)  # fmt: skip
+            params_json, r.latency_seconds, r.prompt_tokens, r.completion_tokens, r.created_at,
+            r.replaces_reply_id)  # fmt: skip
 
 
 async def _ensure_channel(
@@ -829,8 +899,8 @@ _INSERT_MESSAGE = (
 )
 _INSERT_BOT_REPLY = (
     "INSERT INTO bot_replies (reply_message_id, answers_message_id, channel_id, model_name, "
-    "model_version, params_json, latency_seconds, prompt_tokens, completion_tokens, created_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (reply_message_id) DO NOTHING"
+    "model_version, params_json, latency_seconds, prompt_tokens, completion_tokens, created_at, "
+    "replaces_reply_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (reply_message_id) DO NOTHING"
 )
 # Tombstones only for messages not stored; a deletion wins over any edit, a later edit over an earlier one.
 _DELETE_TOMBSTONE = (
@@ -852,10 +922,50 @@ _TOMBSTONE_USER = (
     "INSERT INTO users (user_id, forgotten_at) VALUES (:user, :at) ON CONFLICT (user_id) DO UPDATE SET "
     "display_name = '', training_opt_in = 0, opted_in_at = NULL, forgotten_at = excluded.forgotten_at"
 )
+# The reply (its first message's id) that a message of the bot is part of: the newest reply record of the
+# same author answering the same message that started at or before it; NULL for any other message.
+_REPLY_OF = """(SELECT MAX(o.reply_message_id) FROM bot_replies o
+    JOIN messages f ON f.message_id = o.reply_message_id
+    WHERE m.is_bot = 1 AND o.answers_message_id = m.reply_to_id AND o.reply_message_id <= m.message_id
+    AND f.author_id = m.author_id)"""
+# Whether message `mk` is one of reply `r`'s (a bot_replies alias): its first message, or one of its author's
+# later messages answering the same message before the next reply to it.
+_IN_REPLY = """mk.channel_id = r.channel_id AND mk.reply_to_id = r.answers_message_id AND mk.is_bot = 1
+    AND mk.message_id >= r.reply_message_id
+    AND mk.author_id = (SELECT author_id FROM messages WHERE message_id = r.reply_message_id)
+    AND mk.message_id < COALESCE((SELECT MIN(o.reply_message_id) FROM bot_replies o
+        WHERE o.answers_message_id = r.answers_message_id AND o.reply_message_id > r.reply_message_id),
+        9223372036854775807)"""
+# Replies a regeneration replaced (in channel :channel, or anywhere when NULL) that the person they
+# answered did not keep (no 👍 of theirs on any message of the reply): left out of prompts and exports.
+_DISCARDED_REPLIES = f"""SELECT n.replaces_reply_id FROM bot_replies n
+    JOIN bot_replies r ON r.reply_message_id = n.replaces_reply_id
+    LEFT JOIN messages a ON a.message_id = r.answers_message_id
+    WHERE n.replaces_reply_id IS NOT NULL AND (:channel IS NULL OR n.channel_id = :channel)
+    AND NOT EXISTS (SELECT 1 FROM feedback kf JOIN messages mk ON mk.message_id = kf.message_id
+        WHERE kf.user_id = a.author_id AND kf.score = 1 AND {_IN_REPLY})"""
+# A channel's newest :limit messages since :since (up to message :until when not NULL), oldest first.
+_HISTORY_QUERY = f"""SELECT * FROM (SELECT {_MESSAGE_COLUMNS} FROM {_MESSAGE_FROM}
+    WHERE m.channel_id = :channel AND m.deleted = 0 AND (:since IS NULL OR m.created_at >= :since)
+    AND (:until IS NULL OR (m.created_at, m.message_id)
+        <= (SELECT created_at, message_id FROM messages WHERE message_id = :until))
+    AND (m.is_bot = 0 OR COALESCE({_REPLY_OF} NOT IN ({_DISCARDED_REPLIES}), 1))
+    ORDER BY m.created_at DESC, m.message_id DESC LIMIT :limit) ORDER BY created_at, message_id"""
+_REPLY_QUERY = f"""SELECT r.reply_message_id, r.answers_message_id, r.channel_id, r.completion_tokens,
+    c.guild_id, a.author_id AS answered_author_id, NOT EXISTS (SELECT 1 FROM bot_replies l
+        WHERE l.channel_id = r.channel_id AND l.reply_message_id > r.reply_message_id) AS is_latest
+FROM messages m JOIN bot_replies r ON r.reply_message_id = {_REPLY_OF}
+    JOIN channels c ON c.channel_id = r.channel_id LEFT JOIN messages a ON a.message_id = r.answers_message_id
+WHERE m.message_id = :message AND m.deleted = 0"""
+_REPLY_GUILD = """SELECT c.guild_id FROM bot_replies r JOIN channels c ON c.channel_id = r.channel_id
+    WHERE r.reply_message_id = ?"""
+_REPLY_CHUNKS = f"""SELECT mk.message_id, mk.content FROM bot_replies r JOIN messages mk
+WHERE r.reply_message_id = :reply AND mk.deleted = 0 AND {_IN_REPLY} ORDER BY mk.message_id"""
 # Only guilds with training export on; no deleted messages; no user who asked to be forgotten, unless they
 # opted in again afterwards. Bot messages are included (the export decides what to do with them).
 _EXPORT_QUERY = f"""SELECT {_MESSAGE_COLUMNS}, u.training_opt_in AS author_opted_in,
-    COALESCE((SELECT SUM(f.score) FROM feedback f WHERE f.message_id = m.message_id), 0) AS feedback_score
+    COALESCE((SELECT SUM(f.score) FROM feedback f WHERE f.message_id = m.message_id), 0) AS feedback_score,
+    {_REPLY_OF} AS reply_id, COALESCE({_REPLY_OF} IN ({_DISCARDED_REPLIES}), 0) AS replaced
 FROM {_MESSAGE_FROM} JOIN guilds g ON g.guild_id = c.guild_id
 WHERE g.training_export_enabled = 1 AND m.deleted = 0
     AND (u.forgotten_at IS NULL OR (u.training_opt_in = 1 AND u.opted_in_at > u.forgotten_at))

@@ -110,6 +110,10 @@ class Serving:
             return thread_copy(self.loaded.tokenizer)
 
 
+# Enough of a continued reply's end to decode its last word whole (a word is rarely over 4 GPT-2 tokens).
+CONTINUE_CONTEXT_TOKENS = 8
+
+
 @dataclass(eq=False)
 class ActiveJob:
     """A generate job inside the engine (worker thread only); a repeat-guard retry reuses it."""
@@ -121,6 +125,13 @@ class ActiveJob:
     deadline: float
     attempts: int = 1
     completion_tokens: int = 0  # summed over attempts
+
+    @property
+    def context_ids(self) -> tuple[int, ...]:
+        """A continued reply's last prompt ids, decoded with the new ids so that the join is exact."""
+        if not self.job.request.continue_text:
+            return ()
+        return self.prompt.input_ids[-CONTINUE_CONTEXT_TOKENS:]
 
     def should_resample(self, text: str) -> bool:
         """Once per request, when the reply repeats one of the bot's recent replies and time is left."""

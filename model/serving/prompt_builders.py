@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from model.api import GenerationFailed, ReplyRequest
+from model.api import GenerationFailed, ReplyRequest, too_long_error
 from model.prompt import Prompt, PromptRequest, PromptTooLong, build_prompt, build_prompts
 from model.serving.jobs import BuiltPrompt, GenerateJob, Serving, speaker_names
 
@@ -101,7 +101,8 @@ class PromptBuilders:
             tokenizer = self._tokenizer(serving, generation)
             prompt = build_prompt(
                 tokenizer, request.persona, request.history, request.bot_name,
-                request.params.max_new_tokens, serving.loaded.n_positions, request.facts,
+                request.params.max_new_tokens, serving.loaded.n_positions, facts=request.facts,
+                continue_text=request.continue_text,
             )  # fmt: skip
             return built_prompt(job, generation, prompt)
         except PromptTooLong as exc:
@@ -122,12 +123,12 @@ def prompt_request(request: ReplyRequest, n_positions: int) -> PromptRequest:
     """What build_prompts needs of a reply request."""
     return PromptRequest(
         request.persona, request.history, request.bot_name, request.params.max_new_tokens, n_positions,
-        request.facts,
+        facts=request.facts, continue_text=request.continue_text,
     )  # fmt: skip
 
 
 def built_prompt(job: GenerateJob, generation: int, outcome: Prompt | PromptTooLong) -> BuiltPrompt:
     """The BuiltPrompt for a build's outcome: a too-long prompt fails its job with GenerationFailed."""
     if isinstance(outcome, PromptTooLong):
-        return BuiltPrompt(job, generation, None, error=GenerationFailed(f"prompt too long: {outcome}"))
+        return BuiltPrompt(job, generation, None, error=too_long_error(job.request, outcome))
     return BuiltPrompt(job, generation, outcome, speaker_names(job.request))

@@ -38,7 +38,7 @@ from model.api import (
     WorkerClosed,
 )
 from model.engine import DecodeEngine, EngineJob, EngineResult
-from model.replies import clean_reply, resample_params
+from model.replies import clean_continuation, clean_reply, continuation_of, resample_params
 from model.sampling import SamplingParams
 from model.serving.engines import describe_engine
 from model.serving.jobs import (
@@ -348,12 +348,22 @@ class ThreadSide:
         active.completion_tokens += len(result.token_ids)
         assert self.serving is not None
         has_ended_turn = result.stop_reason in ("eos", "turn_end")
+        if active.context_ids:  # a continued reply: only what follows it, joined exactly, maybe ""
+            raw = self._continuation(active.context_ids, result.token_ids, raw)
+            text = clean_continuation(raw, active.speaker_names, has_ended_turn=has_ended_turn)
+            return active.job, active.reply(text, result.stop_reason, self.serving.loaded)
         text = clean_reply(raw, active.speaker_names, has_ended_turn=has_ended_turn)
         if active.should_resample(text):
             active.attempts += 1
             self._retries.append(active)
             return None
         return active.job, active.reply(text or FALLBACK_REPLY, result.stop_reason, self.serving.loaded)
+
+    def _continuation(self, context_ids: tuple[int, ...], new_ids: tuple[int, ...], alone: str) -> str:
+        """The text `new_ids` add after the prompt's `context_ids` (model.replies.continuation_of)."""
+        assert self.serving is not None
+        before, after = self.serving.decoder.decode_many([list(context_ids), [*context_ids, *new_ids]])
+        return continuation_of(before, after, alone)
 
     def _on_engine_error(self, exc: BaseException, job_ids: list[int]) -> None:
         """OOM fails only these jobs; another CUDA error is fatal; anything else fails these jobs.

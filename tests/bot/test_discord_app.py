@@ -170,4 +170,9 @@ async def test_production_cog_list_loads_and_syncs_every_command(tmp_path: Path)
             "optout",
             "forget-me",
         } <= names
-        assert all(h.env.backend.find_command(name, h.guild.id) for name in names)
+        chat_input = discord.AppCommandType.chat_input
+        assert all(
+            h.env.backend.find_command(c.name, h.guild.id, getattr(c, "type", chat_input).value)
+            for c in h.bot.tree.get_commands()
+        )
+        assert {"Regenerate reply", "Continue reply"} <= names  # message context menus (bot.cogs.regenerate)

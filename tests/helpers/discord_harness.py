@@ -37,6 +37,7 @@ TEST_COGS = (
     "bot.cogs.privacy",
     "bot.cogs.feedback",
     "bot.cogs.memory",
+    "bot.cogs.regenerate",
 )
 MESSAGES_POST = "/channels/*/messages"
 

@@ -214,7 +214,9 @@ def test_property_gpt2_facts_keep_every_promise(
     # The fast paths (Rust, joined line ids) build exactly what the transformers call builds.
     n_positions, max_new_tokens = budget
     args = (persona, history, "Bot", max_new_tokens, n_positions)
-    assert outcome(gpt2_tokenizer, *args, facts) == outcome(WrapperOnly(gpt2_tokenizer), *args, facts)
+    assert outcome(gpt2_tokenizer, *args, facts=facts) == outcome(
+        WrapperOnly(gpt2_tokenizer), *args, facts=facts
+    )
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -225,12 +227,14 @@ def test_property_sentencepiece_facts_keep_every_promise(
     check_prompt(japanese_tokenizer, persona, facts, history, budget)
     n_positions, max_new_tokens = budget
     args = (persona, history, "Bot", max_new_tokens, n_positions)
-    assert outcome(japanese_tokenizer, *args, facts) == outcome(WrapperOnly(japanese_tokenizer), *args, facts)
+    assert outcome(japanese_tokenizer, *args, facts=facts) == outcome(
+        WrapperOnly(japanese_tokenizer), *args, facts=facts
+    )
 
 
-def outcome(tokenizer: Any, *args: Any) -> Prompt | str:
+def outcome(tokenizer: Any, *args: Any, facts: Any = ()) -> Prompt | str:
     try:
-        return build_prompt(tokenizer, *args)
+        return build_prompt(tokenizer, *args, facts=facts)
     except PromptTooLong as exc:
         return str(exc)
 
@@ -258,7 +262,9 @@ def test_property_mixed_batches_build_what_one_by_one_builds(
     for tokenizer in (gpt2_tokenizer, japanese_tokenizer):
         together = [r if isinstance(r, Prompt) else str(r) for r in build_prompts(tokenizer, batch)]
         alone = [
-            outcome(tokenizer, r.persona, r.history, r.bot_name, r.max_new_tokens, r.n_positions, r.facts)
+            outcome(
+                tokenizer, r.persona, r.history, r.bot_name, r.max_new_tokens, r.n_positions, facts=r.facts
+            )
             for r in batch
         ]
         assert together == alone

@@ -108,10 +108,12 @@ def test_a_failing_batch_is_built_again_one_by_one(
     def failing_build_prompts(*args: Any) -> Any:
         raise RuntimeError("a bug in the batched path")
 
-    def build_prompt_failing_on_boom(tokenizer: Any, persona: str, history: Any, *args: Any) -> Any:
+    def build_prompt_failing_on_boom(
+        tokenizer: Any, persona: str, history: Any, *args: Any, **kwargs: Any
+    ) -> Any:
         if history[-1].text == "boom":
             raise KeyError("boom")
-        return build_prompt(tokenizer, persona, history, *args)
+        return build_prompt(tokenizer, persona, history, *args, **kwargs)
 
     monkeypatch.setattr(prompt_builders, "build_prompts", failing_build_prompts)
     monkeypatch.setattr(prompt_builders, "build_prompt", build_prompt_failing_on_boom)
