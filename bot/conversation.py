@@ -374,9 +374,12 @@ class ConversationService:
         """When this bot last posted in a channel, as stored (None when never)."""
         return await self.storage.last_bot_message_at(channel_id, self.bot_user_id)
 
-    async def record_edit(self, message_id: int, content: str, edited_at: float) -> bool:
-        """Replace a stored message's text after an edit; False when it is not stored."""
-        return await self.storage.mark_edited(message_id, content, edited_at)
+    async def record_edit(
+        self, message_id: int, content: str, edited_at: float, guild_id: int | None = None
+    ) -> bool:
+        """Replace a stored message's text after an edit; False when it is not stored (its guild's
+        logging switch decides whether the text may wait for a message still being stored)."""
+        return await self.storage.mark_edited(message_id, content, edited_at, guild_id)
 
     async def record_deletions(self, message_ids: Iterable[int]) -> int:
         """Erase deleted messages from storage, so they never reach a prompt again; return how many."""

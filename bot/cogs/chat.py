@@ -370,7 +370,7 @@ class ChatCog(commands.Cog):
             return
         try:
             await self.bot.conversation.record_edit(
-                payload.message_id, prompt_text(edited), edited.edited_at.timestamp()
+                payload.message_id, prompt_text(edited), edited.edited_at.timestamp(), payload.guild_id
             )
         except StorageError as exc:
             log.warning("edit of message %d was not stored: %s", payload.message_id, exc)

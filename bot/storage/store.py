@@ -342,10 +342,13 @@ class Storage:
             await _run(db, _INSERT_BOT_REPLY, _reply_params(record))
         return True
 
-    async def mark_edited(self, message_id: int, content: str, edited_at: float) -> bool:
+    async def mark_edited(
+        self, message_id: int, content: str, edited_at: float, guild_id: int | None = None
+    ) -> bool:
         """Replace a stored, non-deleted message's content; False when there is no such message.
 
-        An edit of a message not stored yet is kept as a tombstone that its insert applies.
+        An edit of a message not stored yet is kept as a tombstone that its insert applies, unless its
+        guild (`guild_id`, None in DMs) stores no messages: then it never will be, and the text is not kept.
         """
         async with self._transaction() as db:
             changed = await _run(
@@ -353,7 +356,7 @@ class Storage:
                 "UPDATE messages SET content = ?, edited_at = ? WHERE message_id = ? AND deleted = 0",
                 (content, edited_at, message_id),
             )
-            if changed == 0:
+            if changed == 0 and await _logs_messages(db, guild_id):
                 await _run(db, _EDIT_TOMBSTONE, (message_id, content, edited_at, self._expiry(), message_id))
             await self._prune_tombstones(db)
         if changed:
@@ -431,6 +434,7 @@ class Storage:
             await _run(db, f"DELETE FROM feedback WHERE message_id IN ({_GUILD_MESSAGES})", params)
             await _run(db, f"DELETE FROM bot_replies WHERE reply_message_id IN ({_GUILD_MESSAGES})", params)
             deleted = await _run(db, f"DELETE FROM messages WHERE message_id IN ({_GUILD_MESSAGES})", params)
+            await _run(db, _FORGET_PENDING_EDITS)
         await self._checkpoint()
         log.info("purged %d stored messages of guild %d", deleted, guild_id)
         return deleted
@@ -479,6 +483,7 @@ class Storage:
             deleted += await _run(db, "DELETE FROM audit_log WHERE actor_id = :user", params)
             deleted += await _run(db, "DELETE FROM channel_facts WHERE author_id = :user", params)
             await _run(db, _TOMBSTONE_USER, params)
+            await _run(db, _FORGET_PENDING_EDITS)
         await self._checkpoint()
         log.info("deleted %d rows of user %d at their request", deleted, user_id)
         return deleted
@@ -914,6 +919,10 @@ _EDIT_TOMBSTONE = (
     "DO UPDATE SET content = excluded.content, edited_at = excluded.edited_at, "
     "expires_at = excluded.expires_at WHERE deleted = 0 AND edited_at <= excluded.edited_at"
 )
+# An edit tombstone names neither author nor guild, so a /forget-me or a guild purge drops every pending
+# edit's text (deletion tombstones hold none and stay): at worst a message whose create and edit race that
+# very moment keeps its first text.
+_FORGET_PENDING_EDITS = "DELETE FROM message_tombstones WHERE deleted = 0"
 _UPSERT_USER = (
     "INSERT INTO users (user_id, display_name) VALUES (?, ?) ON CONFLICT (user_id) "
     "DO UPDATE SET display_name = excluded.display_name WHERE excluded.display_name != ''"

@@ -20,6 +20,7 @@ from tests.helpers.records import CHANNEL, msg
 
 BOT = 999
 CANARY = "TOMBSTONE-CANARY-4c1d"
+GUILD_OFF = 7_000  # a guild whose logging is turned off in a test
 
 
 class FakeClock:
@@ -163,6 +164,31 @@ async def test_expired_tombstones_are_pruned(storage: Storage, db_path: Path, cl
     clock.now += bot.storage.store.TOMBSTONE_TTL_SECONDS + 1
     await storage.mark_deleted([62])  # any tombstone write prunes the expired ones
     assert raw_query(db_path, "SELECT message_id FROM message_tombstones") == [(62,)]
+    await storage.close()
+    assert CANARY.encode() not in raw_bytes(db_path)
+
+
+async def test_an_edit_in_a_guild_that_stores_nothing_keeps_no_text(storage: Storage, db_path: Path) -> None:
+    await storage.set_guild_logging(GUILD_OFF, False)
+    assert not await storage.mark_edited(80, f"edited {CANARY}", edited_at=1.0, guild_id=GUILD_OFF)
+    await storage.mark_edited(81, "a logging guild's pending edit", edited_at=1.0, guild_id=GUILD_OFF + 1)
+    assert raw_query(db_path, "SELECT message_id FROM message_tombstones") == [(81,)]
+    await storage.close()
+    assert CANARY.encode() not in raw_bytes(db_path)
+
+
+@pytest.mark.parametrize("erase", ["forget-me", "guild purge"])
+async def test_forget_me_and_a_guild_purge_drop_pending_edits_text(
+    storage: Storage, db_path: Path, erase: str
+) -> None:
+    await storage.mark_edited(90, f"edited {CANARY}", edited_at=1.0)  # its message is not stored yet
+    await storage.mark_deleted([91])
+    if erase == "forget-me":
+        await storage.delete_user_data(4242, at=2.0)
+    else:
+        await storage.purge_guild_messages(GUILD_OFF)
+    # Deletion tombstones hold no text and stay: message 91 must still arrive deleted.
+    assert raw_query(db_path, "SELECT message_id, content FROM message_tombstones") == [(91, None)]
     await storage.close()
     assert CANARY.encode() not in raw_bytes(db_path)
 
