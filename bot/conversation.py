@@ -42,6 +42,11 @@ THIS_CHANNEL, PARENT_CHANNEL, SERVER, DEFAULT = "this channel", "parent channel"
 SEED_RANGE = 2**31  # a regeneration's seed: the command's interaction id (a snowflake) modulo this
 
 
+# The fields an incoming message shares with its storage row.
+_ROW_FIELDS = ("message_id", "channel_id", "guild_id", "author_id", "author_name", "is_bot", "content",
+               "created_at", "reply_to_id")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class IncomingMessage:
     """A message as plain data, whatever front end it came from."""
@@ -61,17 +66,12 @@ class IncomingMessage:
 
     def stored(self) -> StoredMessage:
         """The storage row for this message."""
-        return StoredMessage(
-            message_id=self.message_id,
-            channel_id=self.channel_id,
-            guild_id=self.guild_id,
-            author_id=self.author_id,
-            author_name=self.author_name,
-            is_bot=self.is_bot,
-            content=self.content,
-            created_at=self.created_at,
-            reply_to_id=self.reply_to_id,
-        )
+        return StoredMessage(**{name: getattr(self, name) for name in _ROW_FIELDS})
+
+    @classmethod
+    def from_stored(cls, row: StoredMessage, parent_channel_id: int | None = None) -> IncomingMessage:
+        """A stored message as it came in (its mentions' names are not stored: prompts read them)."""
+        return cls(**{name: getattr(row, name) for name in _ROW_FIELDS}, parent_channel_id=parent_channel_id)
 
 
 @dataclass(frozen=True)
@@ -465,18 +465,7 @@ class ConversationService:
         message = await self.storage.get_message(stored.answers_message_id)
         if message is None or message.deleted:
             return None
-        return IncomingMessage(
-            message_id=message.message_id,
-            channel_id=message.channel_id,
-            guild_id=message.guild_id,
-            author_id=message.author_id,
-            author_name=message.author_name,
-            is_bot=message.is_bot,
-            content=message.content,
-            created_at=message.created_at,
-            reply_to_id=message.reply_to_id,
-            parent_channel_id=parent_channel_id,
-        )
+        return IncomingMessage.from_stored(message, parent_channel_id)
 
     async def _request_until(self, answered: IncomingMessage, context: MessageContext) -> ReplyRequest:
         """The request answering `answered` again: the history as it stood then, later messages left out."""
